@@ -1,0 +1,3 @@
+from legonet.cli import main
+
+main()

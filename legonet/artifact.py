@@ -1,0 +1,142 @@
+"""The compressed model: codebooks, per-tensor indices and the tensors kept as they are.
+
+:class:`CompressedModel` is what :func:`legonet.compress` returns and :func:`legonet.load` reads back.
+It reconstructs dense weights on demand (``to_state_dict``), loads them into a module
+(``load_into``), writes a .lego file (``save``) and describes itself (``report``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from legonet.config import LegoConfig
+from legonet.errors import ArchitectureError
+from legonet.ops.bitpack import bits_for
+from legonet.ops.tiling import Tiling, make_tiling, untile
+
+
+@dataclass
+class ClusteredTensor:
+    """One tensor stored as centroid indices.
+
+    Attributes:
+        shape: original shape.
+        dtype: original dtype (the reconstruction is cast back to it).
+        block: (b_r, b_c) block shape.
+        codebook: index into :attr:`CompressedModel.codebooks`.
+        indices: ``(num_blocks,)`` int64, one centroid index per block in tiling order.
+        sqnr_db: signal-to-quantization-noise ratio of the reconstruction, measured at compression.
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    block: tuple[int, int]
+    codebook: int
+    indices: torch.Tensor
+    sqnr_db: float | None = None
+
+    @property
+    def tiling(self) -> Tiling:
+        return make_tiling(self.shape, self.block)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class CompressedModel:
+    """A model compressed by block weight clustering.
+
+    Attributes:
+        config: the :class:`LegoConfig` used.
+        codebooks: list of ``(K, b_r*b_c)`` float32 tensors (values exactly as stored in the file).
+        tensors: every tensor of the original state dict, in its original order: either a
+            :class:`ClusteredTensor` or a dense ``torch.Tensor`` kept as it was.
+    """
+
+    config: LegoConfig
+    codebooks: list[torch.Tensor]
+    tensors: dict[str, ClusteredTensor | torch.Tensor] = field(default_factory=dict)
+
+    # -- views -----------------------------------------------------------------------------------
+    @property
+    def clustered(self) -> dict[str, ClusteredTensor]:
+        return {k: v for k, v in self.tensors.items() if isinstance(v, ClusteredTensor)}
+
+    @property
+    def dense(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.tensors.items() if isinstance(v, torch.Tensor)}
+
+    def index_bits(self, name: str) -> int:
+        ct = self.tensors[name]
+        assert isinstance(ct, ClusteredTensor)
+        return bits_for(self.codebooks[ct.codebook].shape[0])
+
+    def reconstruct(self, name: str) -> torch.Tensor:
+        """Dense tensor ``name``: centroids gathered by index and untiled (original shape and dtype)."""
+        t = self.tensors[name]
+        if isinstance(t, torch.Tensor):
+            return t
+        blocks = self.codebooks[t.codebook][t.indices]
+        return untile(blocks, t.tiling).to(t.dtype)
+
+    def to_state_dict(self) -> dict[str, torch.Tensor]:
+        """Dense reconstruction of every tensor, same names, shapes and dtypes as the input."""
+        return {name: self.reconstruct(name) for name in self.tensors}
+
+    def load_into(self, module: nn.Module) -> nn.Module:
+        """Copy the reconstructed weights into ``module`` (in place) and return it.
+
+        Raises :class:`ArchitectureError` naming missing/unexpected keys or mismatched shapes.
+        """
+        load_weights(module, self.to_state_dict())
+        return module
+
+    # -- file I/O and reporting --------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        from legonet.format.lego_file import serialize
+
+        return serialize(self)
+
+    def save(self, path: str | os.PathLike) -> int:
+        """Write a .lego file atomically; returns its size in bytes."""
+        from legonet.format.lego_file import save
+
+        return save(self, path)
+
+    def report(self):
+        """A :class:`legonet.report.Report` with sizes, ratios, bits per weight and per-tensor SQNR."""
+        from legonet.report import build_report
+
+        return build_report(self)
+
+
+def load_weights(module: nn.Module, sd: dict[str, torch.Tensor], source: str = "weights") -> None:
+    """``module.load_state_dict(sd)`` with one clear error for every way the two can disagree.
+
+    BatchNorm's ``num_batches_tracked`` counters may be absent (many checkpoints drop them); any
+    other missing key, unexpected key or shape mismatch raises :class:`ArchitectureError`.
+    """
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in own]
+    bad = [k for k in sd if k in own and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or bad:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if bad:
+            parts.append(f"{len(bad)} with the wrong shape (e.g. {bad[0]}: {tuple(sd[bad[0]].shape)} "
+                         f"vs {tuple(own[bad[0]].shape)} in the model)")
+        raise ArchitectureError(f"{source}: weights do not fit the architecture: " + "; ".join(parts))
+    module.load_state_dict(sd, strict=False)

@@ -1,0 +1,140 @@
+"""Validated configuration objects.
+
+Configs are frozen dataclasses. ``from_dict`` rejects unknown keys and every value is checked in
+``__post_init__``, so an impossible setting fails where it is written, not deep inside a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from legonet.errors import ConfigError
+
+SCOPES = ("model", "layer")
+INITS = ("k-means++", "random")
+CODEBOOK_DTYPES = ("float32", "float16")
+
+
+def _from_dict(cls, data: dict[str, Any], where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown {where} key(s): {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
+    return cls(**data)
+
+
+@dataclass(frozen=True)
+class KMeansConfig:
+    """k-means settings.
+
+    Attributes:
+        init: ``"k-means++"`` (greedy k-means++ seeding) or ``"random"``.
+        max_iters: cap on Lloyd iterations.
+        tol: stop when the relative change of the inertia falls below this.
+        max_fit_points: fit the centroids on a seeded uniform sample of at most this many blocks
+            (``None``: all); every block is assigned to its nearest centroid afterwards.
+    """
+
+    init: str = "k-means++"
+    max_iters: int = 100
+    tol: float = 1e-4
+    max_fit_points: int | None = 1 << 20
+
+    def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise ConfigError(f"kmeans.init must be one of {INITS}, got {self.init!r}")
+        if not isinstance(self.max_iters, int) or self.max_iters < 1:
+            raise ConfigError(f"kmeans.max_iters must be an integer >= 1, got {self.max_iters!r}")
+        if not isinstance(self.tol, (int, float)) or not 0 <= self.tol < 1:
+            raise ConfigError(f"kmeans.tol must be in [0, 1), got {self.tol!r}")
+        if self.max_fit_points is not None and (not isinstance(self.max_fit_points, int) or self.max_fit_points < 1):
+            raise ConfigError(f"kmeans.max_fit_points must be a positive integer or None, got {self.max_fit_points!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "KMeansConfig":
+        return _from_dict(cls, data, "kmeans config")
+
+
+def _as_block(value: Any) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        raise ConfigError(f"block must be an int b or a pair (rows, cols), got {value!r}")
+    if value[0] < 1 or value[1] < 1:
+        raise ConfigError(f"block sides must be >= 1, got {tuple(value)}")
+    if value[0] * value[1] > 4096:
+        raise ConfigError(f"block {tuple(value)} has more than 4096 elements")
+    return (int(value[0]), int(value[1]))
+
+
+def _as_patterns(value: Any, name: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, (tuple, list)) or not all(isinstance(p, str) and p for p in value):
+        raise ConfigError(f"{name} must be a list of non-empty glob patterns, got {value!r}")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class LegoConfig:
+    """How to compress a model by block weight clustering.
+
+    Attributes:
+        block: block shape ``(rows, cols)``; an int ``b`` means ``(b, b)``.
+        clusters: K, the number of centroids per codebook (indices take ``ceil(log2 K)`` bits).
+        scope: ``"model"`` (one codebook for every clustered tensor, the paper's method) or
+            ``"layer"`` (one codebook per tensor).
+        include: glob patterns (``fnmatch``) of tensor names eligible for clustering. Only floating
+            tensors with 2 or more dimensions are clustered; the rest are stored as they are.
+        exclude: glob patterns of tensor names never clustered (stored as they are). Every
+            pattern in ``include``/``exclude`` other than ``"*"`` must match some tensor.
+        seed: seed of every random choice.
+        codebook_dtype: storage dtype of the codebook(s), ``"float32"`` or ``"float16"``.
+        kmeans: :class:`KMeansConfig`.
+    """
+
+    block: tuple[int, int] = (4, 4)
+    clusters: int = 32
+    scope: str = "model"
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    seed: int = 0
+    codebook_dtype: str = "float32"
+    kmeans: KMeansConfig = field(default_factory=KMeansConfig)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "block", _as_block(self.block))
+        object.__setattr__(self, "include", _as_patterns(self.include, "include"))
+        object.__setattr__(self, "exclude", _as_patterns(self.exclude, "exclude"))
+        if isinstance(self.kmeans, dict):
+            object.__setattr__(self, "kmeans", KMeansConfig.from_dict(self.kmeans))
+        if not isinstance(self.kmeans, KMeansConfig):
+            raise ConfigError(f"kmeans must be a KMeansConfig or a mapping, got {type(self.kmeans).__name__}")
+        if not isinstance(self.clusters, int) or isinstance(self.clusters, bool) or not 1 <= self.clusters <= 1 << 16:
+            raise ConfigError(f"clusters (K) must be an integer in 1..65536, got {self.clusters!r}")
+        if self.scope not in SCOPES:
+            raise ConfigError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.codebook_dtype not in CODEBOOK_DTYPES:
+            raise ConfigError(f"codebook_dtype must be one of {CODEBOOK_DTYPES}, got {self.codebook_dtype!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LegoConfig":
+        """Build from a plain mapping (e.g. parsed JSON); unknown keys are errors."""
+        return _from_dict(cls, data, "legonet config")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["block"] = list(self.block)
+        d["include"] = list(self.include)
+        d["exclude"] = list(self.exclude)
+        return d

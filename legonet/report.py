@@ -1,0 +1,160 @@
+"""Size and error report of a compressed model, computed from real bytes.
+
+The headline ratio is ``original fp32 bytes / bytes of the .lego file`` (the whole file: container
+header, metadata, codebooks, packed indices and every tensor kept as it is). "Original fp32 bytes"
+counts every floating tensor at 4 bytes per element, whatever dtype it came in, and other tensors
+at their own size. The paper's narrower figure, fp32 bytes of the clustered tensors over their index
+bits plus the codebooks, is reported too and labelled as such.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from legonet.artifact import ClusteredTensor, CompressedModel
+from legonet.ops.bitpack import bits_for, packed_nbytes
+
+
+@dataclass(frozen=True)
+class TensorRow:
+    name: str
+    shape: tuple[int, ...]
+    kind: str  # "clustered" or "kept"
+    stored_bytes: int
+    bits_per_weight: float
+    sqnr_db: float | None
+
+
+@dataclass(frozen=True)
+class Report:
+    """Sizes in bytes; ratios are ``original_fp32_bytes / something``."""
+
+    original_fp32_bytes: int
+    file_bytes: int
+    num_weights: int
+    clustered_weights: int
+    codebook_bytes: int
+    index_bytes: int
+    kept_bytes: int
+    header_bytes: int
+    num_codebooks: int
+    clusters: int
+    block: tuple[int, int]
+    scope: str
+    clustered_fp32_bytes: int
+    tensors: list[TensorRow] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        """Whole-file compression ratio (fp32 bytes / .lego file bytes)."""
+        return self.original_fp32_bytes / self.file_bytes
+
+    @property
+    def bits_per_weight(self) -> float:
+        """File bits per weight of the model (every element of every tensor counted)."""
+        return 8.0 * self.file_bytes / self.num_weights
+
+    @property
+    def paper_ratio(self) -> float:
+        """The paper's narrower figure: clustered tensors' fp32 bytes / (index bits + codebooks)."""
+        return self.clustered_fp32_bytes / max(1, self.index_bytes + self.codebook_bytes)
+
+    @property
+    def min_sqnr_db(self) -> float | None:
+        vals = [r.sqnr_db for r in self.tensors if r.sqnr_db is not None]
+        return min(vals) if vals else None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(ratio=self.ratio, bits_per_weight=self.bits_per_weight, paper_ratio=self.paper_ratio)
+        for row in d["tensors"]:
+            if row["sqnr_db"] is not None and math.isinf(row["sqnr_db"]):
+                row["sqnr_db"] = "inf"
+        return d
+
+    def summary_lines(self) -> list[tuple[str, str]]:
+        return [
+            ("original (fp32)", _human(self.original_fp32_bytes)),
+            (".lego file", _human(self.file_bytes)),
+            ("compression ratio (file)", f"{self.ratio:.2f}x"),
+            ("bits per weight (file)", f"{self.bits_per_weight:.3f}"),
+            ("paper's ratio (clustered tensors only)", f"{self.paper_ratio:.2f}x"),
+            ("codebooks", f"{self.num_codebooks} x K={self.clusters} of {self.block[0]}x{self.block[1]}, "
+                          f"{_human(self.codebook_bytes)}"),
+            ("packed indices", _human(self.index_bytes)),
+            ("tensors kept as they are", _human(self.kept_bytes)),
+            ("container header + metadata", _human(self.header_bytes)),
+            ("clustered weights", f"{self.clustered_weights:,} of {self.num_weights:,}"),
+            ("lowest tensor SQNR", "n/a" if self.min_sqnr_db is None else f"{self.min_sqnr_db:.2f} dB"),
+        ]
+
+    def render(self, per_tensor: bool = False) -> str:
+        """The report as text (a rich table)."""
+        from rich.console import Console
+        from rich.table import Table
+
+        buf = io.StringIO()
+        console = Console(file=buf, width=110, force_terminal=False, color_system=None)
+        t = Table(title="legonet report", show_header=False)
+        t.add_column("what")
+        t.add_column("value", justify="right")
+        for k, v in self.summary_lines():
+            t.add_row(k, v)
+        console.print(t)
+        if per_tensor:
+            pt = Table(title="per tensor")
+            for c in ("tensor", "shape", "stored", "bytes", "bits/weight", "SQNR dB"):
+                pt.add_column(c, justify="left" if c in ("tensor", "shape", "stored") else "right")
+            for r in self.tensors:
+                s = "n/a" if r.sqnr_db is None else ("exact" if math.isinf(r.sqnr_db) else f"{r.sqnr_db:.2f}")
+                pt.add_row(r.name, "x".join(map(str, r.shape)), r.kind, f"{r.stored_bytes:,}",
+                           f"{r.bits_per_weight:.3f}", s)
+            console.print(pt)
+        return buf.getvalue()
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def build_report(cm: CompressedModel, file_bytes: int | None = None) -> Report:
+    """Report for ``cm``; ``file_bytes`` defaults to the exact size of its serialized .lego file."""
+    if file_bytes is None:
+        file_bytes = len(cm.to_bytes())
+    rows: list[TensorRow] = []
+    orig = num = clustered_w = clustered_fp32 = idx_bytes = kept = 0
+    for name, t in cm.tensors.items():
+        if isinstance(t, ClusteredTensor):
+            k = cm.codebooks[t.codebook].shape[0]
+            nb = packed_nbytes(t.tiling.num_blocks, bits_for(k))
+            idx_bytes += nb
+            clustered_w += t.numel
+            clustered_fp32 += 4 * t.numel
+            orig += 4 * t.numel
+            num += t.numel
+            rows.append(TensorRow(name, t.shape, "clustered", nb, 8.0 * nb / t.numel, t.sqnr_db))
+        else:
+            nb = t.numel() * t.element_size()
+            kept += nb
+            orig += 4 * t.numel() if t.is_floating_point() else nb
+            num += t.numel()
+            rows.append(TensorRow(name, tuple(t.shape), "kept", nb, 8.0 * nb / max(1, t.numel()), None))
+    cb_item = 2 if cm.config.codebook_dtype == "float16" else 4
+    cb_bytes = sum(int(cb.numel()) * cb_item for cb in cm.codebooks)
+    return Report(
+        original_fp32_bytes=orig, file_bytes=file_bytes, num_weights=num, clustered_weights=clustered_w,
+        codebook_bytes=cb_bytes, index_bytes=idx_bytes, kept_bytes=kept,
+        header_bytes=file_bytes - cb_bytes - idx_bytes - kept, num_codebooks=len(cm.codebooks),
+        clusters=cm.config.clusters, block=cm.config.block, scope=cm.config.scope,
+        clustered_fp32_bytes=clustered_fp32, tensors=rows,
+    )
