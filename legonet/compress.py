@@ -12,6 +12,7 @@ from torch import nn
 from legonet.artifact import ClusteredTensor, CompressedModel
 from legonet.config import LegoConfig
 from legonet.errors import CheckpointError, ConfigError
+from legonet.ops.codebook import snap_uniform_clusters
 from legonet.ops.kmeans import assign, kmeans
 from legonet.ops.tiling import make_tiling, tile, untile
 
@@ -96,7 +97,8 @@ def _fit_codebook(blocks: torch.Tensor, config: LegoConfig, seed: int, what: str
     res = kmeans(blocks, k, seed=seed, init=km.init, max_iters=km.max_iters, tol=km.tol,
                  max_fit_points=km.max_fit_points)
     store = {"float32": torch.float32, "float16": torch.float16}[config.codebook_dtype]
-    codebook = res.centroids.to(store).to(torch.float32)
+    centroids = snap_uniform_clusters(blocks, res.labels, res.centroids)
+    codebook = centroids.to(store).to(torch.float32)
     labels = res.labels
     if store != torch.float32:
         labels, _ = assign(blocks, codebook)  # indices must point at the centroids as stored

@@ -81,8 +81,6 @@ def _sqnr_json(v: float | None) -> float | str | None:
 # -- writing ---------------------------------------------------------------------------------------
 def serialize(cm: CompressedModel) -> bytes:
     """The bytes of the .lego file for ``cm`` (deterministic: equal inputs give equal bytes)."""
-    from safetensors.torch import save as st_save
-
     codebook_dtype = {"float32": "F32", "float16": "F16"}[cm.config.codebook_dtype]
     cb_bytes, cb_meta = [], []
     for cb in cm.codebooks:
@@ -105,13 +103,27 @@ def serialize(cm: CompressedModel) -> bytes:
             "codebooks": cb_meta, "tensors": entries}
     meta_b = json.dumps(meta, separators=(",", ":"), allow_nan=False).encode()
 
-    def blob(parts: list[bytes]) -> torch.Tensor:
-        return torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8) if any(parts) else torch.zeros(0, dtype=torch.uint8)
-
-    tensors = {"legonet.meta": blob([meta_b]), "codebooks": blob(cb_bytes),
-               "indices": blob(idx_bytes), "dense": blob(dense_bytes)}
+    blobs = {"legonet.meta": meta_b, "codebooks": b"".join(cb_bytes),
+             "indices": b"".join(idx_bytes), "dense": b"".join(dense_bytes)}
     header = {"format": FORMAT_NAME, "version": str(FORMAT_VERSION), "meta_crc32": _crc(meta_b)}
-    return st_save(tensors, metadata=header)
+    return _safetensors_bytes(blobs, header)
+
+
+def _safetensors_bytes(blobs: dict[str, bytes], metadata: dict[str, str]) -> bytes:
+    """A safetensors file of 1-D uint8 tensors with a key-sorted header.
+
+    Written here rather than by ``safetensors.torch.save`` because that library orders the
+    metadata map arbitrarily, and equal inputs must give equal bytes.
+    """
+    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
+    off = 0
+    for name in sorted(blobs):
+        n = len(blobs[name])
+        header[name] = {"dtype": "U8", "shape": [n], "data_offsets": [off, off + n]}
+        off += n
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)  # the format pads the header to 8-byte alignment with spaces
+    return struct.pack("<Q", len(hb)) + hb + b"".join(blobs[name] for name in sorted(blobs))
 
 
 def save(cm: CompressedModel, path: str | os.PathLike) -> int:
