@@ -1,0 +1,86 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from legonet.cli import main
+
+
+@pytest.fixture
+def run():
+    runner = CliRunner()
+
+    def _run(*args):
+        return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return _run
+
+
+def test_tiny_model_end_to_end(run, tmp_path, tiny_model):
+    src = tmp_path / "tiny.safetensors"
+    sd = {k: v.contiguous() for k, v in tiny_model.state_dict().items()}
+    save_file(sd, src)
+    out = tmp_path / "tiny.lego"
+    r = run("compress", src, "-o", out, "--block", "2", "--clusters", "8", "--scope", "layer", "--quiet")
+    assert r.exit_code == 0 and out.exists()
+    r = run("info", out, "--per-tensor")
+    assert r.exit_code == 0 and "compression ratio" in r.output and "fc.weight" in r.output
+    dense = tmp_path / "dense.safetensors"
+    r = run("decompress", out, "-o", dense)
+    assert r.exit_code == 0
+    back = load_file(dense)
+    assert set(back) == set(sd) and all(back[k].shape == sd[k].shape and back[k].dtype == sd[k].dtype for k in sd)
+
+
+def test_bundled_resnet20(run, tmp_path, resnet20_path, images_path):
+    out = tmp_path / "r20.lego"
+    r = run("compress", resnet20_path, "-o", out, "--block", "4", "--clusters", "32")
+    assert r.exit_code == 0, r.output
+    assert "compression ratio (file)" in r.output
+    # the bar: at least 30x smaller than the fp32 weights, file bytes counted
+    fp32 = sum(v.numel() * 4 for v in load_file(resnet20_path).values())
+    assert fp32 / out.stat().st_size >= 30
+    r = run("eval", "--arch", "resnet20", "--weights", resnet20_path, "--data", images_path, "--limit", "200")
+    assert r.exit_code == 0 and "on 200 images" in r.output
+    before = float(r.output.split()[1])
+    r = run("eval", "--arch", "resnet20", "--weights", out, "--data", images_path, "--limit", "200")
+    assert r.exit_code == 0
+    assert 0.0 <= float(r.output.split()[1]) <= before  # paper's setting loses accuracy here
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["compress", "{missing}", "-o", "{tmp}/x.lego"], "no such file"),
+    (["compress", "{notckpt}", "-o", "{tmp}/x.lego"], "not a checkpoint"),
+    (["compress", "{r20}", "-o", "{tmp}/x.lego", "--clusters", "0"], "clusters (K) must be"),
+    (["compress", "{r20}", "-o", "{tmp}/x.lego", "--clusters", "100000"], "clusters (K) must be"),
+    (["compress", "{r20}", "-o", "{tmp}/x.lego", "--exclude", "layer9.*"], "matches no tensor"),
+    (["info", "{notckpt}"], "not a .lego file"),
+    (["eval", "--arch", "resnet21", "--weights", "{r20}", "--data", "{npz}"], "unknown architecture"),
+    (["eval", "--arch", "resnet56", "--weights", "{r20}", "--data", "{npz}"], "do not fit the architecture"),
+    (["eval", "--arch", "resnet20", "--weights", "{r20}", "--data", "{notckpt}"], "not a readable npz"),
+])
+def test_bad_input_one_line_error(run, tmp_path, resnet20_path, images_path, args, msg):
+    notckpt = tmp_path / "notes.txt"
+    notckpt.write_text("just some text, definitely not weights")
+    subs = {"missing": tmp_path / "missing.safetensors", "notckpt": notckpt, "tmp": tmp_path,
+            "r20": resnet20_path, "npz": images_path}
+    r = run(*[a.format(**subs) for a in args])
+    assert r.exit_code == 1
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("legonet: error:") and msg in lines[0], r.output
+    assert not (tmp_path / "x.lego").exists()
+
+
+def test_nan_weights_named(run, tmp_path):
+    p = tmp_path / "nan.safetensors"
+    save_file({"w": torch.tensor([[float("nan"), 1.0], [2.0, 3.0]])}, p)
+    r = run("compress", p, "-o", tmp_path / "x.lego", "--block", "1", "--clusters", "2")
+    assert r.exit_code == 1 and "'w'" in r.output and "non-finite" in r.output
+
+
+def test_console_script_entry_point(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "legonet", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "compress" in r.stdout
