@@ -16,7 +16,8 @@ from torch import nn
 from legonet.config import LegoConfig
 from legonet.errors import ArchitectureError
 from legonet.ops.bitpack import bits_for
-from legonet.ops.tiling import Tiling, make_tiling, untile
+from legonet.ops.quant import dequantize
+from legonet.ops.tiling import Tiling, make_tiling
 
 
 @dataclass
@@ -30,6 +31,8 @@ class ClusteredTensor:
         codebook: index into :attr:`CompressedModel.codebooks`.
         indices: ``(num_blocks,)`` int64, one centroid index per block in tiling order.
         sqnr_db: signal-to-quantization-noise ratio of the reconstruction, measured at compression.
+        scale: optional ``(shape[0],)`` float32 per-row gains (gain-shape clustering): the blocks
+            index the *normalised* rows and row ``r`` of the 2-D view is multiplied by ``scale[r]``.
     """
 
     shape: tuple[int, ...]
@@ -38,6 +41,7 @@ class ClusteredTensor:
     codebook: int
     indices: torch.Tensor
     sqnr_db: float | None = None
+    scale: torch.Tensor | None = None
 
     @property
     def tiling(self) -> Tiling:
@@ -85,8 +89,7 @@ class CompressedModel:
         t = self.tensors[name]
         if isinstance(t, torch.Tensor):
             return t
-        blocks = self.codebooks[t.codebook][t.indices]
-        return untile(blocks, t.tiling).to(t.dtype)
+        return dequantize(self.codebooks[t.codebook], t.indices, t.tiling, t.scale).to(t.dtype)
 
     def to_state_dict(self) -> dict[str, torch.Tensor]:
         """Dense reconstruction of every tensor, same names, shapes and dtypes as the input."""

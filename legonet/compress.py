@@ -14,7 +14,7 @@ from legonet.config import LegoConfig
 from legonet.errors import CheckpointError, ConfigError
 from legonet.ops.codebook import snap_uniform_clusters
 from legonet.ops.kmeans import assign, kmeans
-from legonet.ops.tiling import make_tiling, tile, untile
+from legonet.ops.quant import choose_row_scales, dequantize, normalized_blocks
 
 Progress = Callable[[str], None]
 
@@ -87,9 +87,10 @@ def sqnr_db(original: torch.Tensor, approx: torch.Tensor) -> float:
     return 10.0 * math.log10(signal / noise)
 
 
-def _fit_codebook(blocks: torch.Tensor, config: LegoConfig, seed: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _fit_codebook(
+    blocks: torch.Tensor, k: int, config: LegoConfig, seed: int, what: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """k-means on ``blocks (n, d)``; returns the codebook rounded to its storage dtype and indices."""
-    k = config.clusters
     if k > blocks.shape[0]:
         raise ConfigError(f"K={k} is larger than the {blocks.shape[0]} blocks of {what}; lower K"
                           + (", exclude the tensor or use scope='model'" if config.scope == "layer" else ""))
@@ -103,6 +104,11 @@ def _fit_codebook(blocks: torch.Tensor, config: LegoConfig, seed: int, what: str
     if store != torch.float32:
         labels, _ = assign(blocks, codebook)  # indices must point at the centroids as stored
     return codebook, labels
+
+
+def plan_groups(names: list[str], config: LegoConfig) -> list[list[str]]:
+    """Which tensors share a codebook: all of them (scope model) or each alone (scope layer)."""
+    return [names] if config.scope == "model" else [[n] for n in names]
 
 
 def compress(
@@ -129,38 +135,34 @@ def compress(
         raise ConfigError("no tensor to cluster: none is floating-point with 2 or more dimensions "
                           "and matched by the include/exclude patterns")
     say(f"tiling {len(names)} tensors into {config.block[0]}x{config.block[1]} blocks")
-    blocks = {n: tile(sd[n].float(), config.block) for n in names}
+    scales = {n: choose_row_scales(sd[n]) if config.scales == "row" else None for n in names}
+    blocks = {n: normalized_blocks(sd[n], config.block, scales[n]) for n in names}
 
     codebooks: list[torch.Tensor] = []
     labels: dict[str, torch.Tensor] = {}
     cb_of: dict[str, int] = {}
-    if config.scope == "model":
-        all_blocks = torch.cat([blocks[n] for n in names])
-        say(f"k-means: {all_blocks.shape[0]} blocks into K={config.clusters} (one model-wide codebook)")
-        cb, lab = _fit_codebook(all_blocks, config, config.seed, "the model")
+    groups = plan_groups(names, config)
+    for gi, group in enumerate(groups):
+        data = torch.cat([blocks[n] for n in group])
+        what = "the model" if config.scope == "model" else f"tensor {group[0]!r}"
+        say(f"k-means {gi + 1}/{len(groups)}: {data.shape[0]} blocks of {what} into K={config.clusters}")
+        cb, lab = _fit_codebook(data, config.clusters, config, config.seed + gi, what)
         codebooks.append(cb)
         start = 0
-        for n in names:
+        for n in group:
             m = blocks[n].shape[0]
-            labels[n], cb_of[n] = lab[start : start + m], 0
+            labels[n], cb_of[n] = lab[start : start + m], gi
             start += m
-    else:
-        for i, n in enumerate(names):
-            say(f"k-means {i + 1}/{len(names)}: {n} ({blocks[n].shape[0]} blocks into K={config.clusters})")
-            cb, lab = _fit_codebook(blocks[n], config, config.seed + i, f"tensor {n!r}")
-            codebooks.append(cb)
-            labels[n], cb_of[n] = lab, i
 
     tensors: dict[str, ClusteredTensor | torch.Tensor] = {}
-    chosen = set(names)
     for name, t in sd.items():
-        if name not in chosen:
+        if name not in cb_of:
             tensors[name] = t.clone()
             continue
         ct = ClusteredTensor(shape=tuple(t.shape), dtype=t.dtype, block=config.block, codebook=cb_of[name],
-                             indices=labels[name].clone())
-        approx = codebooks[ct.codebook][ct.indices]
-        ct.sqnr_db = sqnr_db(t, untile(approx, make_tiling(t.shape, config.block)).to(t.dtype))
+                             indices=labels[name].clone(), scale=scales[name])
+        approx = dequantize(codebooks[ct.codebook], ct.indices, ct.tiling, ct.scale)
+        ct.sqnr_db = sqnr_db(t, approx.to(t.dtype))
         tensors[name] = ct
     say("done")
     return CompressedModel(config=config, codebooks=codebooks, tensors=tensors)

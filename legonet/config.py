@@ -13,6 +13,7 @@ from typing import Any
 from legonet.errors import ConfigError
 
 SCOPES = ("model", "layer")
+SCALES = ("none", "row")
 INITS = ("k-means++", "random")
 CODEBOOK_DTYPES = ("float32", "float16")
 
@@ -97,6 +98,9 @@ class LegoConfig:
         exclude: glob patterns of tensor names never clustered (stored as they are). Every
             pattern in ``include``/``exclude`` other than ``"*"`` must match some tensor.
         seed: seed of every random choice.
+        scales: ``"none"`` (the paper) or ``"row"``: gain-shape clustering, each row of a tensor's 2-D
+            view is divided by its RMS before tiling and multiplied back after decoding; the gains are
+            stored as float16 (2 bytes per output channel).
         codebook_dtype: storage dtype of the codebook(s), ``"float32"`` or ``"float16"``.
         kmeans: :class:`KMeansConfig`.
     """
@@ -107,6 +111,7 @@ class LegoConfig:
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     seed: int = 0
+    scales: str = "none"
     codebook_dtype: str = "float32"
     kmeans: KMeansConfig = field(default_factory=KMeansConfig)
 
@@ -124,6 +129,8 @@ class LegoConfig:
             raise ConfigError(f"scope must be one of {SCOPES}, got {self.scope!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.scales not in SCALES:
+            raise ConfigError(f"scales must be one of {SCALES}, got {self.scales!r}")
         if self.codebook_dtype not in CODEBOOK_DTYPES:
             raise ConfigError(f"codebook_dtype must be one of {CODEBOOK_DTYPES}, got {self.codebook_dtype!r}")
 

@@ -1,0 +1,1 @@
+"""Methods that use a small set of unlabeled calibration images (never test images)."""
