@@ -99,6 +99,8 @@ class LegoConfig:
         seed: seed of every random choice.
         codebook_dtype: storage dtype of the codebook(s), ``"float32"`` or ``"float16"``.
         kmeans: :class:`KMeansConfig`.
+        allow_nonfinite: keep tensors holding NaN or Inf as they are (uncompressed) instead of
+            refusing the model; the default refuses, naming the tensor.
     """
 
     block: tuple[int, int] = (4, 4)
@@ -109,6 +111,7 @@ class LegoConfig:
     seed: int = 0
     codebook_dtype: str = "float32"
     kmeans: KMeansConfig = field(default_factory=KMeansConfig)
+    allow_nonfinite: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block", _as_block(self.block))
@@ -124,6 +127,8 @@ class LegoConfig:
             raise ConfigError(f"scope must be one of {SCOPES}, got {self.scope!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.allow_nonfinite, bool):
+            raise ConfigError(f"allow_nonfinite must be true or false, got {self.allow_nonfinite!r}")
         if self.codebook_dtype not in CODEBOOK_DTYPES:
             raise ConfigError(f"codebook_dtype must be one of {CODEBOOK_DTYPES}, got {self.codebook_dtype!r}")
 
