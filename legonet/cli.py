@@ -18,7 +18,39 @@ from legonet.artifact import load_weights
 from legonet.errors import LegoError
 
 
+def _one_line(msg: object) -> str:
+    return " ".join(str(msg).split()) or "(no message)"
+
+
 class _Cli(click.Group):
+    """Every failure: one line on stderr naming the problem, non-zero exit; ``--debug`` re-raises.
+
+    Exit status 1 for legonet's own errors (bad input, bad file), 2 for usage errors, 2 for a bug
+    in legonet (still one line), 130 on Ctrl-C, 128+N when killed by signal N during a write.
+    """
+
+    def main(self, *args, **kwargs):
+        if not kwargs.get("standalone_mode", True):
+            return super().main(*args, **kwargs)
+        kwargs["standalone_mode"] = False
+        try:
+            rv = super().main(*args, **kwargs)
+        except getattr(click.exceptions, "NoArgsIsHelpError", ()) as exc:  # click >= 8.2
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:  # one line instead of click's usage block
+            where = exc.ctx.command_path if exc.ctx is not None else "legonet"
+            click.echo(f"legonet: error: {_one_line(exc.format_message())} (see '{where} --help')", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"legonet: error: {_one_line(exc.format_message())}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("legonet: aborted", err=True)
+            sys.exit(1)
+        # non-standalone click returns the exit code of ctx.exit()/--help/--version, else the result
+        sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)
+
     def invoke(self, ctx: click.Context):
         debug = bool(ctx.params.get("debug"))
         try:
@@ -28,7 +60,7 @@ class _Cli(click.Group):
         except LegoError as exc:
             if debug:
                 raise
-            click.echo(f"legonet: error: {exc}", err=True)
+            click.echo(f"legonet: error: {_one_line(exc)}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("legonet: interrupted", err=True)
@@ -36,8 +68,8 @@ class _Cli(click.Group):
         except Exception as exc:  # a bug in legonet, but still one line unless --debug
             if debug:
                 raise
-            click.echo(f"legonet: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
-                       err=True)
+            click.echo(f"legonet: internal error: {type(exc).__name__}: {_one_line(exc)[:300]} "
+                       "(run with --debug for the traceback)", err=True)
             sys.exit(2)
 
 
@@ -81,7 +113,10 @@ def main(debug: bool) -> None:  # noqa: ARG001
 @click.option("--codebook-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--per-tensor", is_flag=True, help="Also print the per-tensor table.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress and no report.")
-def compress(src, output, block, clusters, scope, seed, include, exclude, codebook_dtype, per_tensor, quiet):
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Keep tensors holding NaN/Inf uncompressed (reported) instead of refusing the model.")
+def compress(src, output, block, clusters, scope, seed, include, exclude, codebook_dtype, per_tensor, quiet,
+             allow_nonfinite):
     """Compress the checkpoint SRC (.safetensors, *.index.json or .pt) into a .lego file."""
     from legonet.compress import compress as do_compress
     from legonet.config import LegoConfig
@@ -89,7 +124,8 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
     from legonet.report import build_report
 
     config = LegoConfig(block=block, clusters=clusters, scope=scope, seed=seed,
-                        include=tuple(include) or ("*",), exclude=tuple(exclude), codebook_dtype=codebook_dtype)
+                        include=tuple(include) or ("*",), exclude=tuple(exclude), codebook_dtype=codebook_dtype,
+                        allow_nonfinite=allow_nonfinite)
     console = _console()
     with console.status(f"reading {src}", spinner="dots") if not quiet else _null() as status:
         sd = read_state_dict(src)
@@ -104,6 +140,14 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
         nbytes = cm.save(output)
     if not quiet:
         click.echo(build_report(cm, nbytes).render(per_tensor=per_tensor))
+    if allow_nonfinite:
+        from legonet.compress import nonfinite_tensors
+
+        kept = nonfinite_tensors(sd)
+        if kept:  # said even with --quiet: the user should know what was not compressed and why
+            click.echo(f"legonet: kept {len(kept)} tensor(s) holding NaN/Inf uncompressed: "
+                       + ", ".join(kept[:10]) + (", ..." if len(kept) > 10 else ""), err=True)
+    if not quiet:
         click.echo(f"wrote {output}")
 
 

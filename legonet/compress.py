@@ -42,17 +42,32 @@ def as_state_dict(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) -
     return out
 
 
-def check_finite(sd: Mapping[str, torch.Tensor]) -> None:
-    """Raise :class:`CheckpointError` naming the first tensor holding NaN or Inf."""
-    for name, t in sd.items():
-        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise CheckpointError(f"tensor {name!r} holds {bad} non-finite value(s) (NaN or Inf); "
-                                  "clean the checkpoint or exclude the tensor")
+def nonfinite_tensors(sd: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating tensors holding NaN or Inf, in order."""
+    return [name for name, t in sd.items()
+            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all())]
+
+
+def check_finite(sd: Mapping[str, torch.Tensor], allow_nonfinite: bool = False) -> list[str]:
+    """Raise :class:`CheckpointError` naming the first tensor holding NaN or Inf.
+
+    With ``allow_nonfinite`` nothing is raised; the names of those tensors are returned instead
+    (:func:`select_tensors` then keeps them uncompressed).
+    """
+    bad_names = nonfinite_tensors(sd)
+    if bad_names and not allow_nonfinite:
+        name = bad_names[0]
+        bad = int((~torch.isfinite(sd[name])).sum())
+        more = f" (and {len(bad_names) - 1} more tensor(s))" if len(bad_names) > 1 else ""
+        raise CheckpointError(f"tensor {name!r} holds {bad} non-finite value(s) (NaN or Inf){more}; "
+                              "clean the checkpoint, exclude the tensor, or allow_nonfinite to keep such tensors "
+                              "uncompressed")
+    return bad_names
 
 
 def select_tensors(sd: Mapping[str, torch.Tensor], config: LegoConfig) -> list[str]:
-    """Names of the tensors to cluster: floating, >= 2 dims, matched by include, not by exclude.
+    """Names of the tensors to cluster: floating, >= 2 dims, matched by include, not by exclude,
+    and (when ``config.allow_nonfinite``) free of NaN and Inf.
 
     Every include/exclude pattern other than ``*`` must match at least one tensor name, so that a
     typo in a layer name is an error rather than a silently uncompressed layer.
@@ -70,6 +85,9 @@ def select_tensors(sd: Mapping[str, torch.Tensor], config: LegoConfig) -> list[s
         if not any(fnmatch.fnmatchcase(name, p) for p in config.include):
             continue
         if any(fnmatch.fnmatchcase(name, p) for p in config.exclude):
+            continue
+        # k-means cannot place NaN/Inf blocks; with allow_nonfinite such tensors are kept as they are.
+        if config.allow_nonfinite and not bool(torch.isfinite(t).all()):
             continue
         chosen.append(name)
     return chosen
@@ -129,7 +147,7 @@ def compress(
     config = config or LegoConfig()
     say = progress or (lambda _msg: None)
     sd = as_state_dict(model_or_state_dict)
-    check_finite(sd)
+    check_finite(sd, config.allow_nonfinite)
     names = select_tensors(sd, config)
     if not names:
         raise ConfigError("no tensor to cluster: none is floating-point with 2 or more dimensions "

@@ -103,6 +103,8 @@ class LegoConfig:
             stored as float16 (2 bytes per output channel).
         codebook_dtype: storage dtype of the codebook(s), ``"float32"`` or ``"float16"``.
         kmeans: :class:`KMeansConfig`.
+        allow_nonfinite: keep tensors holding NaN or Inf as they are (uncompressed) instead of
+            refusing the model; the default refuses, naming the tensor.
     """
 
     block: tuple[int, int] = (4, 4)
@@ -114,6 +116,7 @@ class LegoConfig:
     scales: str = "none"
     codebook_dtype: str = "float32"
     kmeans: KMeansConfig = field(default_factory=KMeansConfig)
+    allow_nonfinite: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block", _as_block(self.block))
@@ -131,6 +134,8 @@ class LegoConfig:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.scales not in SCALES:
             raise ConfigError(f"scales must be one of {SCALES}, got {self.scales!r}")
+        if not isinstance(self.allow_nonfinite, bool):
+            raise ConfigError(f"allow_nonfinite must be true or false, got {self.allow_nonfinite!r}")
         if self.codebook_dtype not in CODEBOOK_DTYPES:
             raise ConfigError(f"codebook_dtype must be one of {CODEBOOK_DTYPES}, got {self.codebook_dtype!r}")
 

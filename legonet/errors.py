@@ -30,3 +30,7 @@ class DataError(LegoError):
 
 class ArchitectureError(LegoError):
     """An unknown architecture name, or weights that do not fit the architecture."""
+
+
+class OutputError(LegoError):
+    """An output file that cannot be written (missing folder, no permission, disk full)."""

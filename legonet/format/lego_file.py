@@ -17,8 +17,18 @@ The JSON is ``{"format", "version", "config", "codebooks", "tensors"}`` where ``
 sizes. ``crc32`` is the zlib CRC-32 (8 hex digits) of the bytes of that codebook, packed index stream
 or dense tensor.
 
-Every declared size is checked against the real blob sizes before anything is decoded, so a
-malformed file raises :class:`legonet.errors.FormatError` instead of allocating or crashing.
+``sqnr_db`` is a number, ``null``, or the string ``"inf"``/``"-inf"`` (JSON has no infinities;
+``"-inf"``, an all-zero tensor, was written as ``"inf"`` before this was fixed). The ``config``
+object omits ``allow_nonfinite`` when it is false, so default files are byte-identical to those of
+the first format-1 writer; a file compressed with ``allow_nonfinite=True`` carries the key, which
+legonet versions without that option reject as an unknown config key.
+
+Reading never executes code and never trusts a declared size: the safetensors framing (header
+length, entry offsets tiling the data area exactly), every codebook's K, dimension and dtype, every
+tensor's dtype, shape (at most 16 dims, each < 2**62), codebook reference, block and bit width are
+checked against the real byte counts before anything is allocated or decoded; indices >= K,
+non-finite codebook values and bool bytes other than 0/1 are rejected; CRC-32s are verified unless
+``verify=False``. Every failure is a :class:`legonet.errors.FormatError` naming the file.
 """
 
 from __future__ import annotations
@@ -26,6 +36,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import stat
 import struct
 import zlib
 from typing import Any
@@ -73,8 +85,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _sqnr_json(v: float | None) -> float | str | None:
     if v is None:
         return None
-    if math.isinf(v):
-        return "inf"
+    if math.isinf(v):  # JSON has no infinities; -inf (an all-zero tensor) must not read back as +inf
+        return "inf" if v > 0 else "-inf"
     return round(float(v), 3)
 
 
@@ -99,31 +111,36 @@ def serialize(cm: CompressedModel) -> bytes:
             b = _raw(t)
             dense_bytes.append(b)
             entries.append([name, _dtype_name(t.dtype), list(t.shape), _crc(b)])
-    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": cm.config.to_dict(),
+    config = cm.config.to_dict()
+    if not config.get("allow_nonfinite"):  # keep default files byte-identical to the first writer's
+        config.pop("allow_nonfinite", None)
+    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": config,
             "codebooks": cb_meta, "tensors": entries}
     meta_b = json.dumps(meta, separators=(",", ":"), allow_nan=False).encode()
 
     blobs = {"legonet.meta": meta_b, "codebooks": b"".join(cb_bytes),
              "indices": b"".join(idx_bytes), "dense": b"".join(dense_bytes)}
     header = {"format": FORMAT_NAME, "version": str(FORMAT_VERSION), "meta_crc32": _crc(meta_b)}
-    return _safetensors_bytes(blobs, header)
+    return _container(blobs, header)
 
 
-def _safetensors_bytes(blobs: dict[str, bytes], metadata: dict[str, str]) -> bytes:
-    """A safetensors file of 1-D uint8 tensors with a key-sorted header.
+def _container(blobs: dict[str, bytes], metadata: dict[str, str]) -> bytes:
+    """A safetensors file of 1-D uint8 tensors, laid out as the safetensors library lays it out.
 
     Written here rather than by ``safetensors.torch.save`` because that library orders the
-    metadata map arbitrarily, and equal inputs must give equal bytes.
+    ``__metadata__`` keys by a hash map, differently from run to run, and the file must be
+    deterministic. Layout: u64 header length, compact JSON header (metadata first, then tensors by
+    name) padded with spaces to a multiple of 8, then the tensors' bytes in the same order.
     """
-    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
+    header: dict[str, Any] = {"__metadata__": metadata}
     off = 0
     for name in sorted(blobs):
         n = len(blobs[name])
         header[name] = {"dtype": "U8", "shape": [n], "data_offsets": [off, off + n]}
         off += n
-    hb = json.dumps(header, separators=(",", ":")).encode()
-    hb += b" " * (-len(hb) % 8)  # the format pads the header to 8-byte alignment with spaces
-    return struct.pack("<Q", len(hb)) + hb + b"".join(blobs[name] for name in sorted(blobs))
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    return struct.pack("<Q", len(h)) + h + b"".join(blobs[name] for name in sorted(blobs))
 
 
 def save(cm: CompressedModel, path: str | os.PathLike) -> int:
@@ -136,33 +153,31 @@ def save(cm: CompressedModel, path: str | os.PathLike) -> int:
 
 
 # -- reading ---------------------------------------------------------------------------------------
+# torch sizes are int64; a dimension near this bound can only be a lie told by a small file.
+_MAX_DIM = 1 << 62
+_VERSION_RE = re.compile(r"[0-9]{1,6}")
+
+
 def _fail(source: str, msg: str) -> FormatError:
     return FormatError(f"{source}: {msg}")
 
 
-def _read_header(data: bytes, source: str) -> dict[str, Any]:
-    if len(data) < 8:
-        raise _fail(source, f"truncated or not a .lego file ({len(data)} bytes)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8:
-        raise _fail(source, f"truncated or not a .lego file (header says {n} bytes, file has {len(data) - 8})")
+def _parse_json(raw: bytes, source: str, what: str) -> Any:
+    # ValueError covers bad UTF-8 and integers longer than Python's 4300-digit limit;
+    # RecursionError covers absurdly nested arrays.
     try:
-        header = json.loads(data[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise _fail(source, "not a .lego file (no safetensors header)") from None
-    if not isinstance(header, dict):
-        raise _fail(source, "not a .lego file (malformed safetensors header)")
-    return header
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        raise _fail(source, f"{what} is not valid JSON") from None
 
 
-def _check_magic(header: dict[str, Any], source: str) -> None:
-    md = header.get("__metadata__")
+def _check_magic(md: Any, source: str) -> None:
     if not isinstance(md, dict) or md.get("format") != FORMAT_NAME:
         raise _fail(source, "not a .lego file (a safetensors file without legonet metadata)")
-    try:
-        version = int(md.get("version", ""))
-    except ValueError:
-        raise _fail(source, f"unreadable format version {md.get('version')!r}") from None
+    v = md.get("version")
+    if not (isinstance(v, str) and _VERSION_RE.fullmatch(v)):
+        raise _fail(source, f"unreadable format version {str(v)[:20]!r}")
+    version = int(v)
     if version > FORMAT_VERSION:
         raise _fail(source, f"written by a newer legonet (format version {version}); this legonet reads "
                             f"versions up to {FORMAT_VERSION}: upgrade legonet")
@@ -170,16 +185,54 @@ def _check_magic(header: dict[str, Any], source: str) -> None:
         raise _fail(source, f"invalid format version {version}")
 
 
-def _is_int(v: Any, lo: int = 0) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+def _is_int(v: Any, lo: int = 0, hi: int | None = None) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
+
+
+def _split_container(data: memoryview, source: str) -> tuple[dict[str, Any], dict[str, memoryview]]:
+    """Check the safetensors framing; return the header metadata and the four blobs (zero-copy views).
+
+    The rules are safetensors' own (8-byte little-endian header length, JSON header, data offsets
+    tiling the data area with no gap, overlap or trailing byte), checked here rather than by the
+    safetensors library so that every violation is a :class:`FormatError` and nothing is copied.
+    """
+    if len(data) < 8:
+        raise _fail(source, f"truncated or not a .lego file ({len(data)} bytes)")
+    (n,) = struct.unpack_from("<Q", data)
+    if n > len(data) - 8:
+        raise _fail(source, f"truncated or not a .lego file (header says {n} bytes, file has {len(data) - 8})")
+    header = _parse_json(bytes(data[8 : 8 + n]), source, "the safetensors header (not a .lego file?)")
+    if not isinstance(header, dict):
+        raise _fail(source, "not a .lego file (malformed safetensors header)")
+    _check_magic(header.get("__metadata__"), source)
+    found = sorted(k for k in header if k != "__metadata__")
+    if found != sorted(_BLOBS):
+        raise _fail(source, f"expected tensors {sorted(_BLOBS)}, found {found[:8]}")
+    body = data[8 + n :]
+    spans = []
+    for k in _BLOBS:
+        e = header[k]
+        shape, offs = (e.get("shape"), e.get("data_offsets")) if isinstance(e, dict) else (None, None)
+        if not (isinstance(e, dict) and e.get("dtype") == "U8" and isinstance(shape, list) and len(shape) == 1
+                and isinstance(offs, list) and len(offs) == 2 and all(_is_int(x) for x in shape + offs)
+                and offs[1] - offs[0] == shape[0]):
+            raise _fail(source, f"container entry {k!r} is malformed (expected a 1-D uint8 tensor)")
+        spans.append((offs[0], offs[1], k))
+    pos = 0
+    for b, e, _k in sorted(spans):
+        if b != pos:
+            raise _fail(source, "container data areas overlap or leave gaps (corrupt)")
+        pos = e
+    if pos != len(body):
+        raise _fail(source, f"container data area is {len(body)} bytes but its header describes {pos} "
+                            "(truncated or extended file)")
+    return header["__metadata__"], {k: body[b:e] for b, e, k in spans}
 
 
 def _parse_meta(raw: bytes, source: str) -> dict[str, Any]:
-    try:
-        meta = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise _fail(source, "metadata is not valid JSON") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
+    meta = _parse_json(raw, source, "metadata")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME or type(meta.get("version")) is not int \
+            or meta["version"] != FORMAT_VERSION:
         raise _fail(source, "metadata does not describe a legonet format-1 file")
     if not isinstance(meta.get("codebooks"), list) or not isinstance(meta.get("tensors"), list):
         raise _fail(source, "metadata lacks the codebooks or tensors list")
@@ -189,51 +242,46 @@ def _parse_meta(raw: bytes, source: str) -> dict[str, Any]:
 def load(path: str | os.PathLike, *, verify: bool = True) -> CompressedModel:
     """Read a .lego file.
 
+    Memory: the file is read whole; nothing else is allocated before every declared size has been
+    checked against it, so a lying header costs at most the file's own size. Decoded indices take
+    8 bytes per block.
+
     Args:
         path: the file.
-        verify: check every CRC-32 (default). Shapes and sizes are checked regardless.
+        verify: check every CRC-32 (default). Shapes, sizes, offsets and index ranges are checked
+            regardless.
     Raises:
         FormatError: naming the file and what is wrong with it.
     """
     source = str(path)
     try:
+        st = os.stat(path)
+        # A FIFO or device would block or never end: only regular files are read.
+        if not stat.S_ISREG(st.st_mode):
+            raise FormatError(f"{source}: " + ("is a folder, not a .lego file" if stat.S_ISDIR(st.st_mode)
+                                               else "not a regular file"))
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
         raise FormatError(f"{source}: no such file") from None
-    except IsADirectoryError:
-        raise FormatError(f"{source}: is a folder, not a .lego file") from None
     except OSError as exc:
-        raise FormatError(f"{source}: cannot read ({exc.strerror})") from None
+        raise FormatError(f"{source}: cannot read ({exc.strerror or exc})") from None
     return deserialize(data, source=source, verify=verify)
 
 
-def deserialize(data: bytes, *, source: str = "<bytes>", verify: bool = True) -> CompressedModel:
+def deserialize(data: bytes | bytearray | memoryview, *, source: str = "<bytes>", verify: bool = True) -> CompressedModel:
     """Parse the bytes of a .lego file; see :func:`load`."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load as st_load
-
-    header = _read_header(data, source)
-    _check_magic(header, source)
-    try:
-        blobs = st_load(bytes(data))
-    except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
-        raise _fail(source, f"corrupt container ({str(exc).splitlines()[0][:200]})") from None
-    if set(blobs) != set(_BLOBS):
-        raise _fail(source, f"expected tensors {list(_BLOBS)}, found {sorted(blobs)}")
-    for k, v in blobs.items():
-        if v.dtype != torch.uint8 or v.ndim != 1:
-            raise _fail(source, f"tensor {k!r} must be 1-D uint8")
-    raw = {k: v.numpy().tobytes() for k, v in blobs.items()}
-    if verify and _crc(raw["legonet.meta"]) != header["__metadata__"].get("meta_crc32"):
+    md, blobs = _split_container(memoryview(data).cast("B"), source)
+    meta_raw = bytes(blobs["legonet.meta"])
+    if verify and _crc(meta_raw) != md.get("meta_crc32"):
         raise _fail(source, "checksum mismatch in the metadata (the file is corrupt)")
-    meta = _parse_meta(raw["legonet.meta"], source)
+    meta = _parse_meta(meta_raw, source)
     try:
         config = LegoConfig.from_dict(meta.get("config"))
-    except (ConfigError, TypeError) as exc:
-        raise _fail(source, f"invalid config in metadata ({exc})") from None
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise _fail(source, f"invalid config in metadata ({str(exc)[:300]})") from None
 
-    codebooks = _read_codebooks(meta["codebooks"], raw["codebooks"], source, verify)
+    codebooks = _read_codebooks(meta["codebooks"], blobs["codebooks"], source, verify)
     tensors: dict[str, ClusteredTensor | torch.Tensor] = {}
     idx_off = dense_off = 0
     for i, entry in enumerate(meta["tensors"]):
@@ -241,37 +289,30 @@ def deserialize(data: bytes, *, source: str = "<bytes>", verify: bool = True) ->
         if name in tensors:
             raise _fail(source, f"tensor {name!r} appears twice")
         if len(entry) == 4:
-            nbytes = math.prod(shape) * DTYPES[dtype].itemsize
-            chunk = raw["dense"][dense_off : dense_off + nbytes]
-            if len(chunk) != nbytes:
-                raise _fail(source, f"dense data too short for tensor {name!r} (truncated or corrupt)")
-            if verify and _crc(chunk) != crc:
-                raise _fail(source, f"checksum mismatch in tensor {name!r} (the file is corrupt)")
-            tensors[name] = torch.frombuffer(bytearray(chunk), dtype=torch.uint8).view(DTYPES[dtype]).reshape(shape) \
-                if nbytes else torch.zeros(shape, dtype=DTYPES[dtype])
+            tensors[name], nbytes = _read_dense(name, dtype, shape, crc, blobs["dense"], dense_off, source, verify)
             dense_off += nbytes
         elif len(entry) == 7:
-            ct, nbytes = _read_clustered(entry, name, dtype, shape, crc, codebooks, raw["indices"], idx_off, source, verify)
-            tensors[name] = ct
+            tensors[name], nbytes = _read_clustered(entry, name, dtype, shape, crc, codebooks, blobs["indices"],
+                                                    idx_off, source, verify)
             idx_off += nbytes
         else:
             raise _fail(source, f"tensor entry {i} has {len(entry)} fields (expected 4 or 7)")
-    if dense_off != len(raw["dense"]) or idx_off != len(raw["indices"]):
+    if dense_off != len(blobs["dense"]) or idx_off != len(blobs["indices"]):
         raise _fail(source, "blob sizes do not match the metadata (extra bytes)")
     return CompressedModel(config=config, codebooks=codebooks, tensors=tensors)
 
 
-def _read_codebooks(entries: list, blob: bytes, source: str, verify: bool) -> list[torch.Tensor]:
+def _read_codebooks(entries: list, blob: memoryview, source: str, verify: bool) -> list[torch.Tensor]:
     out, off = [], 0
     for i, e in enumerate(entries):
-        if not (isinstance(e, list) and len(e) == 4 and _is_int(e[0], 1) and _is_int(e[1], 1)
-                and e[0] <= 1 << 16 and e[1] <= 4096 and e[2] in CODEBOOK_DTYPES and isinstance(e[3], str)):
+        if not (isinstance(e, list) and len(e) == 4 and _is_int(e[0], 1, 1 << 16) and _is_int(e[1], 1, 4096)
+                and isinstance(e[2], str) and e[2] in CODEBOOK_DTYPES and isinstance(e[3], str)):
             raise _fail(source, f"codebook entry {i} is malformed")
         k, d, dt, crc = e
         nbytes = k * d * CODEBOOK_DTYPES[dt].itemsize
-        chunk = blob[off : off + nbytes]
-        if len(chunk) != nbytes:
+        if nbytes > len(blob) - off:
             raise _fail(source, f"codebook {i} data too short (truncated or corrupt)")
+        chunk = blob[off : off + nbytes]
         if verify and _crc(chunk) != crc:
             raise _fail(source, f"checksum mismatch in codebook {i} (the file is corrupt)")
         cb = torch.frombuffer(bytearray(chunk), dtype=torch.uint8).view(CODEBOOK_DTYPES[dt]).reshape(k, d).float()
@@ -290,39 +331,58 @@ def _check_entry_head(entry: Any, i: int, source: str) -> tuple[str, str, tuple[
     name, dtype, shape, crc = entry[:4]
     if not isinstance(name, str) or not name:
         raise _fail(source, f"tensor entry {i} has no name")
-    if dtype not in DTYPES:
-        raise _fail(source, f"tensor {name!r} has unknown dtype {dtype!r}")
-    if not (isinstance(shape, list) and len(shape) <= _MAX_NDIM and all(_is_int(s) for s in shape)):
-        raise _fail(source, f"tensor {name!r} has an invalid shape {shape!r}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise _fail(source, f"tensor {name!r} has unknown dtype {str(dtype)[:20]!r}")
+    if not (isinstance(shape, list) and len(shape) <= _MAX_NDIM and all(_is_int(s, 0, _MAX_DIM) for s in shape)
+            and math.prod(s for s in shape if s) <= _MAX_DIM):
+        raise _fail(source, f"tensor {name!r} has an invalid shape {str(shape)[:80]}")
     if not isinstance(crc, str):
         raise _fail(source, f"tensor {name!r} has an invalid checksum field")
     return name, dtype, tuple(shape), crc
 
 
+def _read_dense(name, dtype, shape, crc, blob, off, source, verify) -> tuple[torch.Tensor, int]:
+    dt = DTYPES[dtype]
+    numel = math.prod(shape)
+    nbytes = numel * dt.itemsize
+    if nbytes > len(blob) - off:  # before anything is allocated
+        raise _fail(source, f"dense data too short for tensor {name!r} (truncated or corrupt)")
+    chunk = blob[off : off + nbytes]
+    if verify and _crc(chunk) != crc:
+        raise _fail(source, f"checksum mismatch in tensor {name!r} (the file is corrupt)")
+    if numel == 0:
+        return torch.zeros(shape, dtype=dt), 0
+    if dt is torch.bool and int(np.frombuffer(chunk, dtype=np.uint8).max()) > 1:
+        raise _fail(source, f"bool tensor {name!r} holds bytes other than 0 and 1")
+    return torch.frombuffer(bytearray(chunk), dtype=torch.uint8).view(dt).reshape(shape), nbytes
+
+
 def _read_clustered(entry, name, dtype, shape, crc, codebooks, blob, off, source, verify):
     cb_id, block, sqnr = entry[4:7]
     if not (_is_int(cb_id) and cb_id < len(codebooks)):
-        raise _fail(source, f"tensor {name!r} refers to a missing codebook {cb_id!r}")
-    if not (isinstance(block, list) and len(block) == 2 and all(_is_int(b, 1) for b in block)):
-        raise _fail(source, f"tensor {name!r} has an invalid block {block!r}")
+        raise _fail(source, f"tensor {name!r} refers to a missing codebook {str(cb_id)[:20]}")
+    if not (isinstance(block, list) and len(block) == 2 and all(_is_int(b, 1, 4096) for b in block)):
+        raise _fail(source, f"tensor {name!r} has an invalid block {str(block)[:40]}")
     if not DTYPES[dtype].is_floating_point or len(shape) < 2 or 0 in shape:
         raise _fail(source, f"tensor {name!r} cannot be a clustered tensor (dtype {dtype}, shape {list(shape)})")
     k, d = codebooks[cb_id].shape
     if block[0] * block[1] != d:
         raise _fail(source, f"tensor {name!r} has blocks {block} but its codebook holds vectors of {d}")
-    if not (sqnr is None or sqnr == "inf" or (isinstance(sqnr, (int, float)) and not isinstance(sqnr, bool))):
+    if not (sqnr is None or sqnr in ("inf", "-inf") or (isinstance(sqnr, (int, float)) and not isinstance(sqnr, bool))):
         raise _fail(source, f"tensor {name!r} has an invalid sqnr field")
-    tiling = make_tiling(shape, tuple(block))
+    tiling = make_tiling(shape, (block[0], block[1]))
     bits = bits_for(k)
+    # numel <= num_blocks * d, so this check also bounds what reconstruction will allocate.
     nbytes = packed_nbytes(tiling.num_blocks, bits)
-    chunk = blob[off : off + nbytes]
-    if len(chunk) != nbytes:
+    if nbytes > len(blob) - off:
         raise _fail(source, f"index data too short for tensor {name!r} (truncated or corrupt)")
+    chunk = blob[off : off + nbytes]
     if verify and _crc(chunk) != crc:
         raise _fail(source, f"checksum mismatch in tensor {name!r} (the file is corrupt)")
     idx = unpack_bits(np.frombuffer(chunk, dtype=np.uint8), bits, tiling.num_blocks)
     if idx.size and int(idx.max()) >= k:
         raise _fail(source, f"tensor {name!r} has index {int(idx.max())} >= K={k}")
+    sqnr_db = {"inf": math.inf, "-inf": -math.inf}.get(sqnr, sqnr) if isinstance(sqnr, str) else sqnr
     ct = ClusteredTensor(shape=tuple(shape), dtype=DTYPES[dtype], block=(block[0], block[1]), codebook=cb_id,
-                         indices=torch.from_numpy(idx), sqnr_db=math.inf if sqnr == "inf" else sqnr)
+                         indices=torch.from_numpy(idx), sqnr_db=sqnr_db)
     return ct, nbytes

@@ -1,20 +1,33 @@
 """Atomic file output: write to a temporary file beside the target, then rename over it.
 
 An interrupted or failed write leaves the target as it was (absent, or the previous version).
-SIGTERM and SIGHUP are turned into an exception while the write is under way, so the temporary file
-is removed on those too; only SIGKILL can leave one behind, under a name starting with ``.`` and
-ending in ``.partial``.
+
+* The temporary file is ``.NAME.<pid>.<random>.partial`` in the target's folder (same filesystem,
+  so the final ``os.replace`` is atomic). It is fsynced before the rename, and the folder after it.
+* SIGTERM and SIGHUP are turned into an exception while the write is under way (main thread only),
+  so the temporary file is removed on those too, as it is on any exception or Ctrl-C.
+* Only SIGKILL (or a power cut) can leave a temporary file behind. The next write to the same
+  target sweeps it: a ``.NAME.<pid>.*.partial`` whose ``pid`` is no longer a live process on this
+  machine is deleted. Temporary files of a live writer are never touched.
+* The result gets the permissions a plain ``open(path, "w")`` would give (``0o666`` less the
+  umask), or the previous target's mode when replacing a file, not ``mkstemp``'s ``0o600``.
+
+Failures to create, write or rename raise :class:`legonet.errors.OutputError` naming the target.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+
+from legonet.errors import OutputError
 
 
 class _Interrupted(BaseException):
@@ -42,27 +55,82 @@ def _signals_raise() -> Iterator[None]:
             signal.signal(sig, h)
 
 
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a pid we can judge: leave the file alone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def stale_partials(target: str | os.PathLike) -> list[Path]:
+    """Temporary files of ``target`` left by writers that no longer run (e.g. killed by SIGKILL)."""
+    target = Path(target)
+    folder = target.parent if str(target.parent) else Path(".")
+    pattern = re.compile(re.escape(f".{target.name}.") + r"(\d+)\.[^.]+\.partial")
+    out = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            m = pattern.fullmatch(entry.name)
+            if m and not _pid_alive(int(m.group(1))) and entry.is_file(follow_symlinks=False):
+                out.append(Path(entry.path))
+    return sorted(out)
+
+
+def _umask() -> int:
+    # Reading the umask through os.umask() would briefly change it for every thread.
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``target`` atomically.
 
-    The temporary file lives in the target's folder (same filesystem, so the rename is atomic).
+    Raises:
+        OutputError: the folder is missing or not writable, or writing/renaming failed.
     """
     target = Path(target)
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
-        from legonet.errors import LegoError
-
-        raise LegoError(f"cannot write {target}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=folder)
+        raise OutputError(f"cannot write {target}: folder {folder} does not exist")
+    if target.is_dir():
+        raise OutputError(f"cannot write {target}: it is a folder")
+    for old in stale_partials(target):
+        with contextlib.suppress(OSError):
+            old.unlink()
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".partial", dir=folder)
+    except OSError as exc:
+        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         with _signals_raise():
             yield tmp_path
-            with open(tmp_path, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp_path, target)
+            try:
+                mode = stat.S_IMODE(target.stat().st_mode) if target.is_file() else 0o666 & ~_umask()
+                os.chmod(tmp_path, mode)
+                with open(tmp_path, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp_path, target)
+            except OSError as exc:
+                raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
+            with contextlib.suppress(OSError):  # make the rename itself durable where the OS allows
+                dfd = os.open(folder, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+    except OSError as exc:  # raised by the caller's own writing into the temporary file
+        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()

@@ -35,13 +35,13 @@ def _sniff(path: Path) -> str:
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
         return load_file(str(path))
-    except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
-        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({str(exc).splitlines()[0][:200]})") from None
+    except Exception as exc:  # SafetensorError, and whatever torch raises for a dtype it lacks
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({first})") from None
 
 
 def _is_lego(path: Path) -> bool:
@@ -54,7 +54,7 @@ def _is_lego(path: Path) -> bool:
             return False
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):
             return False
     md = header.get("__metadata__") if isinstance(header, dict) else None
     return isinstance(md, dict) and md.get("format") == FORMAT_NAME
@@ -62,12 +62,14 @@ def _is_lego(path: Path) -> bool:
 
 def _load_sharded(path: Path) -> dict[str, torch.Tensor]:
     try:
-        index = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not a valid JSON index ({exc})") from None
+        index = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: not a valid JSON index ({str(exc)[:200]})") from None
     wm = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(wm, dict) or not wm or not all(isinstance(v, str) for v in wm.values()):
+    if not isinstance(wm, dict) or not all(isinstance(v, str) and v for v in wm.values()):
         raise CheckpointError(f"{path}: not a sharded-checkpoint index (no weight_map)")
+    if not wm:
+        raise CheckpointError(f"{path}: the index's weight_map is empty (no tensors)")
     out: dict[str, torch.Tensor] = {}
     where: dict[str, str] = {}
     for shard in dict.fromkeys(wm.values()):
@@ -102,12 +104,26 @@ def _load_torch(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Dense ``{name: tensor}`` from a checkpoint or .lego file; raises :class:`CheckpointError`."""
+    """Dense ``{name: tensor}`` from a checkpoint or .lego file; raises :class:`CheckpointError`.
+
+    Errors name the file: missing, a folder, not a regular file, unreadable, empty, of an unknown
+    kind, corrupt, a pickle that ``torch.load(weights_only=True)`` refuses, an index naming a missing
+    shard or a tensor found in two shards, or a checkpoint without tensors.
+    """
     p = Path(path)
+    try:
+        return _read_state_dict(p)
+    except OSError as exc:  # e.g. permission denied, I/O error: still one line naming the file
+        raise CheckpointError(f"{p}: cannot read ({exc.strerror or exc})") from None
+
+
+def _read_state_dict(p: Path) -> dict[str, torch.Tensor]:
     if not p.exists():
         raise CheckpointError(f"{p}: no such file")
     if p.is_dir():
         raise CheckpointError(f"{p}: is a folder; give a .safetensors file, an *.index.json or a .pt file")
+    if not p.is_file():  # a FIFO or device would block or never end
+        raise CheckpointError(f"{p}: not a regular file")
     if p.stat().st_size == 0:
         raise CheckpointError(f"{p}: empty file")
     kind = _sniff(p)
