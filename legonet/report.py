@@ -39,6 +39,7 @@ class Report:
     codebook_bytes: int
     index_bytes: int
     kept_bytes: int
+    scale_bytes: int
     header_bytes: int
     num_codebooks: int
     clusters: int
@@ -59,8 +60,8 @@ class Report:
 
     @property
     def paper_ratio(self) -> float:
-        """The paper's narrower figure: clustered tensors' fp32 bytes / (index bits + codebooks)."""
-        return self.clustered_fp32_bytes / max(1, self.index_bytes + self.codebook_bytes)
+        """The paper's narrower figure: clustered tensors' fp32 bytes / (index bits + codebooks [+ scales])."""
+        return self.clustered_fp32_bytes / max(1, self.index_bytes + self.codebook_bytes + self.scale_bytes)
 
     @property
     def min_sqnr_db(self) -> float | None:
@@ -85,6 +86,7 @@ class Report:
             ("codebooks", f"{self.num_codebooks} x K={self.clusters} of {self.block[0]}x{self.block[1]}, "
                           f"{_human(self.codebook_bytes)}"),
             ("packed indices", _human(self.index_bytes)),
+            ("per-row scales (float16)", _human(self.scale_bytes)),
             ("tensors kept as they are", _human(self.kept_bytes)),
             ("container header + metadata", _human(self.header_bytes)),
             ("clustered weights", f"{self.clustered_weights:,} of {self.num_weights:,}"),
@@ -132,12 +134,15 @@ def build_report(cm: CompressedModel, file_bytes: int | None = None) -> Report:
     if file_bytes is None:
         file_bytes = len(cm.to_bytes())
     rows: list[TensorRow] = []
-    orig = num = clustered_w = clustered_fp32 = idx_bytes = kept = 0
+    orig = num = clustered_w = clustered_fp32 = idx_bytes = kept = scale_bytes = 0
     for name, t in cm.tensors.items():
         if isinstance(t, ClusteredTensor):
             k = cm.codebooks[t.codebook].shape[0]
             nb = packed_nbytes(t.tiling.num_blocks, bits_for(k))
             idx_bytes += nb
+            if t.scale is not None:
+                scale_bytes += 2 * t.shape[0]
+                nb += 2 * t.shape[0]
             clustered_w += t.numel
             clustered_fp32 += 4 * t.numel
             orig += 4 * t.numel
@@ -153,8 +158,8 @@ def build_report(cm: CompressedModel, file_bytes: int | None = None) -> Report:
     cb_bytes = sum(int(cb.numel()) * cb_item for cb in cm.codebooks)
     return Report(
         original_fp32_bytes=orig, file_bytes=file_bytes, num_weights=num, clustered_weights=clustered_w,
-        codebook_bytes=cb_bytes, index_bytes=idx_bytes, kept_bytes=kept,
-        header_bytes=file_bytes - cb_bytes - idx_bytes - kept, num_codebooks=len(cm.codebooks),
+        codebook_bytes=cb_bytes, index_bytes=idx_bytes, kept_bytes=kept, scale_bytes=scale_bytes,
+        header_bytes=file_bytes - cb_bytes - idx_bytes - kept - scale_bytes, num_codebooks=len(cm.codebooks),
         clusters=cm.config.clusters, block=cm.config.block, scope=cm.config.scope,
         clustered_fp32_bytes=clustered_fp32, tensors=rows,
     )

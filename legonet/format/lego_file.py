@@ -12,7 +12,9 @@ tensors:
 
 The JSON is ``{"format", "version", "config", "codebooks", "tensors"}`` where ``codebooks`` is a list of
 ``[K, dim, dtype, crc32]`` and ``tensors`` lists every tensor of the model in its original order, as
-``[name, dtype, shape, crc32, codebook, [b_r, b_c], sqnr_db]`` when clustered or
+``[name, dtype, shape, crc32, codebook, [b_r, b_c], sqnr_db]`` when clustered (with an eighth field,
+the crc32 of its per-row float16 scales, when it was compressed with gain-shape scales; those
+``2 * shape[0]`` bytes sit in ``dense`` at the tensor's place in the order) or
 ``[name, dtype, shape, crc32]`` when kept. Offsets are not stored: they follow from the order and the
 sizes. ``crc32`` is the zlib CRC-32 (8 hex digits) of the bytes of that codebook, packed index stream
 or dense tensor.
@@ -90,6 +92,10 @@ def _sqnr_json(v: float | None) -> float | str | None:
     return round(float(v), 3)
 
 
+# Config keys added after the first format-1 writer: omitted from the file while at their default.
+_LATER_CONFIG_KEYS = {"allow_nonfinite": False, "scales": "none"}
+
+
 # -- writing ---------------------------------------------------------------------------------------
 def serialize(cm: CompressedModel) -> bytes:
     """The bytes of the .lego file for ``cm`` (deterministic: equal inputs give equal bytes)."""
@@ -105,15 +111,21 @@ def serialize(cm: CompressedModel) -> bytes:
             k = cm.codebooks[t.codebook].shape[0]
             b = pack_bits(t.indices.cpu().numpy(), bits_for(k)).tobytes()
             idx_bytes.append(b)
-            entries.append([name, _dtype_name(t.dtype), list(t.shape), _crc(b), t.codebook,
-                            list(t.block), _sqnr_json(t.sqnr_db)])
+            entry = [name, _dtype_name(t.dtype), list(t.shape), _crc(b), t.codebook,
+                     list(t.block), _sqnr_json(t.sqnr_db)]
+            if t.scale is not None:
+                sb = _raw(t.scale.to(torch.float16))
+                dense_bytes.append(sb)
+                entry.append(_crc(sb))
+            entries.append(entry)
         else:
             b = _raw(t)
             dense_bytes.append(b)
             entries.append([name, _dtype_name(t.dtype), list(t.shape), _crc(b)])
     config = cm.config.to_dict()
-    if not config.get("allow_nonfinite"):  # keep default files byte-identical to the first writer's
-        config.pop("allow_nonfinite", None)
+    for key, default in _LATER_CONFIG_KEYS.items():  # keep default files byte-identical to the first writer's
+        if config.get(key) == default:
+            config.pop(key, None)
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": config,
             "codebooks": cb_meta, "tensors": entries}
     meta_b = json.dumps(meta, separators=(",", ":"), allow_nan=False).encode()
@@ -291,12 +303,20 @@ def deserialize(data: bytes | bytearray | memoryview, *, source: str = "<bytes>"
         if len(entry) == 4:
             tensors[name], nbytes = _read_dense(name, dtype, shape, crc, blobs["dense"], dense_off, source, verify)
             dense_off += nbytes
-        elif len(entry) == 7:
-            tensors[name], nbytes = _read_clustered(entry, name, dtype, shape, crc, codebooks, blobs["indices"],
-                                                    idx_off, source, verify)
+        elif len(entry) in (7, 8):
+            ct, nbytes = _read_clustered(entry, name, dtype, shape, crc, codebooks, blobs["indices"],
+                                         idx_off, source, verify)
             idx_off += nbytes
+            if len(entry) == 8:
+                scale, nbytes = _read_dense(f"{name} (scales)", "F16", (shape[0],), entry[7], blobs["dense"],
+                                            dense_off, source, verify)
+                if not bool(torch.isfinite(scale).all()):
+                    raise _fail(source, f"tensor {name!r} has non-finite scales")
+                ct.scale = scale.float()
+                dense_off += nbytes
+            tensors[name] = ct
         else:
-            raise _fail(source, f"tensor entry {i} has {len(entry)} fields (expected 4 or 7)")
+            raise _fail(source, f"tensor entry {i} has {len(entry)} fields (expected 4, 7 or 8)")
     if dense_off != len(blobs["dense"]) or idx_off != len(blobs["indices"]):
         raise _fail(source, "blob sizes do not match the metadata (extra bytes)")
     return CompressedModel(config=config, codebooks=codebooks, tensors=tensors)
