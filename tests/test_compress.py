@@ -148,7 +148,14 @@ def test_row_scales_round_trip_and_help_mixed_magnitudes(tmp_path):
     plain = legonet.compress(sd, legonet.LegoConfig(block=4, clusters=8))
     gain = legonet.compress(sd, legonet.LegoConfig(block=4, clusters=8, scales="row"))
     assert gain.clustered["w"].scale.shape == (16,)
-    assert gain.clustered["w"].sqnr_db > plain.clustered["w"].sqnr_db + 3
+
+    def small_rows_rel_err(cm):
+        e = (cm.reconstruct("w") - w)[:4].pow(2).sum() / w[:4].pow(2).sum()
+        return float(e)
+
+    # without gains the small rows are drowned (error ~ their whole energy); with gains they are not
+    assert small_rows_rel_err(plain) > 0.9
+    assert small_rows_rel_err(gain) < 0.8
     n = gain.save(tmp_path / "g.lego")
     back = legonet.load(tmp_path / "g.lego")
     assert torch.equal(back.clustered["w"].scale, gain.clustered["w"].scale)
