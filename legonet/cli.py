@@ -115,8 +115,18 @@ def main(debug: bool) -> None:  # noqa: ARG001
 @click.option("--quiet", "-q", is_flag=True, help="No progress and no report.")
 @click.option("--allow-nonfinite", is_flag=True,
               help="Keep tensors holding NaN/Inf uncompressed (reported) instead of refusing the model.")
+@click.option("--scales", type=click.Choice(["none", "row"]), default="none", show_default=True,
+              help="Per-row float16 gains (gain-shape clustering).")
+@click.option("--target-ratio", type=float, default=None,
+              help="Choose per-tensor block/K to meet this whole-file ratio (ignores --block/--clusters/--scope).")
+@click.option("--arch", default=None, help="Zoo architecture (needed with --calib).")
+@click.option("--calib", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="npz of unlabeled calibration images: enables activation-aware clustering and BatchNorm "
+                   "re-estimation (with --target-ratio).")
+@click.option("--calib-images", type=int, default=1024, show_default=True,
+              help="How many calibration images to use (seeded random subset).")
 def compress(src, output, block, clusters, scope, seed, include, exclude, codebook_dtype, per_tensor, quiet,
-             allow_nonfinite):
+             allow_nonfinite, scales, target_ratio, arch, calib, calib_images):
     """Compress the checkpoint SRC (.safetensors, *.index.json or .pt) into a .lego file."""
     from legonet.compress import compress as do_compress
     from legonet.config import LegoConfig
@@ -125,7 +135,9 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
 
     config = LegoConfig(block=block, clusters=clusters, scope=scope, seed=seed,
                         include=tuple(include) or ("*",), exclude=tuple(exclude), codebook_dtype=codebook_dtype,
-                        allow_nonfinite=allow_nonfinite)
+                        allow_nonfinite=allow_nonfinite, scales=scales)
+    if calib is not None and (target_ratio is None or arch is None):
+        raise click.UsageError("--calib needs --target-ratio and --arch")
     console = _console()
     with console.status(f"reading {src}", spinner="dots") if not quiet else _null() as status:
         sd = read_state_dict(src)
@@ -134,7 +146,10 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
             if status is not None:
                 status.update(msg)
 
-        cm = do_compress(sd, config, progress=progress)
+        if target_ratio is None:
+            cm = do_compress(sd, config, progress=progress)
+        else:
+            cm = _compress_to_ratio(sd, config, target_ratio, arch, calib, calib_images, seed, progress)
         if status is not None:
             status.update(f"writing {output}")
         nbytes = cm.save(output)
@@ -149,6 +164,25 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
                        + ", ".join(kept[:10]) + (", ..." if len(kept) > 10 else ""), err=True)
     if not quiet:
         click.echo(f"wrote {output}")
+
+
+def _compress_to_ratio(sd, config, target_ratio, arch, calib, calib_images, seed, progress):
+    from legonet.target import compress_to_ratio
+
+    if calib is None:
+        cm, _plan = compress_to_ratio(sd, target_ratio, config=config, progress=progress)
+        return cm
+    from legonet.calibrate.pipeline import calibrated_compress_to_ratio
+    from legonet.data import load_images, to_input
+    from legonet.zoo import build, get_arch
+
+    spec = get_arch(arch)
+    model = build(arch)
+    load_weights(model, {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, "weights")
+    images = load_images(calib, labels=False).subset(calib_images, seed)
+    x = to_input(images.x, spec.mean, spec.std)
+    cm, _plan = calibrated_compress_to_ratio(model, target_ratio, x, config=config, progress=progress)
+    return cm
 
 
 class _null:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -15,6 +16,7 @@ from legonet.errors import CheckpointError, ConfigError
 from legonet.ops.codebook import snap_uniform_clusters
 from legonet.ops.kmeans import assign, kmeans
 from legonet.ops.quant import choose_row_scales, dequantize, normalized_blocks
+from legonet.ops.tiling import tile
 
 Progress = Callable[[str], None]
 
@@ -106,7 +108,8 @@ def sqnr_db(original: torch.Tensor, approx: torch.Tensor) -> float:
 
 
 def _fit_codebook(
-    blocks: torch.Tensor, k: int, config: LegoConfig, seed: int, what: str
+    blocks: torch.Tensor, k: int, config: LegoConfig, seed: int, what: str,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """k-means on ``blocks (n, d)``; returns the codebook rounded to its storage dtype and indices."""
     if k > blocks.shape[0]:
@@ -114,19 +117,30 @@ def _fit_codebook(
                           + (", exclude the tensor or use scope='model'" if config.scope == "layer" else ""))
     km = config.kmeans
     res = kmeans(blocks, k, seed=seed, init=km.init, max_iters=km.max_iters, tol=km.tol,
-                 max_fit_points=km.max_fit_points)
+                 max_fit_points=km.max_fit_points, weights=weights)
     store = {"float32": torch.float32, "float16": torch.float16}[config.codebook_dtype]
     centroids = snap_uniform_clusters(blocks, res.labels, res.centroids)
     codebook = centroids.to(store).to(torch.float32)
     labels = res.labels
     if store != torch.float32:
-        labels, _ = assign(blocks, codebook)  # indices must point at the centroids as stored
+        labels, _ = assign(blocks, codebook, weights)  # indices must point at the centroids as stored
     return codebook, labels
 
 
-def plan_groups(names: list[str], config: LegoConfig) -> list[list[str]]:
+@dataclass(frozen=True)
+class Group:
+    """Tensors that share one codebook of ``clusters`` centroids of ``block``-shaped blocks."""
+
+    names: tuple[str, ...]
+    block: tuple[int, int]
+    clusters: int
+
+
+def plan_groups(names: list[str], config: LegoConfig) -> list[Group]:
     """Which tensors share a codebook: all of them (scope model) or each alone (scope layer)."""
-    return [names] if config.scope == "model" else [[n] for n in names]
+    if config.scope == "model":
+        return [Group(tuple(names), config.block, config.clusters)]
+    return [Group((n,), config.block, config.clusters) for n in names]
 
 
 def compress(
@@ -145,42 +159,87 @@ def compress(
         A :class:`CompressedModel`; every input tensor is in it, clustered or kept as it was.
     """
     config = config or LegoConfig()
-    say = progress or (lambda _msg: None)
     sd = as_state_dict(model_or_state_dict)
     check_finite(sd, config.allow_nonfinite)
     names = select_tensors(sd, config)
     if not names:
         raise ConfigError("no tensor to cluster: none is floating-point with 2 or more dimensions "
                           "and matched by the include/exclude patterns")
-    say(f"tiling {len(names)} tensors into {config.block[0]}x{config.block[1]} blocks")
-    scales = {n: choose_row_scales(sd[n]) if config.scales == "row" else None for n in names}
-    blocks = {n: normalized_blocks(sd[n], config.block, scales[n]) for n in names}
+    return compress_groups(sd, config, plan_groups(names, config), progress=progress)
 
+
+def compress_groups(
+    sd: dict[str, torch.Tensor],
+    config: LegoConfig,
+    groups: list[Group],
+    *,
+    element_weights: Mapping[str, torch.Tensor] | None = None,
+    progress: Progress | None = None,
+) -> CompressedModel:
+    """Cluster each group of tensors with its own codebook; every other tensor is kept.
+
+    Args:
+        sd: the state dict (validated by the caller).
+        config: scales, codebook dtype, kept dtype, k-means settings and seed are taken from it.
+        groups: the codebook plan; a tensor may appear in at most one group.
+        element_weights: optional ``{name: weights}`` broadcastable to the tensor's 2-D view
+            ``(rows, cols)`` (e.g. ``(1, cols)`` input second moments), for importance-weighted k-means.
+    """
+    say = progress or (lambda _msg: None)
+    element_weights = element_weights or {}
+    scales: dict[str, torch.Tensor | None] = {}
+    blocks: dict[str, torch.Tensor] = {}
+    weights: dict[str, torch.Tensor | None] = {}
     codebooks: list[torch.Tensor] = []
     labels: dict[str, torch.Tensor] = {}
     cb_of: dict[str, int] = {}
-    groups = plan_groups(names, config)
+    block_of: dict[str, tuple[int, int]] = {}
     for gi, group in enumerate(groups):
-        data = torch.cat([blocks[n] for n in group])
-        what = "the model" if config.scope == "model" else f"tensor {group[0]!r}"
-        say(f"k-means {gi + 1}/{len(groups)}: {data.shape[0]} blocks of {what} into K={config.clusters}")
-        cb, lab = _fit_codebook(data, config.clusters, config, config.seed + gi, what)
+        for n in group.names:
+            if n in cb_of:
+                raise ConfigError(f"tensor {n!r} is planned into two codebooks")
+            scales[n] = choose_row_scales(sd[n]) if config.scales == "row" else None
+            blocks[n] = normalized_blocks(sd[n], group.block, scales[n])
+            weights[n] = _block_weights(element_weights.get(n), sd[n], group.block)
+        data = torch.cat([blocks[n] for n in group.names])
+        wdata = None if all(weights[n] is None for n in group.names) else torch.cat(
+            [weights[n] if weights[n] is not None else torch.ones_like(blocks[n]) for n in group.names])
+        what = "the model" if config.scope == "model" and len(groups) == 1 else f"tensor {group.names[0]!r}" \
+            if len(group.names) == 1 else f"codebook group {gi}"
+        say(f"k-means {gi + 1}/{len(groups)}: {data.shape[0]} blocks of {what} into K={group.clusters}")
+        cb, lab = _fit_codebook(data, group.clusters, config, config.seed + gi, what, wdata)
         codebooks.append(cb)
         start = 0
-        for n in group:
+        for n in group.names:
             m = blocks[n].shape[0]
-            labels[n], cb_of[n] = lab[start : start + m], gi
+            labels[n], cb_of[n], block_of[n] = lab[start : start + m], gi, group.block
             start += m
+        del blocks  # free the group's blocks before the next one
+        blocks = {}
 
+    kept_dtype = {"keep": None, "float16": torch.float16}[config.kept_dtype]
     tensors: dict[str, ClusteredTensor | torch.Tensor] = {}
     for name, t in sd.items():
         if name not in cb_of:
-            tensors[name] = t.clone()
+            keep = t.clone()
+            if kept_dtype is not None and keep.is_floating_point() and keep.dtype != kept_dtype \
+                    and bool(torch.isfinite(keep).all()):
+                keep = keep.to(kept_dtype)
+            tensors[name] = keep
             continue
-        ct = ClusteredTensor(shape=tuple(t.shape), dtype=t.dtype, block=config.block, codebook=cb_of[name],
+        ct = ClusteredTensor(shape=tuple(t.shape), dtype=t.dtype, block=block_of[name], codebook=cb_of[name],
                              indices=labels[name].clone(), scale=scales[name])
         approx = dequantize(codebooks[ct.codebook], ct.indices, ct.tiling, ct.scale)
         ct.sqnr_db = sqnr_db(t, approx.to(t.dtype))
         tensors[name] = ct
     say("done")
     return CompressedModel(config=config, codebooks=codebooks, tensors=tensors)
+
+
+def _block_weights(w: torch.Tensor | None, t: torch.Tensor, block: tuple[int, int]) -> torch.Tensor | None:
+    """Tile element weights given for the 2-D view ``(rows, cols)`` (broadcast) like the tensor."""
+    if w is None:
+        return None
+    rows, cols = t.shape[0], t[0].numel()
+    full = torch.broadcast_to(w.float(), (rows, cols)).reshape(t.shape)
+    return tile(full, block)

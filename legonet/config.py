@@ -14,6 +14,7 @@ from legonet.errors import ConfigError
 
 SCOPES = ("model", "layer")
 SCALES = ("none", "row")
+KEPT_DTYPES = ("keep", "float16")
 INITS = ("k-means++", "random")
 CODEBOOK_DTYPES = ("float32", "float16")
 
@@ -102,6 +103,8 @@ class LegoConfig:
             view is divided by its RMS before tiling and multiplied back after decoding; the gains are
             stored as float16 (2 bytes per output channel).
         codebook_dtype: storage dtype of the codebook(s), ``"float32"`` or ``"float16"``.
+        kept_dtype: ``"keep"`` stores unclustered tensors as they are; ``"float16"`` stores floating
+            ones (biases, norm parameters, statistics) in float16.
         kmeans: :class:`KMeansConfig`.
         allow_nonfinite: keep tensors holding NaN or Inf as they are (uncompressed) instead of
             refusing the model; the default refuses, naming the tensor.
@@ -115,6 +118,7 @@ class LegoConfig:
     seed: int = 0
     scales: str = "none"
     codebook_dtype: str = "float32"
+    kept_dtype: str = "keep"
     kmeans: KMeansConfig = field(default_factory=KMeansConfig)
     allow_nonfinite: bool = False
 
@@ -136,6 +140,8 @@ class LegoConfig:
             raise ConfigError(f"scales must be one of {SCALES}, got {self.scales!r}")
         if not isinstance(self.allow_nonfinite, bool):
             raise ConfigError(f"allow_nonfinite must be true or false, got {self.allow_nonfinite!r}")
+        if self.kept_dtype not in KEPT_DTYPES:
+            raise ConfigError(f"kept_dtype must be one of {KEPT_DTYPES}, got {self.kept_dtype!r}")
         if self.codebook_dtype not in CODEBOOK_DTYPES:
             raise ConfigError(f"codebook_dtype must be one of {CODEBOOK_DTYPES}, got {self.codebook_dtype!r}")
 

@@ -1,0 +1,173 @@
+"""Target mode: choose a codebook setting per tensor so that the .lego file meets a compression ratio.
+
+Every clustered tensor gets its own codebook (float16) with per-row float16 gains; its block shape and
+K come from a menu. For each tensor and menu entry the distortion is estimated by k-means on a sample
+of the tensor's blocks; a Lagrangian search then picks, for every tensor, the entry minimising
+``distortion + lambda * bytes`` with the smallest ``lambda`` whose total fits the byte budget.
+
+Distortion is the relative error of the normalised weights (each output channel counts equally,
+since a following normalisation layer rescales channels anyway). Given calibration statistics, it is
+weighted by the second moment of the inputs each weight multiplies, i.e. a proxy for the error of the
+layer's output rather than of its weights. Each tensor's distortion counts equally in the sum: a
+data-free stand-in for per-layer sensitivity that does not favour big layers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+
+import torch
+
+from legonet.artifact import CompressedModel
+from legonet.compress import Group, as_state_dict, check_finite, compress_groups, select_tensors
+from legonet.config import LegoConfig
+from legonet.errors import ConfigError
+from legonet.ops.bitpack import bits_for, packed_nbytes
+from legonet.ops.kmeans import assign, kmeans
+from legonet.ops.quant import choose_row_scales, normalized_blocks
+from legonet.ops.tiling import make_tiling, tile
+
+# (block, K) settings offered to every tensor: from 1/32 to 2 bits per weight.
+DEFAULT_MENU: tuple[tuple[tuple[int, int], int], ...] = (
+    ((4, 8), 2), ((4, 8), 4), ((4, 8), 16), ((4, 8), 64), ((4, 8), 256),
+    ((4, 4), 4), ((4, 4), 16), ((4, 4), 64), ((4, 4), 256), ((4, 4), 1024),
+    ((2, 2), 4), ((2, 2), 16), ((2, 2), 64), ((2, 2), 256),
+    ((1, 2), 16), ((1, 2), 64), ((1, 2), 256),
+)
+_SAMPLE = 4096
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One menu entry evaluated for one tensor."""
+
+    block: tuple[int, int]
+    clusters: int
+    nbytes: int  # packed indices + float16 codebook
+    distortion: float  # relative (weighted) squared error of the normalised weights
+
+
+def _entry_bytes(shape: tuple[int, ...], block: tuple[int, int], k: int) -> int:
+    return packed_nbytes(make_tiling(shape, block).num_blocks, bits_for(k)) + 2 * k * block[0] * block[1]
+
+
+def evaluate_menu(
+    weight: torch.Tensor,
+    menu=DEFAULT_MENU,
+    *,
+    element_weights: torch.Tensor | None = None,
+    seed: int = 0,
+    sample: int = _SAMPLE,
+) -> list[Choice]:
+    """Estimated distortion and exact bytes of every feasible menu entry for one tensor.
+
+    Args:
+        weight: ``(rows, ...)`` tensor.
+        element_weights: optional weights broadcastable to the 2-D view ``(rows, cols)``.
+    """
+    scale = choose_row_scales(weight)
+    rows, cols = weight.shape[0], weight[0].numel()
+    wfull = None if element_weights is None else torch.broadcast_to(element_weights.float(), (rows, cols)).reshape(weight.shape)
+    out = []
+    g = torch.Generator().manual_seed(seed)
+    for block, k in menu:
+        blocks = normalized_blocks(weight, block, scale)
+        n = blocks.shape[0]
+        if k > n // 2:
+            continue
+        bw = None if wfull is None else tile(wfull, block)
+        fit = torch.randperm(n, generator=g)[:sample] if n > sample else torch.arange(n)
+        test = torch.randperm(n, generator=g)[:sample] if n > sample else torch.arange(n)
+        # a quick estimate: random seeding and few iterations rank the settings well enough
+        res = kmeans(blocks[fit], k, seed=seed, init="random", max_iters=12, tol=1e-3, max_fit_points=None,
+                     weights=None if bw is None else bw[fit])
+        xt = blocks[test]
+        wt = torch.ones_like(xt) if bw is None else bw[test]
+        _, d = assign(xt, res.centroids, None if bw is None else wt)
+        signal = float((wt * xt * xt).sum())
+        out.append(Choice(block, k, _entry_bytes(tuple(weight.shape), block, k), float(d.sum()) / max(signal, 1e-30)))
+    return out
+
+
+def allocate(tables: Mapping[str, list[Choice]], budget: int) -> dict[str, Choice]:
+    """Per tensor, the entry minimising ``distortion + lambda*bytes`` for the smallest lambda that fits.
+
+    Raises :class:`ConfigError` when even the smallest entries exceed ``budget``.
+    """
+    smallest = sum(min(c.nbytes for c in t) for t in tables.values())
+    if smallest > budget:
+        raise ConfigError(f"the target is out of reach: even the smallest settings need {smallest:,} bytes "
+                          f"for the clustered tensors, the budget leaves {budget:,}")
+
+    def pick(lam: float) -> dict[str, Choice]:
+        return {n: min(t, key=lambda c: (c.distortion + lam * c.nbytes, c.nbytes)) for n, t in tables.items()}
+
+    lo, hi = 0.0, 1.0
+    while sum(c.nbytes for c in pick(hi).values()) > budget:
+        hi *= 4.0
+    if sum(c.nbytes for c in pick(lo).values()) <= budget:
+        return pick(lo)
+    for _ in range(80):
+        mid = math.sqrt(lo * hi) if lo > 0 else hi / 1e6
+        if sum(c.nbytes for c in pick(mid).values()) <= budget:
+            hi = mid
+        else:
+            lo = mid
+    return pick(hi)
+
+
+def compress_to_ratio(
+    model_or_state_dict,
+    target_ratio: float,
+    *,
+    config: LegoConfig | None = None,
+    element_weights: Mapping[str, torch.Tensor] | None = None,
+    menu=DEFAULT_MENU,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[CompressedModel, dict[str, Choice]]:
+    """Compress so that ``original fp32 bytes / file bytes >= target_ratio``.
+
+    Args:
+        model_or_state_dict: module or state dict.
+        target_ratio: required whole-file ratio (> 1).
+        config: base settings (include/exclude, seed, k-means); scope, scales, codebook and kept
+            dtypes are set by this mode (one float16 codebook per tensor, row gains, float16 kept tensors).
+        element_weights: optional ``{name: (1 or rows, cols)}`` importance weights (calibration).
+    Returns:
+        The compressed model and the chosen setting per clustered tensor.
+    """
+    if not (isinstance(target_ratio, (int, float)) and target_ratio > 1):
+        raise ConfigError(f"target ratio must be a number > 1, got {target_ratio!r}")
+    say = progress or (lambda _m: None)
+    base = config or LegoConfig()
+    cfg = replace(base, scope="layer", scales="row", codebook_dtype="float16", kept_dtype="float16")
+    sd = as_state_dict(model_or_state_dict)
+    check_finite(sd, cfg.allow_nonfinite)
+    names = select_tensors(sd, cfg)
+    if not names:
+        raise ConfigError("no tensor to cluster")
+    element_weights = element_weights or {}
+    fp32 = sum(4 * t.numel() if t.is_floating_point() else t.numel() * t.element_size() for t in sd.values())
+    target_bytes = int(fp32 / target_ratio)
+    tables = {}
+    for i, n in enumerate(names):
+        say(f"estimating settings {i + 1}/{len(names)}: {n}")
+        tables[n] = evaluate_menu(sd[n], menu, element_weights=element_weights.get(n), seed=cfg.seed + i)
+        if not tables[n]:
+            raise ConfigError(f"tensor {n!r} {tuple(sd[n].shape)} is too small for any menu setting; exclude it")
+    chosen_set = set(names)
+    fixed = sum(2 * t.numel() if t.is_floating_point() else t.numel() * t.element_size()
+                for k, t in sd.items() if k not in chosen_set)
+    fixed += sum(2 * sd[n].shape[0] for n in names)  # row gains
+    overhead = 2048 + 96 * len(sd)  # container header and metadata, corrected below if too low
+    for _attempt in range(4):
+        plan = allocate(tables, target_bytes - fixed - overhead)
+        groups = [Group((n,), plan[n].block, plan[n].clusters) for n in names]
+        cm = compress_groups(sd, cfg, groups, element_weights=element_weights, progress=say)
+        size = len(cm.to_bytes())
+        if size <= target_bytes:
+            return cm, plan
+        overhead += size - target_bytes + 64
+    raise ConfigError(f"could not meet ratio {target_ratio} (last file {size:,} bytes, target {target_bytes:,})")

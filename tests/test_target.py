@@ -1,0 +1,54 @@
+import pytest
+import torch
+from torch import nn
+
+import legonet
+from legonet.errors import ConfigError
+from legonet.target import Choice, allocate, compress_to_ratio
+
+
+def model_sd(seed=0):
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Conv2d(16, 64, 3), nn.BatchNorm2d(64), nn.Conv2d(64, 64, 3), nn.Flatten(), nn.Linear(256, 32))
+    return m.state_dict()
+
+
+@pytest.mark.parametrize("ratio", [6.0, 12.0, 20.0])
+def test_meets_the_ratio_in_file_bytes(ratio, tmp_path):
+    sd = model_sd()
+    cm, plan = compress_to_ratio(sd, ratio)
+    n = cm.save(tmp_path / "t.lego")
+    fp32 = sum(4 * t.numel() if t.is_floating_point() else t.numel() * t.element_size() for t in sd.values())
+    assert fp32 / n >= ratio
+    assert set(plan) == set(cm.clustered)
+    back = legonet.load(tmp_path / "t.lego")
+    assert all(torch.equal(back.reconstruct(k), cm.reconstruct(k)) for k in cm.tensors)
+
+
+def test_higher_ratio_costs_accuracy_of_weights():
+    sd = model_sd()
+    errs = []
+    for r in (6.0, 20.0):
+        cm, _ = compress_to_ratio(sd, r)
+        errs.append(sum(float((cm.reconstruct(n).float() - sd[n]).pow(2).sum() / sd[n].pow(2).sum())
+                        for n in cm.clustered))
+    assert errs[0] < errs[1]
+
+
+def test_allocate_spends_bytes_where_they_cut_distortion_most():
+    tables = {
+        "a": [Choice((4, 4), 2, 10, 1.0), Choice((4, 4), 16, 100, 0.1)],
+        "b": [Choice((4, 4), 2, 10, 1.0), Choice((4, 4), 16, 100, 0.9)],
+    }
+    plan = allocate(tables, 115)
+    assert plan["a"].clusters == 16 and plan["b"].clusters == 2
+    assert sum(c.nbytes for c in allocate(tables, 1000).values()) == 200
+    with pytest.raises(ConfigError, match="out of reach"):
+        allocate(tables, 15)
+
+
+def test_bad_targets():
+    with pytest.raises(ConfigError):
+        compress_to_ratio(model_sd(), 0.5)
+    with pytest.raises(ConfigError, match="out of reach|could not meet"):
+        compress_to_ratio(model_sd(), 5000.0)
