@@ -26,6 +26,7 @@ class _Payload:
         return (open, (str(self.marker), "w"))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickles_with_code_are_refused_without_running_it(tmp_path):
     marker = tmp_path / "pwned"
     zipped = tmp_path / "evil.pt"
