@@ -213,7 +213,6 @@ def atheris_child(corpus: str, seconds: int, rss_mb: int, artifacts: str, max_le
 
 
 def run_atheris(seeds: list[bytes], seconds: int, rss_mb: int, crash_dir: Path) -> dict:
-    import atheris
 
     with tempfile.TemporaryDirectory(prefix="legonet-fuzz-") as tmp:
         corpus, artifacts = Path(tmp) / "corpus", Path(tmp) / "artifacts"
@@ -236,7 +235,9 @@ def run_atheris(seeds: list[bytes], seconds: int, rss_mb: int, crash_dir: Path) 
             crashes.append({"input": str(dest.relative_to(ROOT)), "kind": f.name.split("-")[0]})
         corpus_size = len(list(corpus.iterdir()))
     tail = proc.stderr.strip().splitlines()[-12:]
-    return {"engine": f"atheris {getattr(atheris, '__version__', '')} (libFuzzer, coverage-guided on legonet)".replace("  ", " "),
+    from importlib.metadata import version
+
+    return {"engine": f"atheris {version('atheris')} (libFuzzer, coverage-guided on legonet)",
             "seconds": seconds, "wall_s": round(wall, 1), "rss_limit_mb": rss_mb, "per_input_timeout_s": 10,
             "inputs_tried": int(stats.get("number_of_executed_units", 0)), "exit_code": proc.returncode,
             "crashes": len(crashes) + (0 if proc.returncode == 0 or crashes else 1), "crash_inputs": crashes,

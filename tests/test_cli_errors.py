@@ -28,7 +28,8 @@ def one_line_error(result, code: int = 1) -> str:
 @pytest.fixture
 def files(tmp_path):
     g = torch.Generator().manual_seed(0)
-    save_file({"w": torch.randn(16, 16, generator=g), "b": torch.randn(16, generator=g)}, str(tmp_path / "m.safetensors"))
+    save_file({"w": torch.randn(16, 16, generator=g), "b": torch.randn(16, generator=g)},
+              str(tmp_path / "m.safetensors"))
     bad = {"w": torch.randn(16, 16, generator=g), "v": torch.randn(8, 8, generator=g)}
     bad["v"][0, 0] = float("nan")
     save_file(bad, str(tmp_path / "nan.safetensors"))
@@ -62,8 +63,8 @@ def test_failures_are_one_line(files, args, match):
     assert not list(files.glob("x.*")) and not list(files.glob(".*.partial"))
 
 
-@pytest.mark.parametrize("args", [["compress"], ["compress", "a.pt"], ["--bogus"], ["compress", "a", "-o", "b", "-k", "x"],
-                                  ["compress", "a", "-o", "b", "--block", "0x"], ["nosuchcommand"]])
+@pytest.mark.parametrize("args", [["compress"], ["compress", "a.pt"], ["--bogus"], ["nosuchcommand"],
+                                  ["compress", "a", "-o", "b", "-k", "x"], ["compress", "a", "-o", "b", "--block", "0x"]])
 def test_usage_errors_are_one_line(args):
     line = one_line_error(run(*args), code=2)
     assert "--help" in line
