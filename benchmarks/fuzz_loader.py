@@ -68,17 +68,25 @@ def seed_corpus() -> list[bytes]:
     return out
 
 
-def check_one(data: bytes) -> None:
-    """Load ``data`` both ways; raise anything that is not a FormatError."""
+def check_one(data: bytes) -> list[str]:
+    """Load ``data`` both ways; raise anything that is not a FormatError.
+
+    Returns the outcome of each load: ``"loaded"`` or the FormatError's message with names and
+    numbers blanked out (so that outcomes can be counted by kind).
+    """
     from legonet.errors import FormatError
     from legonet.format import deserialize
 
+    out = []
     for verify in (True, False):
         try:
             cm = deserialize(data, source="fuzz", verify=verify)
-        except FormatError:
+        except FormatError as exc:
+            out.append(re.sub(r"'[^']*'|\[[^\]]*\]|\d+", "_", str(exc).removeprefix("fuzz: "))[:70])
             continue
         cm.to_state_dict()
+        out.append("loaded")
+    return out
 
 
 # -- structured engine ----------------------------------------------------------------------------
@@ -168,14 +176,15 @@ def run_structured(seeds: list[bytes], seconds: float, seed: int, memory_mb: int
         raise _Timeout()
 
     signal.signal(signal.SIGALRM, on_alarm)
-    tried, crashes, kinds = 0, [], {}
+    tried, crashes, kinds, outcomes = 0, [], {}, {}
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         data = mutate(rng, rng.choice(seeds))
         tried += 1
         signal.alarm(10)
         try:
-            check_one(data)
+            for o in check_one(data):
+                outcomes[o] = outcomes.get(o, 0) + 1
         except (_Timeout, MemoryError, Exception) as exc:  # noqa: BLE001 - every non-FormatError is a finding
             kind = "hang" if isinstance(exc, _Timeout) else type(exc).__name__
             kinds[kind] = kinds.get(kind, 0) + 1
@@ -189,7 +198,8 @@ def run_structured(seeds: list[bytes], seconds: float, seed: int, memory_mb: int
             signal.alarm(0)
     return {"engine": "structured (seeded metadata lies with valid CRCs + byte mutations)", "seconds": seconds,
             "rng_seed": seed, "address_space_limit_mb_above_baseline": memory_mb, "per_input_timeout_s": 10,
-            "inputs_tried": tried, "crashes": sum(kinds.values()), "crash_kinds": kinds, "crash_inputs": crashes}
+            "inputs_tried": tried, "crashes": sum(kinds.values()), "crash_kinds": kinds, "crash_inputs": crashes,
+            "outcomes_of_loads": dict(sorted(outcomes.items(), key=lambda kv: -kv[1]))}
 
 
 # -- atheris engine ---------------------------------------------------------------------------------
