@@ -132,5 +132,5 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     except OSError as exc:  # raised by the caller's own writing into the temporary file
         raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # gone already (renamed), or the caller put a folder there
             tmp_path.unlink()

@@ -1,0 +1,336 @@
+"""The .lego file: round trip, determinism, integrity checks and clear errors for bad files."""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+import tracemalloc
+from pathlib import Path
+
+import pytest
+import torch
+from lego_craft import crc, join, split, tiny_model_bytes
+
+import legonet
+from legonet.errors import FormatError
+from legonet.format import deserialize, load, serialize
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def same_model(a: legonet.CompressedModel, b: legonet.CompressedModel) -> bool:
+    def raw(t: torch.Tensor) -> torch.Tensor:
+        return t.contiguous().reshape(-1).view(torch.uint8)
+
+    sa, sb = a.to_state_dict(), b.to_state_dict()
+    return list(sa) == list(sb) and all(
+        sa[k].dtype == sb[k].dtype and sa[k].shape == sb[k].shape and torch.equal(raw(sa[k]), raw(sb[k])) for k in sa)
+
+
+@pytest.mark.parametrize("scope,dtype", [("model", "float32"), ("layer", "float16")])
+def test_round_trip_is_bit_exact(tmp_path, scope, dtype):
+    data = tiny_model_bytes(scope, dtype)
+    cm = deserialize(data)
+    path = tmp_path / "m.lego"
+    assert cm.save(path) == path.stat().st_size == len(data)
+    back = load(path)
+    assert path.read_bytes() == data  # re-serialising what was read gives the same bytes
+    assert same_model(cm, back)
+    assert back.tensors["mask"].dtype == torch.bool and back.tensors["half"].dtype == torch.float16
+    for name, ct in cm.clustered.items():
+        assert torch.equal(ct.indices, back.tensors[name].indices)
+    for a, b in zip(cm.codebooks, back.codebooks):
+        assert torch.equal(a, b)
+
+
+def test_serialize_is_deterministic():
+    # safetensors' own writer orders the metadata keys differently from call to call
+    cm = deserialize(tiny_model_bytes())
+    assert len({serialize(cm) for _ in range(8)}) == 1
+
+
+def test_file_is_a_plain_safetensors_file(tmp_path):
+    from safetensors.torch import load_file
+
+    path = tmp_path / "m.lego"
+    path.write_bytes(tiny_model_bytes())
+    assert sorted(load_file(str(path))) == ["codebooks", "dense", "indices", "legonet.meta"]
+
+
+def test_negative_infinite_sqnr_round_trips():
+    # an all-zero tensor reconstructs with noise > 0 and signal 0: SQNR is -inf, not +inf
+    sd = {"zero": torch.zeros(4, 4), "w": torch.randn(8, 8, generator=torch.Generator().manual_seed(1))}
+    cm = legonet.compress(sd, legonet.LegoConfig(block=2, clusters=2))
+    back = deserialize(cm.to_bytes())
+    assert back.tensors["zero"].sqnr_db == cm.tensors["zero"].sqnr_db
+    assert cm.tensors["zero"].sqnr_db in (math.inf, -math.inf)
+
+
+def test_allow_nonfinite_only_written_when_set():
+    sd = {"w": torch.randn(8, 8), "bad": torch.full((4, 4), float("nan"))}
+    with pytest.raises(legonet.CheckpointError, match="'bad'"):
+        legonet.compress(sd, legonet.LegoConfig(block=2, clusters=2))
+    cm = legonet.compress(sd, legonet.LegoConfig(block=2, clusters=2, allow_nonfinite=True))
+    assert "bad" in cm.dense and "w" in cm.clustered
+    back = deserialize(cm.to_bytes())
+    assert back.config.allow_nonfinite and torch.isnan(back.tensors["bad"]).all()
+    _, meta, _ = split(legonet.compress({"w": torch.randn(8, 8)}, legonet.LegoConfig(block=2, clusters=2)).to_bytes())
+    assert "allow_nonfinite" not in meta["config"]
+
+
+# -- integrity ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("blob", ["codebooks", "indices", "dense", "legonet.meta"])
+def test_checksum_mismatch_is_named(blob):
+    data = tiny_model_bytes()
+    md, meta, blobs = split(data)
+    b = bytearray(blobs[blob])
+    b[len(b) // 2] ^= 0x10
+    blobs[blob] = bytes(b)
+    if blob == "legonet.meta":  # keep the JSON valid but change a number inside it
+        bad = join(md, meta, blobs, fix_crc=False).replace(b'"clusters":3', b'"clusters":4')
+        assert bad != join(md, meta, blobs, fix_crc=False)
+    else:
+        bad = join(md, meta, blobs)
+    with pytest.raises(FormatError, match="checksum mismatch"):
+        deserialize(bad, source="x.lego")
+    if blob != "legonet.meta":
+        deserialize(bad, verify=False)  # the sizes are right, so skipping the CRCs loads it
+
+
+@pytest.mark.parametrize("cut", [0, 3, 8, 20, 200, -500, -17, -1])
+def test_truncated_file(cut):
+    data = tiny_model_bytes()
+    with pytest.raises(FormatError, match="x.lego: .*(truncated|not a .lego|not valid JSON)"):
+        deserialize(data[:cut], source="x.lego")
+
+
+def test_extended_file():
+    with pytest.raises(FormatError, match="extended"):
+        deserialize(tiny_model_bytes() + b"\0" * 16)
+
+
+def test_wrong_magic(tmp_path):
+    from safetensors.torch import save_file
+
+    p = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(p))
+    with pytest.raises(FormatError, match="plain.safetensors: not a .lego file"):
+        load(p)
+    p.write_bytes(b"PK\x03\x04 this is a zip, not a .lego file")
+    with pytest.raises(FormatError, match="not a .lego file"):
+        load(p)
+    md, meta, blobs = split(tiny_model_bytes())
+    with pytest.raises(FormatError, match="not a .lego file"):
+        deserialize(join({**md, "format": "legonot"}, meta, blobs))
+
+
+def test_newer_version_is_named():
+    md, meta, blobs = split(tiny_model_bytes())
+    with pytest.raises(FormatError, match="newer legonet \\(format version 2\\).*upgrade"):
+        deserialize(join({**md, "version": "2"}, meta, blobs))
+    for v in ("0", "one", "", "1" * 40):
+        with pytest.raises(FormatError, match="format version"):
+            deserialize(join({**md, "version": v}, meta, blobs))
+
+
+def test_missing_file_folder_and_fifo(tmp_path):
+    with pytest.raises(FormatError, match="no such file"):
+        load(tmp_path / "absent.lego")
+    with pytest.raises(FormatError, match="is a folder"):
+        load(tmp_path)
+    fifo = tmp_path / "pipe.lego"
+    os.mkfifo(fifo)
+    timer = threading.Timer(3.0, _unblock_reader, (fifo,))  # so that a blocking open fails the test, not hangs it
+    timer.start()
+    try:
+        with pytest.raises(FormatError, match="not a regular file"):
+            load(fifo)
+    finally:
+        timer.cancel()
+
+
+def _unblock_reader(fifo: Path) -> None:
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # no reader: nothing was blocked
+        pass
+
+
+# -- crafted files with valid checksums: the structural checks themselves -------------------------
+def _with_tensor(mutate, name="fc.weight", blob_bytes=None, blob="indices"):
+    md, meta, blobs = split(tiny_model_bytes())
+    entry = next(e for e in meta["tensors"] if e[0] == name)
+    mutate(entry, meta)
+    if blob_bytes is not None:
+        blobs[blob] = blob_bytes(blobs[blob])
+    return join(md, meta, blobs)
+
+
+def test_index_at_or_above_k_is_rejected():
+    # K=3 needs 2 bits, so index 3 is representable but out of range; conv.weight's 56 blocks come
+    # first in the index blob (14 bytes): set the first index to 3, with a correct CRC.
+    def patch(b):
+        b = bytearray(b)
+        b[0] |= 0b11
+        return bytes(b)
+
+    md, meta, blobs = split(tiny_model_bytes(clusters=3))
+    blobs["indices"] = patch(blobs["indices"])
+    entry = meta["tensors"][0]
+    assert entry[0] == "conv.weight" and len(entry) == 7
+    nbytes = (56 * 2 + 7) // 8
+    entry[3] = crc(blobs["indices"][:nbytes])
+    with pytest.raises(FormatError, match="'conv.weight' has index 3 >= K=3"):
+        deserialize(join(md, meta, blobs))
+
+
+@pytest.mark.parametrize("shape", [[2**40, 2**20], [2**61, 2**61], [2**63, 1], [0, 2**63], [1] * 17, [-1, 4],
+                                   [1.5, 2], "big", [True, 4]])
+def test_dense_shape_lies_are_rejected(shape):
+    def mutate(entry, _meta):
+        entry[2] = shape
+
+    with pytest.raises(FormatError, match="'fc.bias' has an invalid shape|dense data too short"):
+        deserialize(_with_tensor(mutate, "fc.bias"))
+
+
+@pytest.mark.parametrize("shape", [[2**40, 2**20], [2**30, 2**30, 2**30], [8, 0], [8]])
+def test_clustered_shape_lies_are_rejected(shape):
+    def mutate(entry, _meta):
+        entry[2] = shape
+
+    match = "tensor 'fc.weight' (has an invalid shape|cannot be a clustered)|index data too short for tensor 'fc.weight'"
+    with pytest.raises(FormatError, match=match):
+        deserialize(_with_tensor(mutate))
+
+
+@pytest.mark.parametrize("field,value,msg", [
+    (4, 7, "missing codebook"), (4, -1, "missing codebook"), (5, [4, 4], "vectors of 4"),
+    (5, [0, 4], "invalid block"), (5, [2**40, 1], "invalid block"), (6, "nan?", "invalid sqnr"),
+    (1, "F128", "unknown dtype"), (1, "I32", "cannot be a clustered"), (0, "", "no name"),
+    (0, "fc.bias", "appears twice"),
+])
+def test_clustered_entry_lies_are_rejected(field, value, msg):
+    def mutate(entry, _meta):
+        entry[field] = value
+
+    with pytest.raises(FormatError, match=msg):
+        deserialize(_with_tensor(mutate))
+
+
+@pytest.mark.parametrize("cb", [[2**17, 4, "F32", "0"], [3, 5000, "F32", "0"], [3, 4, "F64", "0"], [3, 4, "F32"],
+                                [0, 4, "F32", "0"], [3.0, 4, "F32", "0"], "cb"])
+def test_codebook_entry_lies_are_rejected(cb):
+    md, meta, blobs = split(tiny_model_bytes())
+    meta["codebooks"][0] = cb
+    with pytest.raises(FormatError, match="codebook entry 0 is malformed"):
+        deserialize(join(md, meta, blobs))
+
+
+def test_non_finite_codebook_and_bad_bool_are_rejected():
+    md, meta, blobs = split(tiny_model_bytes())
+    cb = bytearray(blobs["codebooks"])
+    cb[0:4] = struct.pack("<f", float("inf"))
+    meta["codebooks"][0][3] = crc(bytes(cb))
+    with pytest.raises(FormatError, match="codebook 0 holds non-finite"):
+        deserialize(join(md, meta, {**blobs, "codebooks": bytes(cb)}))
+
+    md, meta, blobs = split(tiny_model_bytes())
+    off = 0  # dense blob: tensors kept, in order, each at its byte size
+    sizes = {"F32": 4, "I64": 8, "BOOL": 1, "F16": 2}
+    for e in meta["tensors"]:
+        if len(e) == 4:
+            n = math.prod(e[2]) * sizes[e[1]]
+            if e[0] == "mask":
+                d = bytearray(blobs["dense"])
+                d[off] = 2
+                e[3] = crc(bytes(d[off : off + n]))
+                blobs["dense"] = bytes(d)
+                break
+            off += n
+    with pytest.raises(FormatError, match="bool tensor 'mask'"):
+        deserialize(join(md, meta, blobs))
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda md, meta, blobs: meta.pop("tensors"),
+    lambda md, meta, blobs: meta.update(version=2),
+    lambda md, meta, blobs: meta.update(config={"block": [2, 2], "novel": 1}),
+    lambda md, meta, blobs: meta.update(config={"clusters": 0}),
+    lambda md, meta, blobs: meta.update(config=[1]),
+    lambda md, meta, blobs: meta["tensors"].append(["extra", "F32", [2], "0"]),
+    lambda md, meta, blobs: meta["tensors"].pop(),
+    lambda md, meta, blobs: meta["tensors"].append(["x", "F32", [2], "0", 0]),
+])
+def test_metadata_lies_are_rejected(mutate):
+    md, meta, blobs = split(tiny_model_bytes())
+    mutate(md, meta, blobs)
+    with pytest.raises(FormatError):
+        deserialize(join(md, meta, blobs), source="m.lego")
+
+
+def test_container_framing_lies_are_rejected():
+    data = tiny_model_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = data[8 : 8 + n]
+    for old, new in [(b'"dtype":"U8"', b'"dtype":"F32"'), (b'"data_offsets":[0,', b'"data_offsets":[1,')]:
+        bad = header.replace(old, new, 1)
+        with pytest.raises(FormatError):
+            deserialize(data[:8] + bad + data[8 + n :])
+    nested = b"[" * 100_000
+    with pytest.raises(FormatError, match="not valid JSON"):
+        deserialize(struct.pack("<Q", len(nested)) + nested)
+
+
+# -- bounded allocation -----------------------------------------------------------------------------
+def _huge_dense_file() -> bytes:
+    """Valid checksums, but fc.bias claims 2**40 x 2**20 float32 elements (4 PiB)."""
+    md, meta, blobs = split(tiny_model_bytes())
+    next(e for e in meta["tensors"] if e[0] == "fc.bias")[2] = [2**40, 2**20]
+    return join(md, meta, blobs)
+
+
+def test_huge_declared_shapes_fail_before_allocating():
+    data = _huge_dense_file()
+    tracemalloc.start()
+    try:
+        with pytest.raises(FormatError, match="dense data too short for tensor 'fc.bias'"):
+            deserialize(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * len(data) + (1 << 20)  # Python and numpy allocations, all proportional to the file
+
+
+def test_huge_declared_shapes_fail_under_a_memory_limit(tmp_path):
+    # torch's allocations escape tracemalloc: cap the address space of a child process instead, so
+    # that any attempt to allocate even 1 GiB would surface as a MemoryError/RuntimeError, not FormatError.
+    path = tmp_path / "huge.lego"
+    path.write_bytes(_huge_dense_file())
+    md, meta, blobs = split(tiny_model_bytes())
+    next(e for e in meta["tensors"] if e[0] == "fc.weight")[2] = [2**16, 2**15]  # 2**29 blocks: 4 GiB as int64
+    (tmp_path / "huge2.lego").write_bytes(join(md, meta, blobs))
+    code = textwrap.dedent(f"""
+        import resource, sys
+        import legonet
+        from legonet.errors import FormatError
+        vm = int([l for l in open("/proc/self/status") if l.startswith("VmSize")][0].split()[1]) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (256 << 20), resource.RLIM_INFINITY))
+        for name in ("huge.lego", "huge2.lego"):
+            try:
+                legonet.load({str(tmp_path)!r} + "/" + name)
+            except FormatError as exc:
+                print("FormatError", exc)
+        sys.exit(0)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2 and all(line.startswith("FormatError") for line in lines), r.stdout + r.stderr[-2000:]
+    assert "too short" in lines[0] and "too short" in lines[1]
