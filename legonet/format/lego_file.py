@@ -111,7 +111,23 @@ def serialize(cm: CompressedModel) -> bytes:
     tensors = {"legonet.meta": blob([meta_b]), "codebooks": blob(cb_bytes),
                "indices": blob(idx_bytes), "dense": blob(dense_bytes)}
     header = {"format": FORMAT_NAME, "version": str(FORMAT_VERSION), "meta_crc32": _crc(meta_b)}
-    return st_save(tensors, metadata=header)
+    return _canonical_header(st_save(tensors, metadata=header))
+
+
+def _canonical_header(data: bytes) -> bytes:
+    """Re-emit a safetensors header with sorted keys.
+
+    safetensors writes ``__metadata__`` from a hash map whose order changes from one process to the
+    next; sorting makes equal inputs give equal bytes. Data offsets are relative to the end of the
+    header, so the data section is reused as it is.
+    """
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    md = header.pop("__metadata__", None)
+    ordered = ({"__metadata__": dict(sorted(md.items()))} if md is not None else {}) | dict(sorted(header.items()))
+    h = json.dumps(ordered, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    return struct.pack("<Q", len(h)) + h + data[8 + n :]
 
 
 def save(cm: CompressedModel, path: str | os.PathLike) -> int:
