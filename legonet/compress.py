@@ -12,6 +12,7 @@ from torch import nn
 from legonet.artifact import ClusteredTensor, CompressedModel
 from legonet.config import LegoConfig
 from legonet.errors import CheckpointError, ConfigError
+from legonet.ops.kmeans import Progress as KMeansProgress
 from legonet.ops.kmeans import assign, kmeans
 from legonet.ops.tiling import make_tiling, tile, untile
 
@@ -86,7 +87,8 @@ def sqnr_db(original: torch.Tensor, approx: torch.Tensor) -> float:
     return 10.0 * math.log10(signal / noise)
 
 
-def _fit_codebook(blocks: torch.Tensor, config: LegoConfig, seed: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _fit_codebook(blocks: torch.Tensor, config: LegoConfig, seed: int, what: str,
+                  bars: KMeansProgress | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """k-means on ``blocks (n, d)``; returns the codebook rounded to its storage dtype and indices."""
     k = config.clusters
     if k > blocks.shape[0]:
@@ -94,13 +96,27 @@ def _fit_codebook(blocks: torch.Tensor, config: LegoConfig, seed: int, what: str
                           + (", exclude the tensor or use scope='model'" if config.scope == "layer" else ""))
     km = config.kmeans
     res = kmeans(blocks, k, seed=seed, init=km.init, max_iters=km.max_iters, tol=km.tol,
-                 max_fit_points=km.max_fit_points)
-    store = {"float32": torch.float32, "float16": torch.float16}[config.codebook_dtype]
-    codebook = res.centroids.to(store).to(torch.float32)
+                 max_fit_points=km.max_fit_points, progress=bars)
+    codebook = stored_codebook(res.centroids, config)
     labels = res.labels
-    if store != torch.float32:
+    if config.codebook_dtype != "float32":
         labels, _ = assign(blocks, codebook)  # indices must point at the centroids as stored
     return codebook, labels
+
+
+def stored_codebook(centroids: torch.Tensor, config: LegoConfig) -> torch.Tensor:
+    """``(K, d)`` float32 centroids rounded to the codebook's storage dtype (the values in the file)."""
+    store = {"float32": torch.float32, "float16": torch.float16}[config.codebook_dtype]
+    return centroids.to(store).to(torch.float32)
+
+
+def clustered_tensor(t: torch.Tensor, codebook: torch.Tensor, cb_id: int, indices: torch.Tensor,
+                     block: tuple[int, int]) -> ClusteredTensor:
+    """The :class:`ClusteredTensor` of ``t`` given its block ``indices``, with its SQNR measured."""
+    ct = ClusteredTensor(shape=tuple(t.shape), dtype=t.dtype, block=block, codebook=cb_id, indices=indices)
+    approx = codebook[indices]
+    ct.sqnr_db = sqnr_db(t, untile(approx, make_tiling(t.shape, block)).to(t.dtype))
+    return ct
 
 
 def compress(
@@ -108,6 +124,7 @@ def compress(
     config: LegoConfig | None = None,
     *,
     progress: Progress | None = None,
+    bars: KMeansProgress | None = None,
 ) -> CompressedModel:
     """Compress a model by block weight clustering (LegoNet).
 
@@ -115,6 +132,8 @@ def compress(
         model_or_state_dict: an ``nn.Module`` or a ``{name: tensor}`` mapping.
         config: a :class:`LegoConfig` (default: 4x4 blocks, K=32, one model-wide codebook).
         progress: optional callback receiving a short description of each stage.
+        bars: optional ``bars(task, done, total)`` callback for progress bars of the k-means
+            fitting and assignment (see :data:`legonet.ops.kmeans.Progress`).
     Returns:
         A :class:`CompressedModel`; every input tensor is in it, clustered or kept as it was.
     """
@@ -135,7 +154,7 @@ def compress(
     if config.scope == "model":
         all_blocks = torch.cat([blocks[n] for n in names])
         say(f"k-means: {all_blocks.shape[0]} blocks into K={config.clusters} (one model-wide codebook)")
-        cb, lab = _fit_codebook(all_blocks, config, config.seed, "the model")
+        cb, lab = _fit_codebook(all_blocks, config, config.seed, "the model", bars)
         codebooks.append(cb)
         start = 0
         for n in names:
@@ -145,7 +164,7 @@ def compress(
     else:
         for i, n in enumerate(names):
             say(f"k-means {i + 1}/{len(names)}: {n} ({blocks[n].shape[0]} blocks into K={config.clusters})")
-            cb, lab = _fit_codebook(blocks[n], config, config.seed + i, f"tensor {n!r}")
+            cb, lab = _fit_codebook(blocks[n], config, config.seed + i, f"tensor {n!r}", bars)
             codebooks.append(cb)
             labels[n], cb_of[n] = lab, i
 
@@ -155,10 +174,6 @@ def compress(
         if name not in chosen:
             tensors[name] = t.clone()
             continue
-        ct = ClusteredTensor(shape=tuple(t.shape), dtype=t.dtype, block=config.block, codebook=cb_of[name],
-                             indices=labels[name].clone())
-        approx = codebooks[ct.codebook][ct.indices]
-        ct.sqnr_db = sqnr_db(t, untile(approx, make_tiling(t.shape, config.block)).to(t.dtype))
-        tensors[name] = ct
+        tensors[name] = clustered_tensor(t, codebooks[cb_of[name]], cb_of[name], labels[name].clone(), config.block)
     say("done")
     return CompressedModel(config=config, codebooks=codebooks, tensors=tensors)
