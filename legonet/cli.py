@@ -90,18 +90,18 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
 
     config = LegoConfig(block=block, clusters=clusters, scope=scope, seed=seed,
                         include=tuple(include) or ("*",), exclude=tuple(exclude), codebook_dtype=codebook_dtype)
-    console = _console()
-    with console.status(f"reading {src}", spinner="dots") if not quiet else _null() as status:
-        sd = read_state_dict(src)
+    from legonet.progress import progress_bars
+    from legonet.streaming import compress_sharded, is_sharded_index
 
-        def progress(msg: str) -> None:
-            if status is not None:
-                status.update(msg)
-
-        cm = do_compress(sd, config, progress=progress)
-        if status is not None:
-            status.update(f"writing {output}")
-        nbytes = cm.save(output)
+    if is_sharded_index(src):  # shard by shard, bounded memory, same bytes as in memory
+        with progress_bars(not quiet) as bars:
+            cm, nbytes = compress_sharded(src, output, config, progress=bars)
+    else:
+        with _console().status(f"reading {src}", spinner="dots") if not quiet else _null():
+            sd = read_state_dict(src)
+        with progress_bars(not quiet) as bars:
+            cm = do_compress(sd, config, bars=bars)
+            nbytes = cm.save(output)
     if not quiet:
         click.echo(build_report(cm, nbytes).render(per_tensor=per_tensor))
         click.echo(f"wrote {output}")
