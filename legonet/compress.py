@@ -17,6 +17,8 @@ from legonet.ops.kmeans import assign, kmeans
 from legonet.ops.tiling import make_tiling, tile, untile
 
 Progress = Callable[[str], None]
+# Elements per slab when a tensor is processed a few block-rows at a time.
+_SLAB_ELEMENTS = 1 << 22
 
 
 def as_state_dict(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -115,9 +117,30 @@ def clustered_tensor(t: torch.Tensor, codebook: torch.Tensor, cb_id: int, indice
                      block: tuple[int, int]) -> ClusteredTensor:
     """The :class:`ClusteredTensor` of ``t`` given its block ``indices``, with its SQNR measured."""
     ct = ClusteredTensor(shape=tuple(t.shape), dtype=t.dtype, block=block, codebook=cb_id, indices=indices)
-    approx = codebook[indices]
-    ct.sqnr_db = sqnr_db(t, untile(approx, make_tiling(t.shape, block)).to(t.dtype))
+    # The reconstruction is compared a slab of block-rows at a time, so that measuring the SQNR of
+    # a large tensor never holds more than a few MiB besides the tensor itself.
+    til = make_tiling(t.shape, block)
+    (br, bc), (gr, gc) = block, til.grid
+    m = t.reshape(til.rows, til.cols)
+    step = max(1, _SLAB_ELEMENTS // (br * gc * bc))
+    noise = signal = 0.0
+    for g0 in range(0, gr, step):
+        g1 = min(gr, g0 + step)
+        rows = m[g0 * br : g1 * br].float()
+        rec = codebook[indices[g0 * gc : g1 * gc].long()].reshape(g1 - g0, gc, br, bc).permute(0, 2, 1, 3)
+        rec = rec.reshape((g1 - g0) * br, gc * bc)[: rows.shape[0], : til.cols].to(t.dtype).float()
+        noise += float(torch.sum((rows - rec).square_(), dtype=torch.float64))
+        signal += float(torch.sum(rows.square_(), dtype=torch.float64))
+    ct.sqnr_db = _db(signal, noise)
     return ct
+
+
+def _db(signal: float, noise: float) -> float:
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
 
 
 def compress(

@@ -40,6 +40,20 @@ def is_sharded_index(path: str | os.PathLike) -> bool:
     return str(path).endswith(".json")
 
 
+def block_slabs(weight: torch.Tensor, block: tuple[int, int], max_elements: int = 1 << 22):
+    """Yield ``(first_block, blocks)`` for slabs of whole block-rows of ``weight``, as float32.
+
+    Concatenating the slabs gives ``tile(weight.float(), block)`` exactly (blocks are numbered
+    row-major over the block grid), without ever materialising the whole tiled copy.
+    """
+    til = make_tiling(weight.shape, block)
+    (br, bc), (gr, gc) = til.block, til.grid
+    m = weight.reshape(til.rows, til.cols)
+    step = max(1, max_elements // (br * gc * bc))
+    for g0 in range(0, gr, step):
+        yield g0 * gc, tile(m[g0 * br : (g0 + step) * br].float(), block)
+
+
 def assign_tensor(
     weight: torch.Tensor, codebook: torch.Tensor, block: tuple[int, int], device: str | torch.device | None = None
 ) -> torch.Tensor:
@@ -54,9 +68,12 @@ def assign_tensor(
         ``(num_blocks,)`` int32 indices on the CPU, in tiling order.
     """
     dev = weight.device if device is None else torch.device(device)
-    blocks = tile(weight.to(dev).float(), block)
-    labels, _ = assign(blocks, codebook.to(dev))
-    return labels.to(torch.int32).cpu()
+    out = torch.empty(make_tiling(weight.shape, block).num_blocks, dtype=torch.int32)
+    cb = codebook.to(dev)
+    for first, blocks in block_slabs(weight, block):
+        labels, _ = assign(blocks.to(dev), cb)
+        out[first : first + labels.numel()] = labels.to(torch.int32).cpu()
+    return out
 
 
 def _gather_sample(
@@ -82,14 +99,14 @@ def _gather_sample(
             if name not in chosen:
                 dense[name] = t
             else:
-                blocks = tile(t.float(), config.block)
-                lo, hi = offsets[name], offsets[name] + blocks.shape[0]
-                if idx is None:
-                    xf[lo:hi] = blocks
-                else:
-                    a, b = (int(v) for v in torch.searchsorted(idx, torch.tensor([lo, hi])))
-                    xf[a:b] = blocks[idx[a:b] - lo]
-                del blocks, t
+                for first, blocks in block_slabs(t, config.block):
+                    lo, hi = offsets[name] + first, offsets[name] + first + blocks.shape[0]
+                    if idx is None:
+                        xf[lo:hi] = blocks
+                    else:
+                        a, b = (int(v) for v in torch.searchsorted(idx, torch.tensor([lo, hi])))
+                        xf[a:b] = blocks[idx[a:b] - lo]
+                del t
             say("sample", done, total)
     return xf
 

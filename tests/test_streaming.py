@@ -172,3 +172,20 @@ def test_streaming_memory_stays_near_one_tensor_on_a_model_larger_than_a_shard(t
     # the fit sample and the indices; the in-memory path holds the whole model and its blocks.
     assert grew["stream"] < 10 * tensor_bytes, grew
     assert grew["memory"] > model_bytes, grew
+
+
+@pytest.mark.parametrize("shape,block", [((30, 7), (4, 4)), ((64, 3, 3, 3), (2, 8)), ((9, 100), (4, 1))])
+def test_block_slabs_concatenate_to_the_tiling_and_slab_sqnr_matches_the_whole_tensor(shape, block):
+    from legonet.compress import clustered_tensor, sqnr_db
+    from legonet.ops.tiling import make_tiling, tile, untile
+    from legonet.streaming import block_slabs
+
+    t = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).half()
+    slabs = list(block_slabs(t, block, max_elements=64))
+    assert len(slabs) > 1
+    assert torch.equal(torch.cat([b for _, b in slabs]), tile(t.float(), block))
+    assert [f for f, _ in slabs] == sorted(f for f, _ in slabs) and slabs[0][0] == 0
+    cb = torch.randn(8, block[0] * block[1])
+    idx = torch.randint(8, (make_tiling(t.shape, block).num_blocks,))
+    whole = sqnr_db(t, untile(cb[idx], make_tiling(t.shape, block)).to(t.dtype))
+    assert clustered_tensor(t, cb, 0, idx, block).sqnr_db == pytest.approx(whole, abs=1e-6)
