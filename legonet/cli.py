@@ -81,8 +81,14 @@ def main(debug: bool) -> None:  # noqa: ARG001
 @click.option("--codebook-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--per-tensor", is_flag=True, help="Also print the per-tensor table.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress and no report.")
-def compress(src, output, block, clusters, scope, seed, include, exclude, codebook_dtype, per_tensor, quiet):
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for k-means (default: PyTorch's; 1 is often faster on a busy machine).")
+def compress(src, output, block, clusters, scope, seed, include, exclude, codebook_dtype, per_tensor, quiet, threads):
     """Compress the checkpoint SRC (.safetensors, *.index.json or .pt) into a .lego file."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     from legonet.compress import compress as do_compress
     from legonet.config import LegoConfig
     from legonet.io.checkpoints import read_state_dict

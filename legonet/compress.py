@@ -14,7 +14,7 @@ from legonet.config import LegoConfig
 from legonet.errors import CheckpointError, ConfigError
 from legonet.ops.kmeans import Progress as KMeansProgress
 from legonet.ops.kmeans import assign, kmeans
-from legonet.ops.tiling import make_tiling, tile, untile
+from legonet.ops.tiling import make_tiling, tile
 
 Progress = Callable[[str], None]
 # Elements per slab when a tensor is processed a few block-rows at a time.
