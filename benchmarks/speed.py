@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -141,7 +142,7 @@ def synthetic_shapes(params: float) -> list[tuple[str, tuple[int, ...]]]:
                  ("post_attention_layernorm.weight", (h,))]
     layer_params = sum(int(np.prod(s)) for _, s in per_layer)
     head = ("lm_head.weight", (32000, h))
-    layers = max(1, round((params - 32000 * h) / layer_params))
+    layers = max(1, math.ceil((params - 32000 * h) / layer_params))
     shapes = [(f"model.layers.{i}.{n}", s) for i in range(layers) for n, s in per_layer]
     return shapes + [("model.norm.weight", (h,)), head]
 
