@@ -125,9 +125,15 @@ def main(debug: bool) -> None:  # noqa: ARG001
                    "re-estimation (with --target-ratio).")
 @click.option("--calib-images", type=int, default=1024, show_default=True,
               help="How many calibration images to use (seeded random subset).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for k-means (default: PyTorch's; 1 is often faster on a busy machine).")
 def compress(src, output, block, clusters, scope, seed, include, exclude, codebook_dtype, per_tensor, quiet,
-             allow_nonfinite, scales, target_ratio, arch, calib, calib_images):
+             allow_nonfinite, scales, target_ratio, arch, calib, calib_images, threads):
     """Compress the checkpoint SRC (.safetensors, *.index.json or .pt) into a .lego file."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     from legonet.compress import compress as do_compress
     from legonet.config import LegoConfig
     from legonet.io.checkpoints import read_state_dict
@@ -138,24 +144,29 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
                         allow_nonfinite=allow_nonfinite, scales=scales)
     if calib is not None and (target_ratio is None or arch is None):
         raise click.UsageError("--calib needs --target-ratio and --arch")
-    console = _console()
-    with console.status(f"reading {src}", spinner="dots") if not quiet else _null() as status:
-        sd = read_state_dict(src)
+    from legonet.io.atomic import check_writable
+    from legonet.progress import progress_bars
 
-        def progress(msg: str) -> None:
-            if status is not None:
-                status.update(msg)
+    check_writable(output)
+    from legonet.streaming import compress_sharded, is_sharded_index
 
-        if target_ratio is None:
-            cm = do_compress(sd, config, progress=progress)
-        else:
-            cm = _compress_to_ratio(sd, config, target_ratio, arch, calib, calib_images, seed, progress)
-        if status is not None:
-            status.update(f"writing {output}")
-        nbytes = cm.save(output)
+    sd = None
+    if is_sharded_index(src) and target_ratio is None and scales == "none" and not allow_nonfinite:
+        # shard by shard, bounded memory, same bytes as in memory
+        with progress_bars(not quiet) as bars:
+            cm, nbytes = compress_sharded(src, output, config, progress=bars)
+    else:
+        with _console().status(f"reading {src}", spinner="dots") if not quiet else _null():
+            sd = read_state_dict(src)
+        with progress_bars(not quiet) as bars:
+            if target_ratio is None:
+                cm = do_compress(sd, config, bars=bars)
+            else:
+                cm = _compress_to_ratio(sd, config, target_ratio, arch, calib, calib_images, seed, None)
+            nbytes = cm.save(output)
     if not quiet:
         click.echo(build_report(cm, nbytes).render(per_tensor=per_tensor))
-    if allow_nonfinite:
+    if allow_nonfinite and sd is not None:
         from legonet.compress import nonfinite_tensors
 
         kept = nonfinite_tensors(sd)

@@ -13,12 +13,14 @@ from torch import nn
 from legonet.artifact import ClusteredTensor, CompressedModel
 from legonet.config import LegoConfig
 from legonet.errors import CheckpointError, ConfigError
-from legonet.ops.codebook import snap_uniform_clusters
+from legonet.ops.kmeans import Progress as KMeansProgress
 from legonet.ops.kmeans import assign, kmeans
-from legonet.ops.quant import choose_row_scales, dequantize, normalized_blocks
-from legonet.ops.tiling import tile
+from legonet.ops.quant import choose_row_scales, normalized_blocks
+from legonet.ops.tiling import make_tiling, tile
 
 Progress = Callable[[str], None]
+# Elements per slab when a tensor is processed a few block-rows at a time.
+_SLAB_ELEMENTS = 1 << 22
 
 
 def as_state_dict(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -98,18 +100,12 @@ def select_tensors(sd: Mapping[str, torch.Tensor], config: LegoConfig) -> list[s
 def sqnr_db(original: torch.Tensor, approx: torch.Tensor) -> float:
     """``10 log10(|x|^2 / |x - x_hat|^2)`` in dB; ``inf`` for an exact reconstruction."""
     x = original.double()
-    noise = float(((x - approx.double()) ** 2).sum())
-    signal = float((x**2).sum())
-    if noise == 0.0:
-        return math.inf
-    if signal == 0.0:
-        return -math.inf
-    return 10.0 * math.log10(signal / noise)
+    return _db(float((x**2).sum()), float(((x - approx.double()) ** 2).sum()))
 
 
 def _fit_codebook(
     blocks: torch.Tensor, k: int, config: LegoConfig, seed: int, what: str,
-    weights: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None, bars: KMeansProgress | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """k-means on ``blocks (n, d)``; returns the codebook rounded to its storage dtype and indices."""
     if k > blocks.shape[0]:
@@ -117,14 +113,53 @@ def _fit_codebook(
                           + (", exclude the tensor or use scope='model'" if config.scope == "layer" else ""))
     km = config.kmeans
     res = kmeans(blocks, k, seed=seed, init=km.init, max_iters=km.max_iters, tol=km.tol,
-                 max_fit_points=km.max_fit_points, weights=weights)
-    store = {"float32": torch.float32, "float16": torch.float16}[config.codebook_dtype]
-    centroids = snap_uniform_clusters(blocks, res.labels, res.centroids)
-    codebook = centroids.to(store).to(torch.float32)
+                 max_fit_points=km.max_fit_points, weights=weights, progress=bars)
+    codebook = stored_codebook(res.centroids, config)
     labels = res.labels
-    if store != torch.float32:
+    if config.codebook_dtype != "float32":
         labels, _ = assign(blocks, codebook, weights)  # indices must point at the centroids as stored
     return codebook, labels
+
+
+def stored_codebook(centroids: torch.Tensor, config: LegoConfig) -> torch.Tensor:
+    """``(K, d)`` float32 centroids rounded to the codebook's storage dtype (the values in the file)."""
+    store = {"float32": torch.float32, "float16": torch.float16}[config.codebook_dtype]
+    return centroids.to(store).to(torch.float32)
+
+
+def clustered_tensor(t: torch.Tensor, codebook: torch.Tensor, cb_id: int, indices: torch.Tensor,
+                     block: tuple[int, int], scale: torch.Tensor | None = None) -> ClusteredTensor:
+    """The :class:`ClusteredTensor` of ``t`` given its block ``indices``, with its SQNR measured."""
+    ct = ClusteredTensor(shape=tuple(t.shape), dtype=t.dtype, block=block, codebook=cb_id, indices=indices,
+                         scale=scale)
+    # The reconstruction is compared a slab of block-rows at a time, so that measuring the SQNR of
+    # a large tensor never holds more than a few MiB besides the tensor itself.
+    til = make_tiling(t.shape, block)
+    (br, bc), (gr, gc) = block, til.grid
+    m = t.reshape(til.rows, til.cols)
+    step = max(1, _SLAB_ELEMENTS // (br * gc * bc))
+    noise = signal = 0.0
+    for g0 in range(0, gr, step):
+        g1 = min(gr, g0 + step)
+        rows = m[g0 * br : g1 * br].float()
+        rec = codebook[indices[g0 * gc : g1 * gc].long()].reshape(g1 - g0, gc, br, bc).permute(0, 2, 1, 3)
+        rec = rec.reshape((g1 - g0) * br, gc * bc)[: rows.shape[0], : til.cols]
+        if scale is not None:
+            rec = rec * scale[g0 * br : g0 * br + rows.shape[0], None]
+        rec = rec.to(t.dtype).float()
+        noise += float(torch.sum((rows - rec).square_(), dtype=torch.float64))
+        # not square_(): for float32 input ``rows`` is a view of the caller's tensor
+        signal += float(torch.sum(rows.square(), dtype=torch.float64))
+    ct.sqnr_db = _db(signal, noise)
+    return ct
+
+
+def _db(signal: float, noise: float) -> float:
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
 
 
 @dataclass(frozen=True)
@@ -148,6 +183,7 @@ def compress(
     config: LegoConfig | None = None,
     *,
     progress: Progress | None = None,
+    bars: KMeansProgress | None = None,
 ) -> CompressedModel:
     """Compress a model by block weight clustering (LegoNet).
 
@@ -155,6 +191,8 @@ def compress(
         model_or_state_dict: an ``nn.Module`` or a ``{name: tensor}`` mapping.
         config: a :class:`LegoConfig` (default: 4x4 blocks, K=32, one model-wide codebook).
         progress: optional callback receiving a short description of each stage.
+        bars: optional ``bars(task, done, total)`` callback for progress bars of the k-means
+            fitting and assignment (see :data:`legonet.ops.kmeans.Progress`).
     Returns:
         A :class:`CompressedModel`; every input tensor is in it, clustered or kept as it was.
     """
@@ -165,7 +203,7 @@ def compress(
     if not names:
         raise ConfigError("no tensor to cluster: none is floating-point with 2 or more dimensions "
                           "and matched by the include/exclude patterns")
-    return compress_groups(sd, config, plan_groups(names, config), progress=progress)
+    return compress_groups(sd, config, plan_groups(names, config), progress=progress, bars=bars)
 
 
 def compress_groups(
@@ -175,6 +213,7 @@ def compress_groups(
     *,
     element_weights: Mapping[str, torch.Tensor] | None = None,
     progress: Progress | None = None,
+    bars: KMeansProgress | None = None,
 ) -> CompressedModel:
     """Cluster each group of tensors with its own codebook; every other tensor is kept.
 
@@ -207,7 +246,7 @@ def compress_groups(
         what = "the model" if config.scope == "model" and len(groups) == 1 else f"tensor {group.names[0]!r}" \
             if len(group.names) == 1 else f"codebook group {gi}"
         say(f"k-means {gi + 1}/{len(groups)}: {data.shape[0]} blocks of {what} into K={group.clusters}")
-        cb, lab = _fit_codebook(data, group.clusters, config, config.seed + gi, what, wdata)
+        cb, lab = _fit_codebook(data, group.clusters, config, config.seed + gi, what, wdata, bars)
         codebooks.append(cb)
         start = 0
         for n in group.names:
@@ -227,11 +266,8 @@ def compress_groups(
                 keep = keep.to(kept_dtype)
             tensors[name] = keep
             continue
-        ct = ClusteredTensor(shape=tuple(t.shape), dtype=t.dtype, block=block_of[name], codebook=cb_of[name],
-                             indices=labels[name].clone(), scale=scales[name])
-        approx = dequantize(codebooks[ct.codebook], ct.indices, ct.tiling, ct.scale)
-        ct.sqnr_db = sqnr_db(t, approx.to(t.dtype))
-        tensors[name] = ct
+        tensors[name] = clustered_tensor(t, codebooks[cb_of[name]], cb_of[name], labels[name].clone(),
+                                         block_of[name], scales[name])
     say("done")
     return CompressedModel(config=config, codebooks=codebooks, tensors=tensors)
 

@@ -44,7 +44,7 @@ class KMeansConfig:
     init: str = "k-means++"
     max_iters: int = 100
     tol: float = 1e-4
-    max_fit_points: int | None = 1 << 20
+    max_fit_points: int | None = 1 << 18
 
     def __post_init__(self) -> None:
         if self.init not in INITS:

@@ -162,3 +162,9 @@ def test_row_scales_round_trip_and_help_mixed_magnitudes(tmp_path):
     assert torch.equal(back.reconstruct("w"), gain.reconstruct("w"))
     rep = gain.report()
     assert rep.scale_bytes == 2 * (16 + 8) and rep.file_bytes == n
+
+
+def test_input_is_never_modified(tiny_model):
+    sd = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    legonet.compress(sd, legonet.LegoConfig(block=2, clusters=4, scales="row"))
+    assert all(torch.equal(sd[k], v) for k, v in tiny_model.state_dict().items())

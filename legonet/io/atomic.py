@@ -90,6 +90,22 @@ def _umask() -> int:
     return 0o022
 
 
+def check_writable(target: str | os.PathLike) -> Path:
+    """Raise :class:`OutputError` unless ``target`` can be created; returns its folder.
+
+    Commands call this before long work, so that a typo in the output path fails at once.
+    """
+    target = Path(target)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputError(f"cannot write {target}: folder {folder} does not exist")
+    if target.is_dir():
+        raise OutputError(f"cannot write {target}: it is a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {target}: folder {folder} is not writable")
+    return folder
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``target`` atomically.
@@ -98,11 +114,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         OutputError: the folder is missing or not writable, or writing/renaming failed.
     """
     target = Path(target)
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise OutputError(f"cannot write {target}: folder {folder} does not exist")
-    if target.is_dir():
-        raise OutputError(f"cannot write {target}: it is a folder")
+    folder = check_writable(target)
     for old in stale_partials(target):
         with contextlib.suppress(OSError):
             old.unlink()
