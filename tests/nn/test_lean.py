@@ -1,0 +1,125 @@
+"""Lean runtime: outputs equal the dense-decompressed model's; only packed indices are held."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import legonet
+from legonet.errors import ArchitectureError
+from legonet.nn import LegoConv2d, LegoLinear, LegoModule, convert, load_lean, tensor_bytes, unpack_indices
+from legonet.ops.bitpack import pack_bits
+from legonet.zoo import build
+
+DATA = Path(legonet.__file__).parent / "data"
+
+
+@settings(max_examples=60, deadline=None)
+@given(width=st.integers(1, 20), data=st.data())
+def test_unpack_matches_numpy_packing(width, data):
+    n = data.draw(st.integers(1, 300))
+    idx = np.array(data.draw(st.lists(st.integers(0, 2**width - 1), min_size=n, max_size=n)), dtype=np.int64)
+    packed = torch.from_numpy(pack_bits(idx, width))
+    assert torch.equal(unpack_indices(packed, width, n), torch.from_numpy(idx))
+
+
+class _Mixed(nn.Module):
+    """Every kind of layer the converter treats: Conv2d (grouped, biased), Linear, and fallbacks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 12)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=True)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.convt = nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 + 12, 7)
+
+    def forward(self, x: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.convt(torch.relu(self.dw(self.conv(x)))))
+        y = y.mean((2, 3))
+        return self.fc(torch.cat([y, self.emb(tok)], 1))
+
+
+def _mixed_pair(config: legonet.LegoConfig):
+    torch.manual_seed(0)
+    model = _Mixed().eval()
+    with torch.no_grad():
+        model.bn.running_mean.normal_()
+        model.bn.running_var.uniform_(0.5, 2)
+    cm = legonet.compress(model, config)
+    dense = _Mixed().eval()
+    cm.load_into(dense)
+    return cm, dense
+
+
+@pytest.mark.parametrize("config", [legonet.LegoConfig(block=2, clusters=16),
+                                    legonet.LegoConfig(block=(1, 3), clusters=5, scope="layer")])
+def test_convert_equals_dense_decompressed(config):
+    cm, dense = _mixed_pair(config)
+    with torch.device("meta"):
+        skeleton = _Mixed()
+    lean = convert(skeleton, cm)
+    assert isinstance(lean.conv, LegoConv2d) and isinstance(lean.dw, LegoConv2d)
+    assert isinstance(lean.fc, LegoLinear)
+    assert isinstance(lean.emb, LegoModule) and isinstance(lean.convt, LegoModule)
+    x, tok = torch.randn(5, 3, 6, 6), torch.randint(0, 50, (5,))
+    with torch.no_grad():
+        torch.testing.assert_close(lean(x, tok), dense(x, tok), rtol=1e-5, atol=1e-6)
+    # no dense copy of a clustered weight anywhere in the lean model
+    names = {n for n, _ in lean.named_parameters()} | {n for n, _ in lean.named_buffers()}
+    assert not any(n.endswith("conv.weight") or n.endswith("emb.weight") for n in names)
+
+
+def test_resnet20_lean_from_lego_file_matches_dense(tmp_path):
+    from legonet.data import load_images, to_input
+    from legonet.io.checkpoints import read_state_dict
+    from legonet.zoo import get_arch
+
+    sd = read_state_dict(DATA / "resnet20_cifar10.safetensors")
+    cm = legonet.compress(sd, legonet.LegoConfig(block=4, clusters=32, kmeans=legonet.KMeansConfig(max_iters=15)))
+    path = tmp_path / "r20.lego"
+    cm.save(path)
+    lean = load_lean(path, "resnet20")
+    dense = legonet.load(path).load_into(build("resnet20")).eval()
+    spec = get_arch("resnet20")
+    x = to_input(load_images(DATA / "cifar10-test-1000.npz").subset(64, 3).x, spec.mean, spec.std)
+    with torch.no_grad():
+        torch.testing.assert_close(lean(x), dense(x), rtol=1e-5, atol=1e-5)
+    # weight memory: codebook + packed 5-bit indices + BN/bias, far below fp32
+    held = tensor_bytes(lean)
+    clustered_blocks = sum(ct.tiling.num_blocks for ct in cm.clustered.values())
+    dense_bytes = sum(t.numel() * t.element_size() for t in cm.dense.values())
+    packed = sum((ct.tiling.num_blocks * 5 + 7) // 8 for ct in cm.clustered.values())
+    counters = 8 * sum(isinstance(m, nn.BatchNorm2d) for m in lean.modules())  # absent from the checkpoint
+    assert held == 32 * 16 * 4 + dense_bytes + packed + counters
+    assert packed >= clustered_blocks * 5 // 8
+    assert held * 20 < tensor_bytes(dense)
+
+
+def test_fp16_checkpoint_runs_in_model_dtype():
+    torch.manual_seed(1)
+    model = _Mixed().eval()
+    sd = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    cm = legonet.compress(sd, legonet.LegoConfig(block=2, clusters=8))
+    dense = _Mixed().eval()
+    cm.load_into(dense)
+    with torch.device("meta"):
+        lean = convert(_Mixed(), cm)
+    x, tok = torch.randn(2, 3, 4, 4), torch.randint(0, 50, (2,))
+    with torch.no_grad():
+        torch.testing.assert_close(lean(x, tok), dense(x, tok), rtol=1e-5, atol=1e-6)
+
+
+def test_wrong_architecture_is_a_legonet_error(tmp_path):
+    cm, _ = _mixed_pair(legonet.LegoConfig(block=2, clusters=16))
+    with pytest.raises(ArchitectureError, match="does not fit"):
+        convert(build("resnet20"), cm)
+    with pytest.raises(ArchitectureError, match="unknown architecture"):
+        load_lean(cm, "no-such-net")
