@@ -18,7 +18,7 @@ from legonet.errors import ArchitectureError
 from legonet.nn.modules import LegoConv2d, LegoLinear, LegoModule
 
 
-def _check_fits(model: nn.Module, cm: CompressedModel) -> dict[str, torch.Tensor]:
+def check_fits(model: nn.Module, cm: CompressedModel) -> dict[str, torch.Tensor]:
     """The model's state dict (possibly meta tensors), after checking that ``cm`` fits it."""
     own = model.state_dict(keep_vars=True)
     missing = [k for k in own if k not in cm.tensors and not k.endswith("num_batches_tracked")]
@@ -58,7 +58,7 @@ def convert(model: nn.Module, cm: CompressedModel) -> nn.Module:
     :class:`LegoLinear` or :class:`LegoModule`. Raises :class:`ArchitectureError` if ``cm`` does not
     fit ``model``.
     """
-    own = _check_fits(model, cm)
+    own = check_fits(model, cm)
     for name, t in cm.tensors.items():
         if isinstance(t, torch.Tensor):
             _set_tensor(model, name, t.to(own[name].dtype) if t.is_floating_point() else t.clone())
