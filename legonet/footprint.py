@@ -164,14 +164,14 @@ def plot(arch: str, entries: list[Entry], path, devices: tuple[Device, ...] = ST
     fig, ax = plt.subplots(figsize=(9, 5))
     names = [e.scheme for e in entries]
     vals = [e.nbytes / MIB for e in entries]
-    bars = ax.bar(range(len(vals)), vals, color=["#888"] * 6 + ["#2a7"] * (len(vals) - 6))
+    bars = ax.bar(range(len(vals)), vals, color=["#2a7" if n.startswith("legonet") else "#888" for n in names])
     for b, v in zip(bars, vals):
         ax.text(b.get_x() + b.get_width() / 2, v * 1.08, f"{v:.2f}", ha="center", fontsize=8)
     styles = {"sram": ("tab:red", ":"), "flash": ("tab:blue", "--"), "sdram": ("tab:purple", "-.")}
     for d in devices:
         color, ls = styles[d.kind]
-        ax.axhline(d.nbytes / MIB, color=color, ls=ls, lw=1)
-        ax.text(len(vals) - 0.5, d.nbytes / MIB, d.name, color=color, fontsize=7, va="bottom", ha="right")
+        ax.axhline(d.nbytes / MIB, color=color, ls=ls, lw=1, label=d.name)
+    ax.legend(loc="upper right", fontsize=7, framealpha=0.9)
     ax.set_yscale("log")
     ax.set_xticks(range(len(vals)), names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("weight memory (MiB, log scale)")
