@@ -5,8 +5,8 @@ file's, decoding one layer's weight at a time during ``forward``.
 """
 
 from legonet.nn.convert import convert, load_lean, tensor_bytes
-from legonet.nn.functional import decode_weight, pack_indices, unpack_indices
+from legonet.nn.functional import decode_prepared, decode_weight, pack_indices, prepare_codebook, unpack_indices
 from legonet.nn.modules import LegoConv2d, LegoLinear, LegoModule
 
-__all__ = ["LegoConv2d", "LegoLinear", "LegoModule", "convert", "decode_weight", "load_lean", "pack_indices",
+__all__ = ["LegoConv2d", "LegoLinear", "LegoModule", "convert", "decode_prepared", "decode_weight", "load_lean", "pack_indices", "prepare_codebook",
            "tensor_bytes", "unpack_indices"]

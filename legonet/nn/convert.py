@@ -70,15 +70,16 @@ def convert(model: nn.Module, cm: CompressedModel) -> nn.Module:
     for name, t in cm.tensors.items():
         if isinstance(t, ClusteredTensor):
             by_owner[name.rpartition(".")[0]].append(name)
+    books: dict = {}  # prepared codebooks, shared by every module using the same one
     for owner_name, names in by_owner.items():
         module = model.get_submodule(owner_name)
         leaves = {n.rpartition(".")[2] for n in names}
         if type(module) is nn.Conv2d and leaves == {"weight"} and module.padding_mode == "zeros":
-            lean: nn.Module = LegoConv2d.from_module(module, cm, names[0])
+            lean: nn.Module = LegoConv2d.from_module(module, cm, names[0], books)
         elif type(module) is nn.Linear and leaves == {"weight"}:
-            lean = LegoLinear.from_module(module, cm, names[0])
+            lean = LegoLinear.from_module(module, cm, names[0], books)
         else:
-            lean = LegoModule.from_module(module, cm, owner_name)
+            lean = LegoModule.from_module(module, cm, owner_name, books)
         if owner_name:
             parent_name, _, attr = owner_name.rpartition(".")
             setattr(model.get_submodule(parent_name), attr, lean)

@@ -47,6 +47,21 @@ def unpack_indices(packed: torch.Tensor, width: int, count: int) -> torch.Tensor
     return (value >> (start & 7)) & ((1 << width) - 1)
 
 
+def prepare_codebook(codebook: torch.Tensor, stored_dtype: torch.dtype, dtype: torch.dtype) -> torch.Tensor:
+    """The codebook rounded to the tensor's stored dtype, then cast to the compute dtype.
+
+    Rounding is elementwise, so gathering from this codebook gives exactly the values of
+    :func:`decode_weight` while skipping two full-size casts per forward.
+    """
+    book = codebook.to(stored_dtype)
+    return book if book.dtype == dtype else book.to(dtype)
+
+
+def decode_prepared(book: torch.Tensor, packed: torch.Tensor, width: int, tiling: Tiling) -> torch.Tensor:
+    """Dense weight of ``tiling.shape`` from a :func:`prepare_codebook` codebook and packed indices."""
+    return untile(book[unpack_indices(packed, width, tiling.num_blocks)], tiling)
+
+
 def decode_weight(codebook: torch.Tensor, packed: torch.Tensor, width: int, tiling: Tiling,
                   stored_dtype: torch.dtype, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Dense weight from a codebook and packed indices; same values as ``CompressedModel.reconstruct``.

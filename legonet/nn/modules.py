@@ -20,7 +20,7 @@ from torch import nn
 
 from legonet.artifact import ClusteredTensor, CompressedModel
 from legonet.errors import ArchitectureError
-from legonet.nn.functional import decode_weight, pack_indices
+from legonet.nn.functional import decode_prepared, pack_indices, prepare_codebook
 from legonet.ops.bitpack import bits_for
 from legonet.ops.tiling import Tiling
 
@@ -38,9 +38,18 @@ class _Spec:
 class _LeanWeights(nn.Module):
     """Base: registers ``<attr>_codebook`` / ``<attr>_packed`` buffers per clustered tensor."""
 
-    def _add_clustered(self, attr: str, ct: ClusteredTensor, codebook: torch.Tensor, dtype: torch.dtype) -> None:
+    def _add_clustered(self, attr: str, ct: ClusteredTensor, codebook: torch.Tensor, dtype: torch.dtype,
+                       books: dict | None = None) -> None:
         width = bits_for(codebook.shape[0])
-        self.register_buffer(f"{attr.replace('.', '_')}_codebook", codebook)
+        # One prepared codebook per (codebook, stored dtype, compute dtype), shared through ``books``.
+        key = (id(codebook), ct.dtype, dtype)
+        if books is None or key not in books:
+            prepared = prepare_codebook(codebook, ct.dtype, dtype)
+            if books is not None:
+                books[key] = prepared
+        else:
+            prepared = books[key]
+        self.register_buffer(f"{attr.replace('.', '_')}_codebook", prepared)
         self.register_buffer(f"{attr.replace('.', '_')}_packed", pack_indices(ct.indices, width))
         if not hasattr(self, "_specs"):
             self._specs: dict[str, _Spec] = {}
@@ -50,8 +59,7 @@ class _LeanWeights(nn.Module):
         """The dense tensor ``attr``, decoded now (the caller drops it after use)."""
         s = self._specs[attr]
         key = attr.replace(".", "_")
-        return decode_weight(getattr(self, f"{key}_codebook"), getattr(self, f"{key}_packed"), s.width,
-                             s.tiling, s.stored_dtype, s.dtype)
+        return decode_prepared(getattr(self, f"{key}_codebook"), getattr(self, f"{key}_packed"), s.width, s.tiling)
 
 
 def _clustered(cm: CompressedModel, name: str) -> ClusteredTensor:
@@ -80,22 +88,25 @@ class LegoConv2d(_LeanWeights):
     ``bias (out,)`` if the layer has one. Input ``(N, C_in, H, W)``, output ``(N, C_out, H', W')``.
     """
 
-    def __init__(self, conv: nn.Conv2d, ct: ClusteredTensor, codebook: torch.Tensor) -> None:
+    def __init__(self, conv: nn.Conv2d, ct: ClusteredTensor, codebook: torch.Tensor, books: dict | None = None) -> None:
         super().__init__()
         if conv.padding_mode != "zeros":
             raise ArchitectureError(f"LegoConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
         self.dilation, self.groups = conv.dilation, conv.groups
-        self._add_clustered("weight", ct, codebook, conv.weight.dtype)
+        self._add_clustered("weight", ct, codebook, conv.weight.dtype, books)
         self.register_buffer("bias", _dense_copy(conv.bias))
 
     @classmethod
-    def from_module(cls, conv: nn.Conv2d, cm: CompressedModel, name: str) -> "LegoConv2d":
-        """Lean version of ``conv``, whose weight is tensor ``name`` (e.g. ``"layer1.0.conv1.weight"``) of ``cm``."""
+    def from_module(cls, conv: nn.Conv2d, cm: CompressedModel, name: str, books: dict | None = None) -> "LegoConv2d":
+        """Lean version of ``conv``, whose weight is tensor ``name`` (e.g. ``"layer1.0.conv1.weight"``) of ``cm``.
+
+        ``books``: a dict shared across calls so that modules share one prepared codebook.
+        """
         ct = _clustered(cm, name)
         _check_shape(name, ct, conv.weight)
-        return cls(conv, ct, cm.codebooks[ct.codebook])
+        return cls(conv, ct, cm.codebooks[ct.codebook], books)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.decoded("weight"), self.bias, self.stride, self.padding, self.dilation, self.groups)
@@ -109,17 +120,17 @@ class LegoConv2d(_LeanWeights):
 class LegoLinear(_LeanWeights):
     """``nn.Linear`` computed from a codebook and packed indices. Input ``(*, in)``, output ``(*, out)``."""
 
-    def __init__(self, linear: nn.Linear, ct: ClusteredTensor, codebook: torch.Tensor) -> None:
+    def __init__(self, linear: nn.Linear, ct: ClusteredTensor, codebook: torch.Tensor, books: dict | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self._add_clustered("weight", ct, codebook, linear.weight.dtype)
+        self._add_clustered("weight", ct, codebook, linear.weight.dtype, books)
         self.register_buffer("bias", _dense_copy(linear.bias))
 
     @classmethod
-    def from_module(cls, linear: nn.Linear, cm: CompressedModel, name: str) -> "LegoLinear":
+    def from_module(cls, linear: nn.Linear, cm: CompressedModel, name: str, books: dict | None = None) -> "LegoLinear":
         ct = _clustered(cm, name)
         _check_shape(name, ct, linear.weight)
-        return cls(linear, ct, cm.codebooks[ct.codebook])
+        return cls(linear, ct, cm.codebooks[ct.codebook], books)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.decoded("weight"), self.bias)
@@ -138,13 +149,14 @@ class LegoModule(_LeanWeights):
         clustered: ``{local_name: (ClusteredTensor, codebook)}``, local names relative to ``module``.
     """
 
-    def __init__(self, module: nn.Module, clustered: dict[str, tuple[ClusteredTensor, torch.Tensor]]) -> None:
+    def __init__(self, module: nn.Module, clustered: dict[str, tuple[ClusteredTensor, torch.Tensor]],
+                 books: dict | None = None) -> None:
         super().__init__()
         for local, (ct, codebook) in clustered.items():
             owner_name, _, leaf = local.rpartition(".")
             owner = module.get_submodule(owner_name)
             current = getattr(owner, leaf)
-            self._add_clustered(local, ct, codebook, current.dtype)
+            self._add_clustered(local, ct, codebook, current.dtype, books)
             # Drop the dense (or meta) tensor so that only the packed form is held.
             if leaf in owner._parameters:
                 del owner._parameters[leaf]
@@ -153,7 +165,7 @@ class LegoModule(_LeanWeights):
         self.inner = module
 
     @classmethod
-    def from_module(cls, module: nn.Module, cm: CompressedModel, prefix: str) -> "LegoModule":
+    def from_module(cls, module: nn.Module, cm: CompressedModel, prefix: str, books: dict | None = None) -> "LegoModule":
         """Lean wrapper of ``module`` (named ``prefix`` in the model) for its tensors clustered in ``cm``."""
         own = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
         found = {}
@@ -165,7 +177,7 @@ class LegoModule(_LeanWeights):
                 found[local] = (ct, cm.codebooks[ct.codebook])
         if not found:
             raise ArchitectureError(f"module {prefix!r} has no tensor clustered in the compressed model")
-        return cls(module, found)
+        return cls(module, found, books)
 
     def forward(self, *args, **kwargs):
         weights = {name: self.decoded(name) for name in self._specs}

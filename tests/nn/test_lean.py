@@ -123,3 +123,30 @@ def test_wrong_architecture_is_a_legonet_error(tmp_path):
         convert(build("resnet20"), cm)
     with pytest.raises(ArchitectureError, match="unknown architecture"):
         load_lean(cm, "no-such-net")
+
+
+def test_from_module_on_a_real_layer():
+    torch.manual_seed(2)
+    conv, lin = nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.Linear(10, 6)
+    cm_c = legonet.compress(conv, legonet.LegoConfig(block=2, clusters=8))
+    cm_l = legonet.compress(lin, legonet.LegoConfig(block=(1, 5), clusters=4))
+    lean_c, lean_l = LegoConv2d.from_module(conv, cm_c, "weight"), LegoLinear.from_module(lin, cm_l, "weight")
+    x, v = torch.randn(2, 4, 7, 7), torch.randn(3, 10)
+    ref_c = torch.nn.functional.conv2d(x, cm_c.reconstruct("weight"), conv.bias, 2, 1)
+    torch.testing.assert_close(lean_c(x), ref_c)
+    torch.testing.assert_close(lean_l(v), torch.nn.functional.linear(v, cm_l.reconstruct("weight"), lin.bias))
+    assert lean_c.weight_packed.dtype == torch.uint8 and lean_c.weight_packed.numel() == (3 * 18 * 3 + 7) // 8
+
+
+def test_decode_weight_equals_reconstruct():
+    from legonet.nn import decode_weight, pack_indices
+    from legonet.ops.bitpack import bits_for
+
+    torch.manual_seed(3)
+    sd = {"a.weight": torch.randn(7, 5, 3).half(), "b.weight": torch.randn(9, 4)}
+    cm = legonet.compress(sd, legonet.LegoConfig(block=(2, 3), clusters=6))
+    for name, ct in cm.clustered.items():
+        book = cm.codebooks[ct.codebook]
+        w = bits_for(book.shape[0])
+        got = decode_weight(book, pack_indices(ct.indices, w), w, ct.tiling, ct.dtype)
+        assert got.dtype == ct.dtype and torch.equal(got, cm.reconstruct(name))
