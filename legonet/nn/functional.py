@@ -59,7 +59,8 @@ def prepare_codebook(codebook: torch.Tensor, stored_dtype: torch.dtype, dtype: t
 
 def decode_prepared(book: torch.Tensor, packed: torch.Tensor, width: int, tiling: Tiling) -> torch.Tensor:
     """Dense weight of ``tiling.shape`` from a :func:`prepare_codebook` codebook and packed indices."""
-    return untile(book[unpack_indices(packed, width, tiling.num_blocks)], tiling)
+    # index_select is markedly faster than advanced indexing (book[idx]) for this row gather
+    return untile(torch.index_select(book, 0, unpack_indices(packed, width, tiling.num_blocks)), tiling)
 
 
 def decode_weight(codebook: torch.Tensor, packed: torch.Tensor, width: int, tiling: Tiling,
