@@ -120,7 +120,9 @@ def legonet_bytes(shapes: dict[str, tuple[int, ...]], config: LegoConfig) -> int
     books = n_books * k * config.block[0] * config.block[1] * cb_elem
     index = sum(packed_nbytes(make_tiling(shapes[n], config.block).num_blocks, width) for n in chosen)
     rest = sum(math.prod(s) for n, s in shapes.items() if n not in set(chosen))
-    return books + index + 4 * rest
+    # per-row gains (a config option added after format version 1's first release): fp16 per row
+    scales = 2 * sum(shapes[n][0] for n in chosen) if getattr(config, "scales", "none") == "row" else 0
+    return books + index + scales + 4 * rest
 
 
 def footprint(arch_or_module: str | nn.Module, configs: list[LegoConfig] | None = None,

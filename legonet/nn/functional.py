@@ -64,7 +64,8 @@ def decode_prepared(book: torch.Tensor, packed: torch.Tensor, width: int, tiling
 
 
 def decode_weight(codebook: torch.Tensor, packed: torch.Tensor, width: int, tiling: Tiling,
-                  stored_dtype: torch.dtype, dtype: torch.dtype | None = None) -> torch.Tensor:
+                  stored_dtype: torch.dtype, dtype: torch.dtype | None = None,
+                  scale: torch.Tensor | None = None) -> torch.Tensor:
     """Dense weight from a codebook and packed indices; same values as ``CompressedModel.reconstruct``.
 
     Args:
@@ -75,9 +76,14 @@ def decode_weight(codebook: torch.Tensor, packed: torch.Tensor, width: int, tili
         stored_dtype: the tensor's dtype in the .lego file (the reconstruction is rounded to it, as
             ``reconstruct`` does).
         dtype: dtype to compute in (default ``stored_dtype``).
+        scale: optional ``(rows,)`` float32 per-row gains; row ``r`` of the 2-D view is multiplied
+            by ``scale[r]`` before the rounding to ``stored_dtype`` (gain-shape clustering).
     Returns:
         Tensor of ``tiling.shape``.
     """
     idx = unpack_indices(packed, width, tiling.num_blocks)
-    w = untile(codebook[idx], tiling).to(stored_dtype)
+    w = untile(torch.index_select(codebook, 0, idx), tiling)
+    if scale is not None:
+        w = w * scale.reshape((-1,) + (1,) * (w.dim() - 1))
+    w = w.to(stored_dtype)
     return w if dtype is None or dtype == stored_dtype else w.to(dtype)

@@ -20,19 +20,20 @@ from torch import nn
 
 from legonet.artifact import ClusteredTensor, CompressedModel
 from legonet.errors import ArchitectureError
-from legonet.nn.functional import decode_prepared, pack_indices, prepare_codebook
+from legonet.nn.functional import decode_prepared, decode_weight, pack_indices, prepare_codebook
 from legonet.ops.bitpack import bits_for
 from legonet.ops.tiling import Tiling
 
 
 @dataclass(frozen=True)
 class _Spec:
-    """How one clustered tensor decodes: tiling, index width, stored and compute dtypes."""
+    """How one clustered tensor decodes: tiling, index width, stored and compute dtypes, per-row scale."""
 
     tiling: Tiling
     width: int
     stored_dtype: torch.dtype
     dtype: torch.dtype
+    scaled: bool = False
 
 
 class _LeanWeights(nn.Module):
@@ -41,25 +42,34 @@ class _LeanWeights(nn.Module):
     def _add_clustered(self, attr: str, ct: ClusteredTensor, codebook: torch.Tensor, dtype: torch.dtype,
                        books: dict | None = None) -> None:
         width = bits_for(codebook.shape[0])
+        name = attr.replace(".", "_")
+        # Optional per-row gains (``ClusteredTensor.scale``, w = untile(codebook[idx]) * scale[row]):
+        # the rounding to the stored dtype then comes after the product, so the codebook stays raw.
+        scale = getattr(ct, "scale", None)
+        if scale is not None:
+            self.register_buffer(f"{name}_scale", scale.detach().to(torch.float32).clone())
         # One prepared codebook per (codebook, stored dtype, compute dtype), shared through ``books``.
-        key = (id(codebook), ct.dtype, dtype)
+        key = (id(codebook), ct.dtype if scale is None else torch.float32, dtype if scale is None else torch.float32)
         if books is None or key not in books:
-            prepared = prepare_codebook(codebook, ct.dtype, dtype)
+            prepared = codebook if scale is not None else prepare_codebook(codebook, ct.dtype, dtype)
             if books is not None:
                 books[key] = prepared
         else:
             prepared = books[key]
-        self.register_buffer(f"{attr.replace('.', '_')}_codebook", prepared)
-        self.register_buffer(f"{attr.replace('.', '_')}_packed", pack_indices(ct.indices, width))
+        self.register_buffer(f"{name}_codebook", prepared)
+        self.register_buffer(f"{name}_packed", pack_indices(ct.indices, width))
         if not hasattr(self, "_specs"):
             self._specs: dict[str, _Spec] = {}
-        self._specs[attr] = _Spec(ct.tiling, width, ct.dtype, dtype)
+        self._specs[attr] = _Spec(ct.tiling, width, ct.dtype, dtype, scale is not None)
 
     def decoded(self, attr: str) -> torch.Tensor:
         """The dense tensor ``attr``, decoded now (the caller drops it after use)."""
         s = self._specs[attr]
         key = attr.replace(".", "_")
-        return decode_prepared(getattr(self, f"{key}_codebook"), getattr(self, f"{key}_packed"), s.width, s.tiling)
+        book, packed = getattr(self, f"{key}_codebook"), getattr(self, f"{key}_packed")
+        if s.scaled:
+            return decode_weight(book, packed, s.width, s.tiling, s.stored_dtype, s.dtype, getattr(self, f"{key}_scale"))
+        return decode_prepared(book, packed, s.width, s.tiling)
 
 
 def _clustered(cm: CompressedModel, name: str) -> ClusteredTensor:

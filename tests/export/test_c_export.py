@@ -85,3 +85,26 @@ def test_unsupported_architecture_is_a_legonet_error(tmp_path):
     with pytest.raises(ArchitectureError):
         export_c(cm, "resnet20", tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+@needs_gcc
+def test_per_row_scales_in_c_match_lean(resnet20_cm, tmp_path):
+    """Forward compatibility with per-row gains (``ClusteredTensor.scale``) in the C runtime."""
+    import copy
+
+    cm = copy.deepcopy(resnet20_cm)
+    gen = torch.Generator().manual_seed(0)
+    for ct in cm.clustered.values():
+        ct.scale = 0.75 + 0.5 * torch.rand(ct.shape[0], generator=gen)
+    info = export_c(cm, "resnet20", tmp_path)
+    assert info.scale_bytes == 4 * sum(ct.shape[0] for ct in cm.clustered.values())
+    exe = tmp_path / "model"
+    subprocess.run([GCC, "-std=c99", "-Wall", "-Werror", "-O2", "-o", str(exe), str(tmp_path / "model.c"),
+                    str(tmp_path / "main.c"), "-lm"], check=True, capture_output=True)
+    images = load_images(DATA / "cifar10-test-1000.npz").subset(4, seed=5)
+    run = subprocess.run([str(exe)], input=images.x.tobytes(), capture_output=True, check=True, timeout=60)
+    c_logits = torch.tensor([[float(v) for v in line.split()] for line in run.stdout.decode().splitlines()])
+    spec = get_arch("resnet20")
+    with torch.no_grad():
+        ref = load_lean(cm, "resnet20")(to_input(images.x, spec.mean, spec.std))
+    torch.testing.assert_close(c_logits, ref, rtol=1e-4, atol=1e-4)

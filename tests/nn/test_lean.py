@@ -151,3 +151,27 @@ def test_decode_weight_equals_reconstruct():
         w = bits_for(book.shape[0])
         got = decode_weight(book, pack_indices(ct.indices, w), w, ct.tiling, ct.dtype)
         assert got.dtype == ct.dtype and torch.equal(got, cm.reconstruct(name))
+
+
+def test_per_row_scales_are_applied_like_reconstruct():
+    """Forward compatibility with per-row gains (``ClusteredTensor.scale``):
+    w = untile(codebook[idx]) * scale[row], then rounded to the stored dtype."""
+    from legonet.ops.tiling import untile
+
+    torch.manual_seed(4)
+    model = _Mixed().eval()
+    cm = legonet.compress(model, legonet.LegoConfig(block=2, clusters=8))
+    ref = _Mixed().eval()
+    cm.load_into(ref)
+    for name, ct in cm.clustered.items():
+        ct.scale = torch.rand(ct.shape[0]) + 0.5
+        w = untile(cm.codebooks[ct.codebook][ct.indices], ct.tiling)
+        w = (w * ct.scale.reshape((-1,) + (1,) * (w.dim() - 1))).to(ct.dtype)
+        owner, _, leaf = name.rpartition(".")
+        with torch.no_grad():
+            getattr(ref.get_submodule(owner), leaf).copy_(w)
+    with torch.device("meta"):
+        lean = convert(_Mixed(), cm)
+    x, tok = torch.randn(3, 3, 5, 5), torch.randint(0, 50, (3,))
+    with torch.no_grad():
+        torch.testing.assert_close(lean(x, tok), ref(x, tok), rtol=1e-5, atol=1e-6)

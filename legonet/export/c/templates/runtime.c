@@ -5,6 +5,7 @@ typedef struct {
     const float *dense;     /* rows x cols, or NULL when clustered */
     const float *codebook;  /* K x (br*bc) */
     const uint8_t *packed;  /* index of block n at bits [n*width, (n+1)*width) */
+    const float *scale;     /* optional per-row gain (rows), or NULL */
     uint32_t rows, cols, br, bc, grid_cols, width;
 } lg_weight;
 
@@ -26,8 +27,10 @@ static const float *lg_rows(const lg_weight *w, uint32_t r0, float *scratch, uin
     for (j = 0; j < w->grid_cols; j++) {
         uint32_t k = lg_index(w->packed, (row * w->grid_cols + j) * w->width, w->width);
         const float *c = w->codebook + (size_t)k * w->br * w->bc;
-        for (a = 0; a < w->br; a++)
-            for (b = 0; b < w->bc; b++) scratch[a * *stride + j * w->bc + b] = c[a * w->bc + b];
+        for (a = 0; a < w->br; a++) {
+            float g = (w->scale && r0 + a < w->rows) ? w->scale[r0 + a] : 1.0f;
+            for (b = 0; b < w->bc; b++) scratch[a * *stride + j * w->bc + b] = c[a * w->bc + b] * g;
+        }
     }
     return scratch;
 }
