@@ -57,7 +57,7 @@ def test_compiled_export_matches_lean_runtime(resnet20_cm, tmp_path):
 
     # the reported sizes are the sizes of the arrays the compiler sees
     obj = tmp_path / "model.o"
-    subprocess.run([GCC, "-std=c99", "-O2", "-c", "-o", str(obj), str(out / "model.c")], check=True)
+    subprocess.run([GCC, "-std=c99", "-O0", "-c", "-o", str(obj), str(out / "model.c")], check=True)
     nm = shutil.which("nm")
     if nm:
         syms = subprocess.run([nm, "-S", str(obj)], capture_output=True, check=True, text=True).stdout.split("\n")
