@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from legonet.config import LegoConfig
 from legonet.errors import ArchitectureError, LegoError
+from legonet.io.atomic import atomic_path
 from legonet.ops.bitpack import bits_for, packed_nbytes
 from legonet.ops.tiling import make_tiling
 
@@ -179,5 +181,12 @@ def plot(arch: str, entries: list[Entry], path, devices: tuple[Device, ...] = ST
     ax.set_ylabel("weight memory (MiB, log scale)")
     ax.set_title(f"{arch}: weight memory vs STM32F7 memories")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    if fmt not in fig.canvas.get_supported_filetypes():
+        plt.close(fig)
+        raise LegoError(f"cannot write a plot as .{fmt}; use .png, .svg or .pdf")
+    try:
+        with atomic_path(path) as tmp:  # never a half-written image
+            fig.savefig(tmp, format=fmt, dpi=120)
+    finally:
+        plt.close(fig)

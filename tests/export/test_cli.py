@@ -41,3 +41,11 @@ def test_export_c_cli(tmp_path):
     bad = CliRunner().invoke(main, ["export-c", str(tmp_path / "m.lego"), "--arch", "resnet56", "-o", str(tmp_path / "d")])
     assert bad.exit_code == 1 and bad.output.startswith("legonet: error:") and bad.output.count("\n") == 1
     assert not (tmp_path / "d").exists()
+
+
+def test_footprint_plot_errors_are_one_line(tmp_path):
+    pytest.importorskip("matplotlib")
+    for target, words in ((tmp_path / "no" / "x.png", "does not exist"), (tmp_path / "x.foo", ".foo")):
+        r = CliRunner().invoke(main, ["footprint", "--arch", "resnet20", "--plot", str(target)])
+        assert r.exit_code == 1 and words in r.output.splitlines()[-1]
+        assert not target.exists()
