@@ -22,7 +22,7 @@ from legonet.artifact import ClusteredTensor, CompressedModel
 from legonet.errors import ArchitectureError, LegoError
 from legonet.export.c.graph import Graph, lower
 from legonet.io.atomic import atomic_path
-from legonet.nn.functional import pack_indices
+from legonet.nn.functional import pack_indices, prepare_codebook
 from legonet.ops.bitpack import bits_for
 
 
@@ -101,16 +101,20 @@ class _Emitter:
         wname = "lgw_" + _cname(name)
         t = self.cm.tensors[name]
         if isinstance(t, ClusteredTensor):
+            scale = getattr(t, "scale", None)  # optional per-row gains (w = blocks * scale[row])
+            book = self.cm.codebooks[t.codebook]
             cb = f"lgd_codebook{t.codebook}"
+            if scale is None and t.dtype != torch.float32:
+                # reconstruct() rounds to the tensor's dtype; rounding the centroids once is the same
+                book = prepare_codebook(book, t.dtype, torch.float32)
+                cb += "_" + str(t.dtype).removeprefix("torch.")
             if cb not in self.done:
-                book = self.cm.codebooks[t.codebook]
                 self.array(cb, "float", _floats(book.numpy()), book.numel(), "codebook", 4)
                 self.done.add(cb)
-            width = bits_for(self.cm.codebooks[t.codebook].shape[0])
+            width = bits_for(book.shape[0])
             packed = pack_indices(t.indices, width).numpy()
             pname = "lgd_" + _cname(name)
             self.array(pname, "uint8_t", _bytes(packed), packed.size, "index", 1)
-            scale = getattr(t, "scale", None)  # optional per-row gains (w = blocks * scale[row])
             sname = "0"
             if scale is not None:
                 sname = pname + "_scale"
