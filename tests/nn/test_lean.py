@@ -21,7 +21,7 @@ DATA = Path(legonet.__file__).parent / "data"
 
 
 @settings(max_examples=60, deadline=None)
-@given(width=st.integers(1, 20), data=st.data())
+@given(width=st.integers(1, 32), data=st.data())
 def test_unpack_matches_numpy_packing(width, data):
     n = data.draw(st.integers(1, 300))
     idx = np.array(data.draw(st.lists(st.integers(0, 2**width - 1), min_size=n, max_size=n)), dtype=np.int64)
