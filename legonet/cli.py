@@ -325,5 +325,12 @@ def demo(output, block, clusters):
                f"paper's ratio (clustered tensors only) {rep.paper_ratio:.1f}x; wrote {output}")
 
 
+# issue 5: C export and footprint (bodies in legonet/export/cli.py)
+from legonet.export.cli import export_c_cmd, footprint_cmd  # noqa: E402
+
+main.add_command(export_c_cmd)
+main.add_command(footprint_cmd)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from torch import nn
 
 from legonet.errors import ArchitectureError
-from legonet.zoo import resnet50, resnet_cifar
+from legonet.zoo import resnet50, resnet_cifar, vgg
 
 CIFAR_RESNET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 RESNET50_CIFAR_NORM = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ ZOO: dict[str, ArchSpec] = {
     **{f"resnet{d}": ArchSpec(f"resnet{d}", getattr(resnet_cifar, f"resnet{d}"), *CIFAR_RESNET_NORM)
        for d in (20, 32, 44, 56, 110)},
     "resnet50_cifar": ArchSpec("resnet50_cifar", resnet50.resnet50_cifar, *RESNET50_CIFAR_NORM),
+    "vgg16": ArchSpec("vgg16", vgg.vgg16, *IMAGENET_NORM, input_size=(3, 224, 224)),
 }
 
 

@@ -1,0 +1,1 @@
+"""Exports of compressed models to other runtimes (C for microcontrollers)."""

@@ -1,0 +1,72 @@
+"""Bodies of the ``legonet export-c`` and ``legonet footprint`` commands (registered in legonet.cli)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import click
+
+
+def _blocks(_ctx, _param, values: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
+    out = []
+    for value in values:
+        m = re.fullmatch(r"\s*(\d+)\s*(?:[x,]\s*(\d+))?\s*", value or "")
+        if not m:
+            raise click.BadParameter(f"expected B or RxC (e.g. 4 or 2x8), got {value!r}")
+        out.append((int(m.group(1)), int(m.group(2) or m.group(1))))
+    return tuple(out)
+
+
+@click.command(name="export-c")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--arch", required=True, help="Zoo architecture the .lego file was compressed from (e.g. resnet20).")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder to write model.h, model.c and main.c into.")
+def export_c_cmd(file, arch, output):
+    """Write portable C99 (model.h, model.c, example main.c) running FILE.lego on a microcontroller."""
+    from legonet.export.c import export_c
+    from legonet.format import load
+
+    info = export_c(load(file), arch, output)
+    click.echo(f"wrote {', '.join(str(output / f) for f in info.files)}")
+    click.echo(f"flash (const arrays): {info.flash_bytes:,} B = codebook {info.codebook_bytes:,} + indices "
+               f"{info.index_bytes:,} + dense tensors {info.dense_bytes:,}")
+    click.echo(f"peak RAM (static buffers): {info.ram_bytes:,} B = activations {info.activation_bytes:,} + "
+               f"decode scratch {info.scratch_bytes:,} (plus the caller's image+logits: {info.io_bytes:,} B)")
+
+
+@click.command(name="footprint")
+@click.option("--arch", required=True, help="Zoo architecture (e.g. vgg16, resnet20) or module:callable.")
+@click.option("--block", "blocks", multiple=True, default=("4",), callback=_blocks, show_default=True,
+              help="legonet block size B or RxC (repeatable; paired with --clusters).")
+@click.option("--clusters", "-k", multiple=True, type=int, default=(32,), show_default=True,
+              help="legonet K (repeatable; one per --block, or one for all).")
+@click.option("--scope", type=click.Choice(["model", "layer"]), default="model", show_default=True)
+@click.option("--palette-bits", multiple=True, type=click.IntRange(1, 8), default=(4,), show_default=True,
+              help="Bits of the palettized (LUT) baseline (repeatable).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a bar chart (PNG/SVG).")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def footprint_cmd(arch, blocks, clusters, scope, palette_bits, plot_path, as_json):
+    """Weight memory of ARCH for fp32/fp16/int8/int4/palettized/legonet against STM32F7 memories."""
+    from legonet.config import LegoConfig
+    from legonet.errors import ConfigError
+    from legonet.footprint import STM32F7, footprint, plot, render_table
+
+    if len(clusters) == 1:
+        clusters = clusters * len(blocks)
+    if len(blocks) == 1 and len(clusters) > 1:
+        blocks = blocks * len(clusters)
+    if len(blocks) != len(clusters):
+        raise ConfigError(f"give one --clusters per --block (got {len(blocks)} blocks, {len(clusters)} K values)")
+    configs = [LegoConfig(block=b, clusters=k, scope=scope) for b, k in zip(blocks, clusters)]
+    entries = footprint(arch, configs, tuple(palette_bits))
+    if as_json:
+        click.echo(json.dumps({"arch": arch, "entries": [e.__dict__ for e in entries],
+                               "devices": [d.__dict__ for d in STM32F7]}, indent=2))
+    else:
+        click.echo(render_table(arch, entries))
+    if plot_path:
+        plot(arch, entries, plot_path)
+        click.echo(f"wrote {plot_path}")
