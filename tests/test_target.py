@@ -6,6 +6,9 @@ import legonet
 from legonet.errors import ConfigError
 from legonet.target import Choice, allocate, compress_to_ratio
 
+# a short menu keeps these tests fast; the default menu is exercised once below
+MENU = (((4, 8), 4), ((4, 4), 16), ((2, 2), 16), ((1, 2), 64))
+
 
 def model_sd(seed=0):
     torch.manual_seed(seed)
@@ -13,10 +16,10 @@ def model_sd(seed=0):
     return m.state_dict()
 
 
-@pytest.mark.parametrize("ratio", [6.0, 12.0, 20.0])
-def test_meets_the_ratio_in_file_bytes(ratio, tmp_path):
+@pytest.mark.parametrize("ratio, menu", [(6.0, MENU), (12.0, None), (20.0, MENU)])
+def test_meets_the_ratio_in_file_bytes(ratio, menu, tmp_path):
     sd = model_sd()
-    cm, plan = compress_to_ratio(sd, ratio)
+    cm, plan = compress_to_ratio(sd, ratio, **({"menu": menu} if menu else {}))
     n = cm.save(tmp_path / "t.lego")
     fp32 = sum(4 * t.numel() if t.is_floating_point() else t.numel() * t.element_size() for t in sd.values())
     assert fp32 / n >= ratio
@@ -29,7 +32,7 @@ def test_higher_ratio_costs_accuracy_of_weights():
     sd = model_sd()
     errs = []
     for r in (6.0, 20.0):
-        cm, _ = compress_to_ratio(sd, r)
+        cm, _ = compress_to_ratio(sd, r, menu=MENU)
         errs.append(sum(float((cm.reconstruct(n).float() - sd[n]).pow(2).sum() / sd[n].pow(2).sum())
                         for n in cm.clustered))
     assert errs[0] < errs[1]
@@ -51,4 +54,4 @@ def test_bad_targets():
     with pytest.raises(ConfigError):
         compress_to_ratio(model_sd(), 0.5)
     with pytest.raises(ConfigError, match="out of reach|could not meet"):
-        compress_to_ratio(model_sd(), 5000.0)
+        compress_to_ratio(model_sd(), 5000.0, menu=MENU)

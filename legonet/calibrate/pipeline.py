@@ -17,7 +17,7 @@ from legonet.calibrate.bn import reestimate_batchnorm
 from legonet.calibrate.stats import input_second_moments
 from legonet.compress import as_state_dict, select_tensors
 from legonet.config import LegoConfig
-from legonet.target import Choice, compress_to_ratio
+from legonet.target import DEFAULT_MENU, Choice, compress_to_ratio
 
 
 def _batches(images: torch.Tensor, batch_size: int):
@@ -32,6 +32,7 @@ def calibrated_compress_to_ratio(
     *,
     config: LegoConfig | None = None,
     batch_size: int = 64,
+    menu=DEFAULT_MENU,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[CompressedModel, dict[str, Choice]]:
     """Compress ``model`` (with its trained weights loaded) to ``target_ratio`` using ``calib``.
@@ -47,7 +48,7 @@ def calibrated_compress_to_ratio(
     names = select_tensors(sd, cfg)
     say(f"input statistics on {calib.shape[0]} calibration images")
     moments = input_second_moments(model, _batches(calib, batch_size), names)
-    cm, plan = compress_to_ratio(sd, target_ratio, config=cfg, element_weights=moments, progress=say)
+    cm, plan = compress_to_ratio(sd, target_ratio, config=cfg, element_weights=moments, menu=menu, progress=say)
     say(f"re-estimating BatchNorm statistics on {calib.shape[0]} calibration images")
     load_weights(model, {k: v.float() if v.is_floating_point() else v for k, v in cm.to_state_dict().items()})
     if reestimate_batchnorm(model, _batches(calib, batch_size)):
