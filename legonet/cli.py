@@ -323,6 +323,10 @@ def demo(output, block, clusters):
     Console(width=120).print(table)
     click.echo(f"setting: {block[0]}x{block[1]} blocks, K={clusters}, one model-wide codebook, no data, no retraining; "
                f"paper's ratio (clustered tensors only) {rep.paper_ratio:.1f}x; wrote {output}")
+    drop = 100 * (before - after)
+    verdict = "within 1 point" if drop <= 1.0 else f"a loss of {drop:.1f} points"
+    click.echo(f"accuracy: {100 * before:.1f} % -> {100 * after:.1f} % on these images, {verdict}"
+               + ("; the paper's method does not keep this model's accuracy (see the README)" if drop > 3 else ""))
 
 
 # issue 5: C export and footprint (bodies in legonet/export/cli.py)
