@@ -26,7 +26,10 @@ from typing import Any
 from benchmarks.common import Bench
 from benchmarks.experiments import drop, lego
 
-SHAPES_16 = ((4, 4), (2, 8), (8, 2), (1, 16), (16, 1))
+
+def block_shapes(elements: int) -> list[tuple[int, int]]:
+    """Every (rows, cols) with ``rows * cols == elements``: 16 gives 1x16, 2x8, 4x4, 8x2, 16x1."""
+    return [(r, elements // r) for r in range(1, elements + 1) if elements % r == 0]
 
 
 def _weight_names(bench: Bench) -> list[str]:
@@ -90,7 +93,7 @@ def search(bench: Bench, n_images: int | None, *, block: int = 4, clusters: int 
         return max(ok, key=lambda c: c["sqnr_mean_db"])["setting"]
 
     consider([ref_setting], "reference")
-    consider([lego(sh, clusters) for sh in SHAPES_16 if sh[0] * sh[1] == block * block], "1: block shape")
+    consider([lego(sh, clusters) for sh in block_shapes(block * block)], "1: block shape")
     consider(candidates_stage2(bench, best_so_far(), clusters), "2: tensors and scope")
     consider(candidates_stage3(best_so_far(), seeds), "3: init and seed")
     pick = best_so_far()
