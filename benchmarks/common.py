@@ -137,6 +137,10 @@ MethodFn = Callable[..., MethodOutput]
 
 
 # -- the cached harness ----------------------------------------------------------------------------
+class NotMeasured(LookupError):
+    """A measurement absent from the cache of a bench in ``cached_only`` mode."""
+
+
 class Bench:
     """One model: its weights, test images, calibration images and the cache of measurements.
 
@@ -149,11 +153,14 @@ class Bench:
         calib: optional calibration images (never test images).
         methods: name -> :data:`MethodFn` registry.
         log: optional callback for one-line progress messages.
+        cached_only: never compute; :meth:`measure` raises :class:`NotMeasured` for what the
+            cache lacks (to rebuild tables from a partial run).
     """
 
     def __init__(self, name: str, state_dict: dict[str, torch.Tensor], arch: ArchSpec, test: ImageSet,
                  cache_dir: Path | None, methods: Mapping[str, MethodFn], calib: ImageSet | None = None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, cached_only: bool = False):
+        self.cached_only = cached_only
         self.name, self.sd, self.arch, self.test, self.calib = name, state_dict, arch, test, calib
         self.methods = methods
         self.log = log or (lambda _m: None)
@@ -168,13 +175,13 @@ class Bench:
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, cache_dir: Path | None, methods: Mapping[str, MethodFn],
-                  log: Callable[[str], None] | None = None) -> "Bench":
+                  log: Callable[[str], None] | None = None, cached_only: bool = False) -> "Bench":
         if not spec.available():
             raise DataError(f"{spec.name}: weights or test data missing ({spec.weights()}, {spec.test_data()}); "
                             "set LEGONET_SHARED")
         calib = load_images(calib_path(), labels=True) if calib_path().exists() else None
         return cls(spec.name, read_state_dict(spec.weights()), get_arch(spec.arch), load_images(spec.test_data()),
-                   cache_dir, methods, calib, log)
+                   cache_dir, methods, calib, log, cached_only)
 
     # -- evaluation ------------------------------------------------------------------------------
     def images(self, n: int | None) -> ImageSet:
@@ -218,6 +225,8 @@ class Bench:
         k = self.key(method, setting, n_images) + ("" if on == "test" else "@calib")
         if k in self.cache:
             return self.cache[k]
+        if self.cached_only:
+            raise NotMeasured(f"{self.name}: {method} {setting} on {n_images} {on} images is not in the cache")
         t0 = time.perf_counter()
         if method == "fp32":
             out = MethodOutput(self.sd, self.fp32_bytes, {})

@@ -23,9 +23,10 @@ import torch
 
 from benchmarks import experiments as ex
 from benchmarks.arrangement import search
-from benchmarks.common import MODELS, Bench
+from benchmarks.common import MODELS, Bench, NotMeasured
 from benchmarks.methods import LEGONET_METHODS
 from benchmarks.peers import PEER_METHODS, coreml_available
+from benchmarks.summary import render
 from legonet.errors import LegoError
 
 EXPERIMENTS = ("headline", "fig4", "fig3", "arrangement", "peers")
@@ -72,33 +73,40 @@ def plan(model: str, quick: bool, args: argparse.Namespace) -> dict[str, Any]:
             "calib_images": 512}
 
 
-def run_model(model: str, exps: list[str], p: dict[str, Any], out: Path, use_coreml: bool) -> dict[str, Any]:
-    bench = Bench.from_spec(MODELS[model], out / "cache", {**LEGONET_METHODS, **PEER_METHODS}, log=_log)
+def run_model(model: str, exps: list[str], p: dict[str, Any], out: Path, use_coreml: bool,
+              cached_only: bool = False) -> dict[str, Any]:
+    bench = Bench.from_spec(MODELS[model], out / "cache", {**LEGONET_METHODS, **PEER_METHODS}, log=_log,
+                            cached_only=cached_only)
     res: dict[str, Any] = {"bench": bench, "plan": p}
-    n = p["sweep_images"]
-    if "headline" in exps:
-        _log(f"{model}: headline on {p['headline_images'] or 'all'} images")
-        res["headline"] = ex.headline(bench, p["headline_images"])
-    if "fig4" in exps:
-        _log(f"{model}: fig4 on {n} images")
-        res["fig4"] = ex.fig4(bench, n, p["ks"])
-    if "fig3" in exps:
-        _log(f"{model}: fig3 on {n} images")
-        res["fig3"], res["fig3_points"] = ex.fig3(bench, n, p["blocks"], ks=p["fig3_ks"])
-    if "arrangement" in exps:
-        _log(f"{model}: arrangement search")
-        res["arrangement"] = search(bench, n, seeds=p["seeds"], calib_images=p["calib_images"])
-    if "peers" in exps:
-        _log(f"{model}: peers on {n} images")
-        grid = ex.peer_grid(bench, p["peer_bits"], coreml=use_coreml, vector_bits=p["vector_bits"])
-        res["peers"] = ex.peers(bench, n, grid)
+    _run_experiments(bench, res, exps, p, use_coreml)
     return res
 
 
-def write_outputs(results: dict[str, dict], out: Path) -> list[Path]:
+def _run_experiments(bench: Bench, res: dict[str, Any], exps: list[str], p: dict[str, Any], use_coreml: bool) -> None:
+    n = p["sweep_images"]
+    steps = {
+        "headline": lambda: {"headline": ex.headline(bench, p["headline_images"])},
+        "fig4": lambda: {"fig4": ex.fig4(bench, n, p["ks"])},
+        "fig3": lambda: dict(zip(("fig3", "fig3_points"), ex.fig3(bench, n, p["blocks"], ks=p["fig3_ks"]))),
+        "arrangement": lambda: {"arrangement": search(bench, n, seeds=p["seeds"], calib_images=p["calib_images"])},
+        "peers": lambda: {"peers": ex.peers(bench, n, ex.peer_grid(bench, p["peer_bits"], coreml=use_coreml,
+                                                                    vector_bits=p["vector_bits"]))},
+    }
+    for name in EXPERIMENTS:
+        if name not in exps:
+            continue
+        _log(f"{bench.name}: {name} (sweeps on {n} images, headline on {p['headline_images'] or 'all'})")
+        try:
+            res.update(steps[name]())
+        except NotMeasured as exc:  # --cached-only: the tables hold what was measured
+            _log(f"{bench.name}: {name} left out: {exc}")
+
+
+def write_outputs(results: dict[str, dict], out: Path, info: dict | None = None) -> list[Path]:
     """Tables (CSV + JSON), plots (PNG) and summary.md from the results of every model."""
     from benchmarks import plots
 
+    info = info or {}
     written = []
     tables: dict[str, list[dict]] = {}
     for model, res in results.items():
@@ -111,7 +119,10 @@ def write_outputs(results: dict[str, dict], out: Path) -> list[Path]:
             tables.setdefault("arrangement", []).extend(
                 {"model": model, "pick": which, **a[which]} for which in ("reference", "sqnr_pick", "calib_pick") if a[which])
             tables.setdefault("arrangement_candidates", []).extend({"model": model, **c} for c in a["candidates"])
-        base = bench.measure("fp32", {}, n)
+        try:
+            base = bench.measure("fp32", {}, n)
+        except NotMeasured:
+            continue
         if res.get("fig4"):
             written.append(plots.plot_fig4(res["fig4"], base, out / f"fig4_{model}.png"))
         if res.get("fig3"):
@@ -125,6 +136,8 @@ def write_outputs(results: dict[str, dict], out: Path) -> list[Path]:
         if rows:
             write_table(rows, out / f"{name}.csv")
             written.append(out / f"{name}.csv")
+    (out / "summary.md").write_text(render(tables, info, ex.family))
+    written.append(out / "summary.md")
     return written
 
 
@@ -137,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep-images", type=int, help="test images for sweeps (default per model: 2000, 2000, 500)")
     ap.add_argument("--headline-images", type=int, help="test images for the headline table (default: all)")
     ap.add_argument("--no-coreml", action="store_true", help="leave out coremltools even if installed")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="compute nothing: rebuild tables and plots from the cache, leaving out what is missing")
     args = ap.parse_args(argv)
     models = (args.models or ("resnet20-bundled" if args.quick else "resnet20,resnet56,resnet50")).split(",")
     exps = args.experiments.split(",")
@@ -152,17 +167,18 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     try:
         for m in models:
-            results[m] = run_model(m, exps, plan(m, args.quick, args), out, use_coreml)
+            results[m] = run_model(m, exps, plan(m, args.quick, args), out, use_coreml, args.cached_only)
     except LegoError as exc:
         print(f"reproduce: error: {exc}", file=sys.stderr)
         return 1
     finally:
         if results:
-            written = write_outputs(results, out)
-            info = {"models": models, "experiments": exps, "quick": args.quick, "seconds": round(time.time() - t0, 1),
+            info = {"models": list(results), "experiments": exps, "quick": args.quick, "cached_only": args.cached_only,
+                    "seconds": round(time.time() - t0, 1),
                     "computed": {m: r["bench"].computed for m, r in results.items()},
                     "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
                     "coreml": use_coreml, "plans": {m: r["plan"] for m, r in results.items()}}
+            written = write_outputs(results, out, info)
             (out / "run_info.json").write_text(json.dumps(info, indent=1, default=str))
             _log(f"wrote {len(written)} files under {out} in {info['seconds']} s")
     return 0
