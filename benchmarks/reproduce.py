@@ -177,7 +177,12 @@ def main(argv: list[str] | None = None) -> int:
                     "seconds": round(time.time() - t0, 1),
                     "computed": {m: r["bench"].computed for m, r in results.items()},
                     "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
-                    "coreml": use_coreml, "plans": {m: r["plan"] for m, r in results.items()}}
+                    "coreml": use_coreml, "plans": {m: r["plan"] for m, r in results.items()},
+                    # compute time of every cached measurement (whenever it was made): what a cold run costs here
+                    "cached_measurements": {m: len(r["bench"].cache) for m, r in results.items()},
+                    "cached_compute_s": {m: round(sum(c.get("compress_s", 0) + c.get("eval_s", 0)
+                                                      for c in r["bench"].cache.values()), 1)
+                                         for m, r in results.items()}}
             written = write_outputs(results, out, info)
             (out / "run_info.json").write_text(json.dumps(info, indent=1, default=str))
             _log(f"wrote {len(written)} files under {out} in {info['seconds']} s")
