@@ -36,7 +36,8 @@ def plot_fig4(rows: Sequence[dict], base: dict, path: Path) -> Path:
     ax.set_ylabel(f"top-1 % ({base['n']} test images, 95 % CI)")
     ax.set_title(f"{rows[0]['model'] if rows else ''}: accuracy versus K (Fig. 4)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.set_ylim(0, 100 * base["ci95"][1] + 5)
+    ax.legend(loc="center right", fontsize=8)
     return _save(fig, path)
 
 
