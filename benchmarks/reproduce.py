@@ -69,8 +69,8 @@ def plan(model: str, quick: bool, args: argparse.Namespace) -> dict[str, Any]:
     return {"headline_images": args.headline_images, "sweep_images": args.sweep_images or spec.sweep_images,
             "ks": ex.POW2_K, "blocks": ex.FIG3_BLOCKS, "fig3_ks": ex.POW2_K, "peer_bits": (1, 2, 3, 4, 6, 8),
             # coremltools' vector k-means is slow (~2 min per setting on ResNet-20 here): skip it on ResNet-50.
-            "vector_bits": () if model == "resnet50" else (2, 4, 6, 8), "seeds": (0, 1, 2),
-            "calib_images": 512}
+            "vector_bits": args.vector_bits if args.vector_bits is not None else (() if model == "resnet50" else (2, 4, 6, 8)),
+            "seeds": (0, 1, 2), "calib_images": 512}
 
 
 def run_model(model: str, exps: list[str], p: dict[str, Any], out: Path, use_coreml: bool,
@@ -150,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep-images", type=int, help="test images for sweeps (default per model: 2000, 2000, 500)")
     ap.add_argument("--headline-images", type=int, help="test images for the headline table (default: all)")
     ap.add_argument("--no-coreml", action="store_true", help="leave out coremltools even if installed")
+    ap.add_argument("--vector-bits", type=lambda v: tuple(int(b) for b in v.split(",") if b),
+                    help="n_bits of coremltools' vector palettization, e.g. 2,4 ('' for none; default 2,4,6,8, "
+                         "none on resnet50)")
     ap.add_argument("--cached-only", action="store_true",
                     help="compute nothing: rebuild tables and plots from the cache, leaving out what is missing")
     args = ap.parse_args(argv)
