@@ -14,7 +14,7 @@ choose besides the bit budget:
 The reference is the paper's setting (4x4, K, model-wide, seed 0). A candidate is feasible when its
 file ratio is at least ``(1 - slack)`` times the reference's. The search is greedy, one choice at a
 time (shape, then tensors/scope, then initialisation and seed), each stage keeping the feasible
-candidate with the highest mean per-tensor weight SQNR (data-free). Optionally, a clearly separate
+candidate with the highest layer-averaged weight SQNR (``sqnr_layer_db``, data-free). Optionally, a clearly separate
 data-driven pick: among the ``top`` feasible candidates by SQNR, the one with the best top-1 on
 calibration images (training split, never test images).
 """
@@ -85,12 +85,13 @@ def search(bench: Bench, n_images: int | None, *, block: int = 4, clusters: int 
             except Exception as exc:  # noqa: BLE001 - an infeasible config (e.g. K > blocks) is a result
                 seen[key] = {"stage": stage, "setting": s, "error": str(exc), "feasible": False}
                 continue
-            seen[key] = {"stage": stage, "setting": s, "ratio": rec["ratio"], "sqnr_mean_db": rec["sqnr_mean_db"],
-                         "sqnr_global_db": rec["sqnr_global_db"], "feasible": rec["ratio"] >= floor}
+            seen[key] = {"stage": stage, "setting": s, "ratio": rec["ratio"], "sqnr_layer_db": rec["sqnr_layer_db"],
+                         "sqnr_mean_db": rec["sqnr_mean_db"], "sqnr_global_db": rec["sqnr_global_db"],
+                         "feasible": rec["ratio"] >= floor}
 
     def best_so_far() -> dict[str, Any]:
         ok = [c for c in seen.values() if c["feasible"]]
-        return max(ok, key=lambda c: c["sqnr_mean_db"])["setting"]
+        return max(ok, key=lambda c: c["sqnr_layer_db"])["setting"]
 
     consider([ref_setting], "reference")
     consider([lego(sh, clusters) for sh in block_shapes(block * block)], "1: block shape")
@@ -98,17 +99,20 @@ def search(bench: Bench, n_images: int | None, *, block: int = 4, clusters: int 
     consider(candidates_stage3(best_so_far(), seeds), "3: init and seed")
     pick = best_so_far()
 
+    def seen_db(s: dict[str, Any]) -> float:
+        return seen[repr(sorted(s.items()))]["sqnr_layer_db"]
+
     def evaluate(s: dict[str, Any]) -> dict[str, Any]:
         rec = bench.measure("legonet", s, n_images)
         return {"setting": s, "ratio": rec["ratio"], "paper_ratio": rec["info"]["paper_ratio"],
-                "bits_per_weight": rec["bits_per_weight"], "sqnr_mean_db": rec["sqnr_mean_db"],
+                "bits_per_weight": rec["bits_per_weight"], "sqnr_layer_db": seen_db(s),
                 "top1": rec["top1"], "n": rec["n"], "ci95": rec["ci95"], "drop_points": drop(bench, rec)}
 
     result: dict[str, Any] = {"model": bench.name, "target_ratio": ref["ratio"], "slack": slack,
                               "candidates": list(seen.values()), "reference": evaluate(ref_setting),
                               "sqnr_pick": evaluate(pick), "calib_pick": None}
     if calib_images and bench.calib is not None:
-        ranked = sorted((c for c in seen.values() if c["feasible"]), key=lambda c: -c["sqnr_mean_db"])[:top]
+        ranked = sorted((c for c in seen.values() if c["feasible"]), key=lambda c: -c["sqnr_layer_db"])[:top]
         scored = [(bench.measure("legonet", c["setting"], calib_images, on="calib")["top1"], i, c["setting"])
                   for i, c in enumerate(ranked)]
         best_calib = max(scored, key=lambda t: (t[0], -t[1]))  # ties: the higher SQNR

@@ -95,24 +95,33 @@ def num_weights(sd: Mapping[str, torch.Tensor]) -> int:
 
 
 def sqnr_stats(original: Mapping[str, torch.Tensor], approx: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """Data-free weight error over the >= 2-D floating tensors.
+    """Data-free weight error over the >= 2-D floating tensors, in dB (100 dB: exact).
 
-    Returns ``sqnr_mean_db``: the mean of per-tensor SQNRs in dB (every layer counts equally: a
-    layer whose weights collapse hurts the network whatever its size), capped at 100 dB for exact
-    tensors, and ``sqnr_global_db``: total signal over total noise.
+    * ``sqnr_layer_db``: ``-10 log10(mean_i |e_i|^2 / |w_i|^2)``, the noise-to-signal ratio averaged
+      over tensors, so every layer counts equally whatever its size (a layer whose weights collapse
+      hurts the network whatever its size) and an exact tensor adds no noise. This is the
+      criterion of the arrangement search.
+    * ``sqnr_mean_db``: the mean of per-tensor SQNRs in dB, exact tensors capped at 100 dB.
+    * ``sqnr_global_db``: total signal over total noise.
     """
-    per, sig, noise = [], 0.0, 0.0
+    per, nsr, sig, noise = [], [], 0.0, 0.0
     for name, w in original.items():
         if w.ndim < 2 or not w.is_floating_point():
             continue
         x = w.double()
         e = float(((x - approx[name].double()) ** 2).sum())
-        s = float((x * x).sum())
+        s = max(float((x * x).sum()), 1e-300)
         sig, noise = sig + s, noise + e
-        per.append(100.0 if e == 0 else min(100.0, 10 * math.log10(max(s, 1e-300) / e)))
+        nsr.append(e / s)
+        per.append(100.0 if e == 0 else min(100.0, 10 * math.log10(s / e)))
+
+    def db(r: float) -> float:
+        return 100.0 if r <= 1e-10 else -10 * math.log10(r)
+
     return {
+        "sqnr_layer_db": db(sum(nsr) / max(1, len(nsr))),
         "sqnr_mean_db": sum(per) / max(1, len(per)),
-        "sqnr_global_db": 100.0 if noise == 0 else min(100.0, 10 * math.log10(sig / noise)),
+        "sqnr_global_db": db(noise / sig) if sig else 100.0,
     }
 
 

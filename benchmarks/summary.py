@@ -55,11 +55,11 @@ def best_within_md(rows: Sequence[dict]) -> list[str]:
 
 
 def arrangement_md(rows: Sequence[dict]) -> list[str]:
-    out = ["| model | pick | setting | ratio (file) | paper's ratio | mean SQNR dB | top-1 % [95 % CI] | drop | images |",
+    out = ["| model | pick | setting | ratio (file) | paper's ratio | layer-averaged SQNR dB | top-1 % [95 % CI] | drop | images |",
            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         out.append(f"| {r['model']} | {r['pick']} | `{_setting(r['setting'])}` | {r['ratio']:.1f}x | "
-                   f"{r['paper_ratio']:.1f}x | {r['sqnr_mean_db']:.2f} | {_pct(r['top1'])}{_ci(r)} | "
+                   f"{r['paper_ratio']:.1f}x | {r['sqnr_layer_db']:.2f} | {_pct(r['top1'])}{_ci(r)} | "
                    f"{r['drop_points']:.2f} | {r['n']} |")
     return out
 

@@ -13,10 +13,10 @@ def test_search_picks_the_feasible_candidate_with_the_highest_sqnr(bench):
     feasible = [c for c in cands if c["feasible"]]
     assert all(c["ratio"] >= floor for c in feasible)
     assert all(c.get("ratio", 0) < floor or "error" in c for c in cands if not c["feasible"])
-    assert res["sqnr_pick"]["sqnr_mean_db"] >= res["reference"]["sqnr_mean_db"]
+    assert res["sqnr_pick"]["sqnr_layer_db"] >= res["reference"]["sqnr_layer_db"]
     # greedy: the pick is the best of the last stage, at least as good as every candidate of it
     last = [c for c in feasible if c["stage"].startswith("3")]
-    assert all(res["sqnr_pick"]["sqnr_mean_db"] >= c["sqnr_mean_db"] - 1e-9 for c in last)
+    assert all(res["sqnr_pick"]["sqnr_layer_db"] >= c["sqnr_layer_db"] - 1e-9 for c in last)
     assert res["sqnr_pick"]["ratio"] >= floor and res["sqnr_pick"]["n"] == 64
     assert res["calib_pick"] is not None and res["calib_pick"]["calib_n"] == 32
     shapes = {tuple(c["setting"]["block"]) for c in cands}

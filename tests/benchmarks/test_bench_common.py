@@ -54,3 +54,10 @@ def test_calibration_scoring_needs_calibration_images(tiny_sd, tiny_images):
     b = Bench("tiny", tiny_sd, TINY, tiny_images, None, {})
     with pytest.raises(DataError):
         b.measure("fp32", {}, 10, on="calib")
+
+
+def test_layer_averaged_sqnr_averages_noise_to_signal_over_tensors():
+    w = {"a": torch.ones(4, 4), "b": torch.ones(2, 8)}
+    approx = {"a": torch.ones(4, 4), "b": torch.ones(2, 8) * 1.1}  # a exact, b at NSR 0.01
+    assert math.isclose(sqnr_stats(w, approx)["sqnr_layer_db"], -10 * math.log10(0.005), abs_tol=1e-4)
+    assert sqnr_stats(w, w)["sqnr_layer_db"] == 100.0
