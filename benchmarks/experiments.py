@@ -86,32 +86,42 @@ def fig3(bench: Bench, n_images: int, blocks: Sequence[int] = FIG3_BLOCKS,
     For a fixed b the ratio falls as K grows and accuracy (in expectation) rises, so the best ratio
     at a tolerance is at the smallest passing K, found by bisection over powers of two; this
     measures about log2(#K) points per (b, tolerance) instead of the whole grid, and the tolerances
-    share points through the cache. Returns (rows per (b, tolerance), every measured point).
+    share points through the cache. The reported point is the highest-ratio measured point within
+    the tolerance (noise can make a smaller K pass where a larger one failed). Returns (rows per
+    (b, tolerance), every measured point of these block sizes).
     """
     bench.measure("fp32", {}, n_images)
     rows = []
+    n = len(bench.images(n_images))
+
+    def measured(b: int) -> list[dict]:
+        return [r for r in bench.cache.values()
+                if r["method"] == "legonet" and r.get("n") == n and r.get("on", "test") == "test"
+                and set(r["setting"]) == {"block", "clusters"} and r["setting"]["block"] == [b, b]]
+
     for b in blocks:
         nblocks = sum(make_tiling(t.shape, (b, b)).num_blocks for t in bench.sd.values()
                       if t.ndim >= 2 and t.is_floating_point())
         cand = [k for k in k_range(b, ks) if k <= nblocks]
         for tol in tolerances:
+            row = {"model": bench.name, "b": b, "tolerance": tol, "K": None, "ratio": None, "n": n}
             try:
-                k = smallest_passing(cand, lambda kk: drop(bench, bench.measure("legonet", lego(b, kk), n_images)) <= tol)
-            except NotMeasured:
-                continue  # a partial run: this (b, tolerance) was not reached
-            if k is None:
-                rows.append({"model": bench.name, "b": b, "tolerance": tol, "K": None, "ratio": None,
-                             "bits_per_weight": None, "top1": None, "drop_points": None})
+                smallest_passing(cand, lambda kk: drop(bench, bench.measure("legonet", lego(b, kk), n_images)) <= tol)
+            except NotMeasured:  # a partial run (--cached-only): this (b, tolerance) was not finished
+                rows.append({**row, "note": "not measured"})
                 continue
-            rec = bench.measure("legonet", lego(b, k), n_images)
-            rows.append({"model": bench.name, "b": b, "tolerance": tol, "K": k, "ratio": rec["ratio"],
+            # Accuracy is monotone in K only up to sampling noise, so report the highest ratio among
+            # every point measured for this b (bisection's and any other) that is within tolerance.
+            ok = [r for r in measured(b) if drop(bench, r) <= tol]
+            if not ok:
+                rows.append({**row, "note": f"no K up to {cand[-1]} within tolerance"})
+                continue
+            rec = max(ok, key=lambda r: r["ratio"])
+            rows.append({**row, "K": rec["setting"]["clusters"], "ratio": rec["ratio"],
                          "paper_ratio": rec["info"]["paper_ratio"], "bits_per_weight": rec["bits_per_weight"],
-                         "top1": rec["top1"], "n": rec["n"], "drop_points": drop(bench, rec)})
-    points = [_row(r, b=r["setting"]["block"][0], K=r["setting"]["clusters"], drop_points=drop(bench, r))
-              for r in bench.cache.values()
-              if r["method"] == "legonet" and r.get("n") == bench.images(n_images).x.shape[0]
-              and r.get("on", "test") == "test" and set(r["setting"]) == {"block", "clusters"}
-              and r["setting"]["block"][0] == r["setting"]["block"][1] and r["setting"]["block"][0] in blocks]
+                         "top1": rec["top1"], "drop_points": drop(bench, rec)})
+    points = [_row(r, b=b, K=r["setting"]["clusters"], drop_points=drop(bench, r))
+              for b in blocks for r in measured(b)]
     return rows, points
 
 

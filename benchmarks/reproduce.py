@@ -59,6 +59,13 @@ def write_table(rows: list[dict], path: Path) -> None:
     path.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str))
 
 
+def _per_model(value: str) -> dict[str, int] | int:
+    """``1000`` (every model) or ``resnet50=1000,resnet56=2000``."""
+    if "=" not in value:
+        return int(value)
+    return {m.strip(): int(n) for m, n in (item.split("=", 1) for item in value.split(",") if item)}
+
+
 def plan(model: str, quick: bool, args: argparse.Namespace) -> dict[str, Any]:
     """What to run for one model: subset sizes and grids (the --quick plan is a small smoke run)."""
     spec = MODELS[model]
@@ -66,7 +73,8 @@ def plan(model: str, quick: bool, args: argparse.Namespace) -> dict[str, Any]:
         return {"headline_images": 500, "sweep_images": 200, "ks": (2, 16, 256), "blocks": (2, 4),
                 "fig3_ks": (2, 8, 32, 128), "peer_bits": (2, 4), "vector_bits": (), "seeds": (0,),
                 "calib_images": 0}
-    p = {"headline_images": args.headline_images, "sweep_images": args.sweep_images or spec.sweep_images,
+    hl = args.headline_images.get(model) if isinstance(args.headline_images, dict) else args.headline_images
+    p = {"headline_images": hl, "sweep_images": args.sweep_images or spec.sweep_images,
          "ks": ex.POW2_K, "blocks": ex.FIG3_BLOCKS, "fig3_ks": ex.POW2_K, "peer_bits": (1, 2, 3, 4, 6, 8),
          # coremltools' vector k-means is slow (~2 min per setting on ResNet-20 here): none on ResNet-50.
          "vector_bits": args.vector_bits if args.vector_bits is not None else (() if model == "resnet50" else (2, 4, 6, 8)),
@@ -154,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experiments", default=",".join(EXPERIMENTS), help=f"comma-separated from {', '.join(EXPERIMENTS)}")
     ap.add_argument("--out", type=Path, help="results folder (default benchmarks/results, or .../quick with --quick)")
     ap.add_argument("--sweep-images", type=int, help="test images for sweeps (default per model: 2000, 2000, 500)")
-    ap.add_argument("--headline-images", type=int, help="test images for the headline table (default: all)")
+    ap.add_argument("--headline-images", type=_per_model,
+                    help="test images for the headline table, N or MODEL=N,... (default: all)")
     ap.add_argument("--no-coreml", action="store_true", help="leave out coremltools even if installed")
     ap.add_argument("--vector-bits", type=lambda v: tuple(int(b) for b in v.split(",") if b),
                     help="n_bits of coremltools' vector palettization, e.g. 2,4 ('' for none; default 2,4,6,8, "

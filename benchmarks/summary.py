@@ -38,7 +38,10 @@ def fig3_md(rows: Sequence[dict]) -> list[str]:
             cells = []
             for t in tols:
                 r = next((x for x in rows if x["model"] == model and x["b"] == b and x["tolerance"] == t), None)
-                cells.append("none" if r is None or r["ratio"] is None else f"{r['ratio']:.1f}x (K={r['K']})")
+                if r is None or r.get("note") == "not measured":
+                    cells.append("not measured")
+                else:
+                    cells.append("none" if r["ratio"] is None else f"{r['ratio']:.1f}x (K={r['K']})")
             out.append(f"| {model} | {b} | " + " | ".join(cells) + " |")
     return out
 
