@@ -42,21 +42,32 @@ def plot_fig4(rows: Sequence[dict], base: dict, path: Path) -> Path:
 
 
 def plot_fig3(rows: Sequence[dict], path: Path) -> Path:
-    """Ratio reached within each accuracy tolerance, versus block size."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for tol in sorted({r["tolerance"] for r in rows}):
-        pts = [(r["b"], r["ratio"]) for r in rows if r["tolerance"] == tol and r["ratio"] is not None]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=f"within {tol:g} points")
-    ax.set_xlabel("block size b (b x b)")
+    """Ratio reached within each accuracy tolerance, versus block size.
+
+    A block size with no K within the tolerance is an ``x`` on the 1x line; one not measured (a
+    partial run) is marked ``n/m`` at the bottom.
+    """
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    blocks = sorted({r["b"] for r in rows})
+    for i, tol in enumerate(sorted({r["tolerance"] for r in rows})):
+        mine = [r for r in rows if r["tolerance"] == tol]
+        pts = [(r["b"], r["ratio"]) for r in mine if r["ratio"] is not None]
+        line = ax.plot(*zip(*pts), marker="o", label=f"within {tol:g} points") if pts else \
+            ax.plot([], [], marker="o", label=f"within {tol:g} points")
+        fails = [r["b"] for r in mine if r["ratio"] is None and r.get("note") != "not measured"]
+        if fails:
+            ax.plot(fails, [1.0 + 0.04 * i] * len(fails), ls="none", marker="x", color=line[0].get_color())
+    for b in blocks:
+        if all(r.get("note") == "not measured" for r in rows if r["b"] == b):
+            ax.annotate("n/m", (b, 1.0), ha="center", va="top", fontsize=8, xytext=(0, -4), textcoords="offset points")
+    ax.set_xticks(blocks)
+    ax.set_xlabel("block size b (b x b); x = no K within tolerance, n/m = not measured")
     ax.set_ylabel("file compression ratio (x)")
     ax.set_yscale("log")
+    ax.set_ylim(0.8, max([r["ratio"] for r in rows if r["ratio"]] + [10]) * 2)
     ax.set_title(f"{rows[0]['model'] if rows else ''}: best ratio per block size (Fig. 3)")
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no (b, K) within any tolerance", transform=ax.transAxes, ha="center")
+    ax.legend(fontsize=8)
     return _save(fig, path)
 
 
