@@ -139,7 +139,7 @@ def write_outputs(results: dict[str, dict], out: Path, info: dict | None = None)
             continue
         if res.get("fig4"):
             written.append(plots.plot_fig4(res["fig4"], base, out / f"fig4_{model}.png"))
-        if res.get("fig3"):
+        if any(r.get("note") != "not measured" for r in res.get("fig3", [])):
             written.append(plots.plot_fig3(res["fig3"], out / f"fig3_{model}.png"))
         recs = [r for r in bench.cache.values() if r.get("n") == base["n"] and r.get("on", "test") == "test"
                 and r["method"] != "fp32"]
