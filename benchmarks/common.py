@@ -1,0 +1,263 @@
+"""Shared pieces of the benchmark: models and data, size accounting, cached evaluation.
+
+Models and data come from the shared fixtures directory (``$LEGONET_SHARED``, default ``../shared``
+beside the repository), except ``resnet20-bundled``, which uses the ResNet-20 weights and the
+1,000-image test subset shipped in ``legonet/data`` so that a smoke run needs nothing else.
+
+Every measurement goes through :meth:`Bench.measure`, which caches one JSON record per
+``(method, setting, images, subset seed)`` in ``benchmarks/results/cache/<model>.json``; a rerun
+only computes what is missing. Accuracies are measured on a seeded random subset of the test set
+(the same subset for every method of one model, so differences between methods are paired) and
+carry a 95 % Wilson interval.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from legonet.artifact import load_weights
+from legonet.data import ImageSet, load_images
+from legonet.errors import DataError
+from legonet.evaluate import top1, wilson_interval
+from legonet.io.atomic import atomic_path
+from legonet.io.checkpoints import read_state_dict
+from legonet.zoo import ArchSpec, get_arch
+
+REPO = Path(__file__).resolve().parents[1]
+SUBSET_SEED = 0
+
+
+def shared_dir() -> Path:
+    """``$LEGONET_SHARED`` or ``../shared`` beside the repository."""
+    return Path(os.environ.get("LEGONET_SHARED", REPO.parent / "shared"))
+
+
+def bundled(name: str) -> Path:
+    return Path(str(resources.files("legonet") / "data" / name))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A benchmark model: where its weights and test images are, and the sweep subset size."""
+
+    name: str
+    arch: str
+    weights: Callable[[], Path]
+    test_data: Callable[[], Path]
+    sweep_images: int
+
+    def available(self) -> bool:
+        return self.weights().exists() and self.test_data().exists()
+
+
+def _shared(rel: str) -> Callable[[], Path]:
+    return lambda: shared_dir() / rel
+
+
+MODELS: dict[str, ModelSpec] = {
+    "resnet20": ModelSpec("resnet20", "resnet20", _shared("models/resnet20_cifar10.safetensors"),
+                          _shared("data/cifar10-test.npz"), 2000),
+    "resnet56": ModelSpec("resnet56", "resnet56", _shared("models/resnet56_cifar10.safetensors"),
+                          _shared("data/cifar10-test.npz"), 2000),
+    "resnet50": ModelSpec("resnet50", "resnet50_cifar", _shared("models/resnet50_cifar10.safetensors.index.json"),
+                          _shared("data/cifar10-test.npz"), 500),
+    # Needs nothing outside the repository: the smoke run (--quick) and the tests use it.
+    "resnet20-bundled": ModelSpec("resnet20-bundled", "resnet20", lambda: bundled("resnet20_cifar10.safetensors"),
+                                  lambda: bundled("cifar10-test-1000.npz"), 1000),
+}
+
+
+def calib_path() -> Path:
+    return shared_dir() / "data" / "cifar10-calib.npz"
+
+
+# -- size accounting -------------------------------------------------------------------------------
+def fp32_bytes(sd: Mapping[str, torch.Tensor]) -> int:
+    """The baseline every ratio divides: floating tensors at 4 bytes per element, others as stored.
+
+    This is exactly how :mod:`legonet.report` counts "original fp32 bytes".
+    """
+    return sum(4 * t.numel() if t.is_floating_point() else t.numel() * t.element_size() for t in sd.values())
+
+
+def num_weights(sd: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() for t in sd.values())
+
+
+def sqnr_stats(original: Mapping[str, torch.Tensor], approx: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Data-free weight error over the >= 2-D floating tensors, in dB (100 dB: exact).
+
+    * ``sqnr_layer_db``: ``-10 log10(mean_i |e_i|^2 / |w_i|^2)``, the noise-to-signal ratio averaged
+      over tensors, so every layer counts equally whatever its size (a layer whose weights collapse
+      hurts the network whatever its size) and an exact tensor adds no noise. This is the
+      criterion of the arrangement search.
+    * ``sqnr_mean_db``: the mean of per-tensor SQNRs in dB, exact tensors capped at 100 dB.
+    * ``sqnr_global_db``: total signal over total noise.
+    """
+    per, nsr, sig, noise = [], [], 0.0, 0.0
+    for name, w in original.items():
+        if w.ndim < 2 or not w.is_floating_point():
+            continue
+        x = w.double()
+        e = float(((x - approx[name].double()) ** 2).sum())
+        s = max(float((x * x).sum()), 1e-300)
+        sig, noise = sig + s, noise + e
+        nsr.append(e / s)
+        per.append(100.0 if e == 0 else min(100.0, 10 * math.log10(s / e)))
+
+    def db(r: float) -> float:
+        return 100.0 if r <= 1e-10 else -10 * math.log10(r)
+
+    return {
+        "sqnr_layer_db": db(sum(nsr) / max(1, len(nsr))),
+        "sqnr_mean_db": sum(per) / max(1, len(per)),
+        "sqnr_global_db": db(noise / sig) if sig else 100.0,
+    }
+
+
+# -- methods ---------------------------------------------------------------------------------------
+@dataclass
+class MethodOutput:
+    """What a compression method returns.
+
+    Attributes:
+        state_dict: dense weights to evaluate (same names and shapes as the input).
+        file_bytes: bytes of the compressed model, counted as described in the method's docstring.
+        info: JSON-able extras (e.g. the breakdown of the bytes).
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    file_bytes: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# (state_dict, arch, calib_images or None, **setting) -> MethodOutput
+MethodFn = Callable[..., MethodOutput]
+
+
+# -- the cached harness ----------------------------------------------------------------------------
+class NotMeasured(LookupError):
+    """A measurement absent from the cache of a bench in ``cached_only`` mode."""
+
+
+class Bench:
+    """One model: its weights, test images, calibration images and the cache of measurements.
+
+    Args:
+        name: the model's name (cache file name).
+        state_dict: the uncompressed weights, dtype as stored.
+        arch: the architecture to evaluate with.
+        test: labelled test images.
+        cache_dir: where ``<name>.json`` lives (``None``: no cache).
+        calib: optional calibration images (never test images).
+        methods: name -> :data:`MethodFn` registry.
+        log: optional callback for one-line progress messages.
+        cached_only: never compute; :meth:`measure` raises :class:`NotMeasured` for what the
+            cache lacks (to rebuild tables from a partial run).
+    """
+
+    def __init__(self, name: str, state_dict: dict[str, torch.Tensor], arch: ArchSpec, test: ImageSet,
+                 cache_dir: Path | None, methods: Mapping[str, MethodFn], calib: ImageSet | None = None,
+                 log: Callable[[str], None] | None = None, cached_only: bool = False):
+        self.cached_only = cached_only
+        self.name, self.sd, self.arch, self.test, self.calib = name, state_dict, arch, test, calib
+        self.methods = methods
+        self.log = log or (lambda _m: None)
+        self.fp32_bytes = fp32_bytes(state_dict)
+        self.num_weights = num_weights(state_dict)
+        self.cache_path = None if cache_dir is None else Path(cache_dir) / f"{name}.json"
+        self.cache: dict[str, dict] = {}
+        if self.cache_path is not None and self.cache_path.exists():
+            self.cache = json.loads(self.cache_path.read_text())
+        self._model = None
+        self.computed = 0  # measurements computed (not read from the cache) in this process
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, cache_dir: Path | None, methods: Mapping[str, MethodFn],
+                  log: Callable[[str], None] | None = None, cached_only: bool = False) -> "Bench":
+        if not spec.available():
+            raise DataError(f"{spec.name}: weights or test data missing ({spec.weights()}, {spec.test_data()}); "
+                            "set LEGONET_SHARED")
+        calib = load_images(calib_path(), labels=True) if calib_path().exists() else None
+        return cls(spec.name, read_state_dict(spec.weights()), get_arch(spec.arch), load_images(spec.test_data()),
+                   cache_dir, methods, calib, log, cached_only)
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def images(self, n: int | None) -> ImageSet:
+        return self.test.subset(n, SUBSET_SEED)
+
+    def top1(self, sd: Mapping[str, torch.Tensor], images: ImageSet) -> float:
+        if self._model is None:
+            self._model = self.arch.build()
+        load_weights(self._model, {k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+        return top1(self._model, images, self.arch.mean, self.arch.std)
+
+    def _save(self) -> None:
+        if self.cache_path is None:
+            return
+        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.cache_path) as tmp:
+            Path(tmp).write_text(json.dumps(self.cache, indent=1, sort_keys=True))
+
+    @staticmethod
+    def key(method: str, setting: Mapping[str, Any], n_images: int | None) -> str:
+        return json.dumps([method, dict(setting), n_images, SUBSET_SEED], sort_keys=True)
+
+    def measure(self, method: str, setting: Mapping[str, Any] | None = None, n_images: int | None = 0,
+                on: str = "test") -> dict:
+        """Compress with ``method(**setting)`` and evaluate on ``n_images`` test images (cached).
+
+        ``n_images=None`` evaluates on every test image, ``0`` does not evaluate (sizes and SQNR
+        only). Method ``"fp32"`` is the uncompressed model. Returns the record: ``file_bytes``,
+        ``ratio`` (fp32 bytes / file bytes), ``bits_per_weight`` (file bits / every element of the
+        model), SQNRs, ``top1``, ``n``, ``ci95`` and the method's ``info``. ``on="calib"`` evaluates on
+        the calibration images instead (for data-driven selection; never test images).
+        """
+        if on not in ("test", "calib"):
+            raise ValueError(f"on must be 'test' or 'calib', got {on!r}")
+        if on == "calib" and self.calib is None:
+            raise DataError("no calibration images (cifar10-calib.npz) for a data-driven criterion")
+        pool = self.test if on == "test" else self.calib
+        setting = dict(setting or {})
+        if n_images is not None and n_images >= len(pool):
+            n_images = None  # the whole set: one cache entry however it was asked for
+        k = self.key(method, setting, n_images) + ("" if on == "test" else "@calib")
+        if k in self.cache:
+            return self.cache[k]
+        if self.cached_only:
+            raise NotMeasured(f"{self.name}: {method} {setting} on {n_images} {on} images is not in the cache")
+        t0 = time.perf_counter()
+        if method == "fp32":
+            out = MethodOutput(self.sd, self.fp32_bytes, {})
+        else:
+            out = self.methods[method](self.sd, self.arch, self.calib, **setting)
+        t1 = time.perf_counter()
+        rec: dict[str, Any] = {
+            "model": self.name, "method": method, "setting": setting, "file_bytes": int(out.file_bytes),
+            "fp32_bytes": self.fp32_bytes, "ratio": self.fp32_bytes / out.file_bytes,
+            "bits_per_weight": 8.0 * out.file_bytes / self.num_weights, "info": out.info,
+            "compress_s": round(t1 - t0, 2), **sqnr_stats(self.sd, out.state_dict),
+        }
+        if n_images != 0:
+            images = pool.subset(n_images, SUBSET_SEED)
+            acc = self.top1(out.state_dict, images)
+            lo, hi = wilson_interval(acc, len(images))
+            rec.update(on=on, top1=acc, n=len(images), correct=round(acc * len(images)), ci95=[lo, hi],
+                       eval_s=round(time.perf_counter() - t1, 2))
+        self.cache[k] = rec
+        self.computed += 1
+        self._save()
+        acc_s = f"top1 {rec['top1'] * 100:.2f} % on {rec['n']}" if "top1" in rec else "not evaluated"
+        self.log(f"{self.name} {method} {setting}: {rec['ratio']:.1f}x, {rec['bits_per_weight']:.3f} bpw, "
+                 f"SQNR {rec['sqnr_mean_db']:.2f} dB, {acc_s}")
+        return rec

@@ -1,0 +1,211 @@
+"""Re-measure the paper's claims and the peers in one command.
+
+    python -m benchmarks.reproduce                  # everything, results in benchmarks/results/
+    python -m benchmarks.reproduce --quick          # smoke run on the bundled ResNet-20 (~minutes)
+    python -m benchmarks.reproduce --models resnet20,resnet56 --experiments headline,fig4
+
+Every measurement is cached (benchmarks/results/cache/<model>.json), so a rerun is incremental and
+an interrupted run resumes; tables and plots are rebuilt from the cache each time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks import experiments as ex
+from benchmarks.arrangement import search
+from benchmarks.common import MODELS, Bench, NotMeasured
+from benchmarks.methods import LEGONET_METHODS
+from benchmarks.peers import PEER_METHODS, coreml_available
+from benchmarks.summary import render
+from legonet.errors import LegoError
+
+EXPERIMENTS = ("headline", "fig4", "fig3", "arrangement", "peers")
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _cell(v: Any) -> Any:
+    if isinstance(v, float):
+        return round(v, 6)
+    if isinstance(v, (dict, list, tuple)):
+        return json.dumps(v, sort_keys=True)
+    return v
+
+
+def write_table(rows: list[dict], path: Path) -> None:
+    """Rows as CSV (nested values as JSON) and the same rows as JSON beside it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _cell(r.get(k)) for k in cols})
+    path.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str))
+
+
+def _per_model(value: str) -> dict[str, int] | int:
+    """``1000`` (every model) or ``resnet50=1000,resnet56=2000``."""
+    if "=" not in value:
+        return int(value)
+    return {m.strip(): int(n) for m, n in (item.split("=", 1) for item in value.split(",") if item)}
+
+
+def plan(model: str, quick: bool, args: argparse.Namespace) -> dict[str, Any]:
+    """What to run for one model: subset sizes and grids (the --quick plan is a small smoke run)."""
+    spec = MODELS[model]
+    if quick:
+        return {"headline_images": 500, "sweep_images": 200, "ks": (2, 16, 256), "blocks": (2, 4),
+                "fig3_ks": (2, 8, 32, 128), "peer_bits": (2, 4), "vector_bits": (), "seeds": (0,),
+                "calib_images": 0}
+    hl = args.headline_images.get(model) if isinstance(args.headline_images, dict) else args.headline_images
+    p = {"headline_images": hl, "sweep_images": args.sweep_images or spec.sweep_images,
+         "ks": ex.POW2_K, "blocks": ex.FIG3_BLOCKS, "fig3_ks": ex.POW2_K, "peer_bits": (1, 2, 3, 4, 6, 8),
+         # coremltools' vector k-means is slow (~2 min per setting on ResNet-20 here): none on ResNet-50.
+         "vector_bits": args.vector_bits if args.vector_bits is not None else (() if model == "resnet50" else (2, 4, 6, 8)),
+         "seeds": (0, 1, 2), "calib_images": 512}
+    if model == "resnet50":
+        # ResNet-50 has 1.47 M 4x4 blocks (87x ResNet-20's): k-means with K in the thousands would take
+        # hours on 2 cores, so its sweeps stop at K=256 and the block-size sweep (Fig. 3) is left to
+        # the small models.
+        p.update(ks=tuple(k for k in ex.POW2_K if k <= 256), blocks=(), seeds=(0,), calib_images=0)
+    return p
+
+
+def run_model(model: str, exps: list[str], p: dict[str, Any], out: Path, use_coreml: bool,
+              cached_only: bool = False) -> dict[str, Any]:
+    bench = Bench.from_spec(MODELS[model], out / "cache", {**LEGONET_METHODS, **PEER_METHODS}, log=_log,
+                            cached_only=cached_only)
+    res: dict[str, Any] = {"bench": bench, "plan": p}
+    _run_experiments(bench, res, exps, p, use_coreml)
+    return res
+
+
+def _run_experiments(bench: Bench, res: dict[str, Any], exps: list[str], p: dict[str, Any], use_coreml: bool) -> None:
+    n = p["sweep_images"]
+    steps = {
+        "headline": lambda: {"headline": ex.headline(bench, p["headline_images"])},
+        "fig4": lambda: {"fig4": ex.fig4(bench, n, p["ks"])},
+        "fig3": lambda: dict(zip(("fig3", "fig3_points"), ex.fig3(bench, n, p["blocks"], ks=p["fig3_ks"]))),
+        "arrangement": lambda: {"arrangement": search(bench, n, seeds=p["seeds"], calib_images=p["calib_images"])},
+        "peers": lambda: {"peers": ex.peers(bench, n, ex.peer_grid(bench, p["peer_bits"], coreml=use_coreml,
+                                                                    vector_bits=p["vector_bits"]))},
+    }
+    for name in EXPERIMENTS:
+        if name not in exps:
+            continue
+        _log(f"{bench.name}: {name} (sweeps on {n} images, headline on {p['headline_images'] or 'all'})")
+        try:
+            res.update(steps[name]())
+        except NotMeasured as exc:  # --cached-only: the tables hold what was measured
+            _log(f"{bench.name}: {name} left out: {exc}")
+
+
+def write_outputs(results: dict[str, dict], out: Path, info: dict | None = None) -> list[Path]:
+    """Tables (CSV + JSON), plots (PNG) and summary.md from the results of every model."""
+    from benchmarks import plots
+
+    info = info or {}
+    written = []
+    tables: dict[str, list[dict]] = {}
+    for model, res in results.items():
+        bench: Bench = res["bench"]
+        n = res["plan"]["sweep_images"]
+        for name in ("headline", "fig4", "fig3", "fig3_points", "peers"):
+            tables.setdefault(name, []).extend(res.get(name, []))
+        if "arrangement" in res:
+            a = res["arrangement"]
+            tables.setdefault("arrangement", []).extend(
+                {"model": model, "pick": which, **a[which]} for which in ("reference", "sqnr_pick", "calib_pick") if a[which])
+            tables.setdefault("arrangement_candidates", []).extend({"model": model, **c} for c in a["candidates"])
+        try:
+            base = bench.measure("fp32", {}, n)
+        except NotMeasured:
+            continue
+        if res.get("fig4"):
+            written.append(plots.plot_fig4(res["fig4"], base, out / f"fig4_{model}.png"))
+        if any(r.get("note") != "not measured" for r in res.get("fig3", [])):
+            written.append(plots.plot_fig3(res["fig3"], out / f"fig3_{model}.png"))
+        recs = [r for r in bench.cache.values() if r.get("n") == base["n"] and r.get("on", "test") == "test"
+                and r["method"] != "fp32"]
+        if recs:
+            written.append(plots.plot_pareto(recs, base, out / f"pareto_{model}.png"))
+            tables.setdefault("best_within", []).extend(ex.best_ratio_within(bench, n))
+    for name, rows in tables.items():
+        if rows:
+            write_table(rows, out / f"{name}.csv")
+            written.append(out / f"{name}.csv")
+    (out / "summary.md").write_text(render(tables, info, ex.family))
+    written.append(out / "summary.md")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.reproduce", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small smoke run (bundled ResNet-20 unless --models)")
+    ap.add_argument("--models", help=f"comma-separated, from {', '.join(MODELS)} (default: resnet20,resnet56,resnet50)")
+    ap.add_argument("--experiments", default=",".join(EXPERIMENTS), help=f"comma-separated from {', '.join(EXPERIMENTS)}")
+    ap.add_argument("--out", type=Path, help="results folder (default benchmarks/results, or .../quick with --quick)")
+    ap.add_argument("--sweep-images", type=int, help="test images for sweeps (default per model: 2000, 2000, 500)")
+    ap.add_argument("--headline-images", type=_per_model,
+                    help="test images for the headline table, N or MODEL=N,... (default: all)")
+    ap.add_argument("--no-coreml", action="store_true", help="leave out coremltools even if installed")
+    ap.add_argument("--vector-bits", type=lambda v: tuple(int(b) for b in v.split(",") if b),
+                    help="n_bits of coremltools' vector palettization, e.g. 2,4 ('' for none; default 2,4,6,8, "
+                         "none on resnet50)")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="compute nothing: rebuild tables and plots from the cache, leaving out what is missing")
+    args = ap.parse_args(argv)
+    models = (args.models or ("resnet20-bundled" if args.quick else "resnet20,resnet56,resnet50")).split(",")
+    exps = args.experiments.split(",")
+    bad = [m for m in models if m not in MODELS] + [e for e in exps if e not in EXPERIMENTS]
+    if bad:
+        print(f"reproduce: error: unknown model or experiment: {', '.join(bad)}", file=sys.stderr)
+        return 1
+    out = args.out or (DEFAULT_OUT / "quick" if args.quick else DEFAULT_OUT)
+    use_coreml = not args.no_coreml and coreml_available()
+    if not use_coreml:
+        _log("coremltools not used (not installed or --no-coreml): its peer rows are left out")
+    t0 = time.time()
+    results = {}
+    try:
+        for m in models:
+            results[m] = run_model(m, exps, plan(m, args.quick, args), out, use_coreml, args.cached_only)
+    except LegoError as exc:
+        print(f"reproduce: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if results:
+            info = {"models": list(results), "experiments": exps, "quick": args.quick, "cached_only": args.cached_only,
+                    "seconds": round(time.time() - t0, 1),
+                    "computed": {m: r["bench"].computed for m, r in results.items()},
+                    "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
+                    "coreml": use_coreml, "plans": {m: r["plan"] for m, r in results.items()},
+                    # compute time of every cached measurement (whenever it was made): what a cold run costs here
+                    "cached_measurements": {m: len(r["bench"].cache) for m, r in results.items()},
+                    "cached_compute_s": {m: round(sum(c.get("compress_s", 0) + c.get("eval_s", 0)
+                                                      for c in r["bench"].cache.values()), 1)
+                                         for m, r in results.items()}}
+            written = write_outputs(results, out, info)
+            (out / "run_info.json").write_text(json.dumps(info, indent=1, default=str))
+            _log(f"wrote {len(written)} files under {out} in {info['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

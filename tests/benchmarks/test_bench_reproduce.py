@@ -1,0 +1,34 @@
+"""The command's plumbing: tables, plots, argument errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from benchmarks import experiments as ex
+from benchmarks.reproduce import main, write_outputs, write_table
+
+
+def test_write_table_csv_and_json(tmp_path):
+    rows = [{"a": 1, "s": {"block": [4, 4]}}, {"a": 2.5, "b": None}]
+    write_table(rows, tmp_path / "t.csv")
+    got = list(csv.DictReader(open(tmp_path / "t.csv")))
+    assert got[0]["s"] == '{"block": [4, 4]}' and got[1]["a"] == "2.5" and got[1]["b"] == ""
+    assert json.loads((tmp_path / "t.json").read_text()) == rows
+
+
+def test_unknown_model_or_experiment_is_one_line_error(capsys):
+    assert main(["--models", "nope", "--out", "/nonexistent"]) == 1
+    assert "unknown model or experiment: nope" in capsys.readouterr().err
+
+
+def test_outputs_include_plots_and_tables(bench, tmp_path):
+    pytest.importorskip("matplotlib")
+    res = {"bench": bench, "plan": {"sweep_images": 64},
+           "fig4": ex.fig4(bench, 64, ks=(2, 8)), "peers": ex.peers(bench, 64, [("rtn", {"bits": 4})])}
+    res["fig3"], res["fig3_points"] = ex.fig3(bench, 64, blocks=(2,), tolerances=(100.0,), ks=(2, 4))
+    written = {p.name for p in write_outputs({"tiny": res}, tmp_path)}
+    assert {"fig4_tiny.png", "fig3_tiny.png", "pareto_tiny.png", "fig4.csv", "peers.csv", "best_within.csv"} <= written
+    assert (tmp_path / "pareto_tiny.png").read_bytes()[:4] == b"\x89PNG"
