@@ -354,7 +354,7 @@ def markdown(res: dict) -> str:
         lines += [f"## Synthetic sharded checkpoint, {st['parameters']:,} float16 parameters, {st['shards']} shards", "",
                   f"- {st['config']}: {st['seconds']:.1f} s, peak RSS {st['peak_rss_bytes'] / 2**30:.2f} GiB "
                   f"(checkpoint {st['checkpoint_bytes'] / 2**30:.2f} GiB, shard <= {st['shard_bytes'] / 1e6:.0f} MB)",
-                  f"- stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in st["stage_seconds"].items()),
+                  "- stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in st["stage_seconds"].items()),
                   f"- file {st['file_bytes']:,} bytes ({st['compression_ratio_file']:.1f}x vs fp32); load "
                   f"{st['load_before']} / {st['load_after']}", ""]
     gpu = res.get("gpu")

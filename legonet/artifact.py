@@ -122,24 +122,33 @@ class CompressedModel:
         return build_report(self)
 
 
-def load_weights(module: nn.Module, sd: dict[str, torch.Tensor], source: str = "weights") -> None:
-    """``module.load_state_dict(sd)`` with one clear error for every way the two can disagree.
+def fit_error(own: dict[str, tuple[int, ...]], given: dict[str, tuple[int, ...]], subject: str) -> ArchitectureError | None:
+    """The error naming every way the shapes ``given`` disagree with a model's ``own``, or None.
 
-    BatchNorm's ``num_batches_tracked`` counters may be absent (many checkpoints drop them); any
-    other missing key, unexpected key or shape mismatch raises :class:`ArchitectureError`.
+    ``subject`` starts the message, e.g. ``"model.pt: weights do not fit"``.
+
+    BatchNorm's ``num_batches_tracked`` counters may be absent (many checkpoints drop them).
     """
-    own = module.state_dict()
-    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in sd if k not in own]
-    bad = [k for k in sd if k in own and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or bad:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if bad:
-            parts.append(f"{len(bad)} with the wrong shape (e.g. {bad[0]}: {tuple(sd[bad[0]].shape)} "
-                         f"vs {tuple(own[bad[0]].shape)} in the model)")
-        raise ArchitectureError(f"{source}: weights do not fit the architecture: " + "; ".join(parts))
+    missing = [k for k in own if k not in given and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in given if k not in own]
+    bad = [k for k in given if k in own and tuple(given[k]) != tuple(own[k])]
+    if not (missing or unexpected or bad):
+        return None
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if bad:
+        parts.append(f"{len(bad)} with the wrong shape (e.g. {bad[0]}: {tuple(given[bad[0]])} "
+                     f"vs {tuple(own[bad[0]])} in the model)")
+    return ArchitectureError(f"{subject} the architecture: " + "; ".join(parts))
+
+
+def load_weights(module: nn.Module, sd: dict[str, torch.Tensor], source: str = "weights") -> None:
+    """``module.load_state_dict(sd)`` with one clear error for every way the two can disagree."""
+    err = fit_error({k: tuple(v.shape) for k, v in module.state_dict().items()},
+                    {k: tuple(v.shape) for k, v in sd.items()}, f"{source}: weights do not fit")
+    if err is not None:
+        raise err
     module.load_state_dict(sd, strict=False)

@@ -253,8 +253,8 @@ def compress_groups(
             m = blocks[n].shape[0]
             labels[n], cb_of[n], block_of[n] = lab[start : start + m], gi, group.block
             start += m
-        del blocks  # free the group's blocks before the next one
-        blocks = {}
+        for n in group.names:  # free the group's blocks before the next group
+            del blocks[n]
 
     kept_dtype = {"keep": None, "float16": torch.float16}[config.kept_dtype]
     tensors: dict[str, ClusteredTensor | torch.Tensor] = {}

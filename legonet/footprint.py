@@ -23,7 +23,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from legonet.config import LegoConfig
@@ -68,15 +67,9 @@ class Entry:
 def weight_shapes(arch_or_module: str | nn.Module) -> dict[str, tuple[int, ...]]:
     """``{name: shape}`` of the floating-point tensors of a zoo architecture or a module (no weights
     are allocated when the architecture is built from its name)."""
-    from legonet.zoo import build
+    from legonet.zoo import skeleton
 
-    if isinstance(arch_or_module, str):
-        with torch.device("meta"):
-            model = build(arch_or_module)
-    elif isinstance(arch_or_module, nn.Module):
-        model = arch_or_module
-    else:
-        raise ArchitectureError(f"expected an architecture name or an nn.Module, got {type(arch_or_module).__name__}")
+    model = skeleton(arch_or_module)
     return {k: tuple(t.shape) for k, t in model.state_dict().items() if t.is_floating_point()}
 
 

@@ -13,7 +13,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from legonet.artifact import ClusteredTensor, CompressedModel
+from legonet.artifact import ClusteredTensor, CompressedModel, fit_error
 from legonet.errors import ArchitectureError
 from legonet.nn.modules import LegoConv2d, LegoLinear, LegoModule
 
@@ -21,23 +21,10 @@ from legonet.nn.modules import LegoConv2d, LegoLinear, LegoModule
 def check_fits(model: nn.Module, cm: CompressedModel) -> dict[str, torch.Tensor]:
     """The model's state dict (possibly meta tensors), after checking that ``cm`` fits it."""
     own = model.state_dict(keep_vars=True)
-    missing = [k for k in own if k not in cm.tensors and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in cm.tensors if k not in own]
-    bad = []
-    for k, t in cm.tensors.items():
-        if k in own:
-            shape = t.shape if isinstance(t, ClusteredTensor) else t.shape
-            if tuple(shape) != tuple(own[k].shape):
-                bad.append((k, tuple(shape), tuple(own[k].shape)))
-    if missing or unexpected or bad:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if bad:
-            parts.append(f"{len(bad)} with the wrong shape (e.g. {bad[0][0]}: {bad[0][1]} vs {bad[0][2]} in the model)")
-        raise ArchitectureError("compressed model does not fit the architecture: " + "; ".join(parts))
+    err = fit_error({k: tuple(v.shape) for k, v in own.items()},
+                    {k: tuple(t.shape) for k, t in cm.tensors.items()}, "compressed model does not fit")
+    if err is not None:
+        raise err
     return own
 
 
@@ -100,17 +87,10 @@ def load_lean(path: str | os.PathLike | CompressedModel, arch_or_module: str | n
             or a module (ideally built under ``torch.device("meta")``).
     """
     from legonet.format import load
-    from legonet.zoo import build
+    from legonet.zoo import skeleton
 
     cm = path if isinstance(path, CompressedModel) else load(path)
-    if isinstance(arch_or_module, str):
-        with torch.device("meta"):
-            model = build(arch_or_module)
-    elif isinstance(arch_or_module, nn.Module):
-        model = arch_or_module
-    else:
-        raise ArchitectureError(f"expected an architecture name or an nn.Module, got {type(arch_or_module).__name__}")
-    return convert(model, cm)
+    return convert(skeleton(arch_or_module), cm)
 
 
 def tensor_bytes(model: nn.Module) -> int:

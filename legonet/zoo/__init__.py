@@ -66,4 +66,16 @@ def build(name: str) -> nn.Module:
     return model
 
 
-__all__ = ["ZOO", "ArchSpec", "build", "get_arch"]
+def skeleton(arch_or_module: str | nn.Module) -> nn.Module:
+    """A zoo architecture built on the meta device (no weight memory), or the module given."""
+    if isinstance(arch_or_module, str):
+        import torch
+
+        with torch.device("meta"):
+            return build(arch_or_module)
+    if isinstance(arch_or_module, nn.Module):
+        return arch_or_module
+    raise ArchitectureError(f"expected an architecture name or an nn.Module, got {type(arch_or_module).__name__}")
+
+
+__all__ = ["ZOO", "ArchSpec", "build", "get_arch", "skeleton"]
