@@ -158,12 +158,14 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
     else:
         with _console().status(f"reading {src}", spinner="dots") if not quiet else _null():
             sd = read_state_dict(src)
-        with progress_bars(not quiet) as bars:
-            if target_ratio is None:
+        if target_ratio is None:
+            with progress_bars(not quiet) as bars:
                 cm = do_compress(sd, config, bars=bars)
-            else:
-                cm = _compress_to_ratio(sd, config, target_ratio, arch, calib, calib_images, seed, None)
-            nbytes = cm.save(output)
+        else:
+            with _console().status("target mode", spinner="dots") if not quiet else _null() as status:
+                cm = _compress_to_ratio(sd, config, target_ratio, arch, calib, calib_images, seed,
+                                        status.update if status is not None else None)
+        nbytes = cm.save(output)
     if not quiet:
         click.echo(build_report(cm, nbytes).render(per_tensor=per_tensor))
     if allow_nonfinite and sd is not None:

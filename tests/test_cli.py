@@ -84,3 +84,19 @@ def test_nan_weights_named(run, tmp_path):
 def test_console_script_entry_point(tmp_path):
     r = subprocess.run([sys.executable, "-m", "legonet", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "compress" in r.stdout
+
+
+def test_target_ratio_mode(run, tmp_path):
+    from torch import nn
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(16, 64, 3), nn.BatchNorm2d(64), nn.Conv2d(64, 64, 3), nn.Flatten(), nn.Linear(256, 32))
+    src = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, src)
+    out = tmp_path / "m.lego"
+    r = run("compress", src, "-o", out, "--target-ratio", "10", "--quiet")
+    assert r.exit_code == 0, r.output
+    fp32 = sum(4 * v.numel() if v.is_floating_point() else v.numel() * v.element_size() for v in m.state_dict().values())
+    assert fp32 / out.stat().st_size >= 10
+    r = run("compress", src, "-o", out, "--target-ratio", "10", "--calib", tmp_path / "c.npz")
+    assert r.exit_code == 2 and "--calib needs --target-ratio and --arch" in r.output
