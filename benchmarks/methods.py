@@ -44,6 +44,43 @@ def legonet_data_free(sd: dict[str, torch.Tensor], arch: ArchSpec, calib: ImageS
     })
 
 
+def _output(cm) -> MethodOutput:
+    data = cm.to_bytes()
+    rep = build_report(cm, len(data))
+    return MethodOutput(cm.to_state_dict(), len(data), {
+        "paper_ratio": rep.paper_ratio, "codebook_bytes": rep.codebook_bytes, "index_bytes": rep.index_bytes,
+        "kept_bytes": rep.kept_bytes, "header_bytes": rep.header_bytes, "scale_bytes": rep.scale_bytes,
+        "clustered_weights": rep.clustered_weights,
+    })
+
+
+def legonet_target(sd: dict[str, torch.Tensor], arch: ArchSpec, calib: ImageSet | None,  # noqa: ARG001
+                   *, ratio: float, **setting: Any) -> MethodOutput:
+    """Target-ratio mode, data-free: per-tensor block/K chosen to meet ``ratio`` (file bytes)."""
+    from legonet.target import compress_to_ratio
+
+    cm, _plan = compress_to_ratio(sd, ratio, config=legonet_config(setting) if setting else None)
+    return _output(cm)
+
+
+def legonet_target_calibrated(sd: dict[str, torch.Tensor], arch: ArchSpec, calib: ImageSet | None,
+                              *, ratio: float, images: int = 1024, **setting: Any) -> MethodOutput:
+    """Target-ratio mode with calibration: activation-aware clustering + BatchNorm re-estimation."""
+    from legonet.artifact import load_weights
+    from legonet.calibrate.pipeline import calibrated_compress_to_ratio
+    from legonet.data import to_input
+
+    if calib is None:
+        raise ValueError("legonet-target-calib needs calibration images")
+    model = arch.build()
+    load_weights(model, {k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+    x = to_input(calib.subset(images, 0).x, arch.mean, arch.std)
+    cm, _plan = calibrated_compress_to_ratio(model, ratio, x, config=legonet_config(setting) if setting else None)
+    return _output(cm)
+
+
 LEGONET_METHODS = {
     "legonet": legonet_data_free,
+    "legonet-target": legonet_target,
+    "legonet-target-calib": legonet_target_calibrated,
 }

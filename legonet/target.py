@@ -162,7 +162,7 @@ def compress_to_ratio(
     fixed = sum(2 * t.numel() if t.is_floating_point() else t.numel() * t.element_size()
                 for k, t in sd.items() if k not in chosen_set)
     fixed += sum(2 * sd[n].shape[0] for n in names)  # row gains
-    overhead = 2048 + 96 * len(sd)  # container header and metadata, corrected below if too low
+    overhead = 1024 + 64 * len(sd)  # container header and metadata, corrected below if too low
     for _attempt in range(4):
         plan = allocate(tables, target_bytes - fixed - overhead)
         groups = [Group((n,), plan[n].block, plan[n].clusters) for n in names]
