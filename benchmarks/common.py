@@ -30,6 +30,7 @@ from legonet.data import ImageSet, load_images
 from legonet.errors import DataError
 from legonet.evaluate import top1, wilson_interval
 from legonet.io.atomic import atomic_path
+from legonet.report import fp32_bytes  # noqa: F401  (re-exported: the benchmark's byte baseline)
 from legonet.io.checkpoints import read_state_dict
 from legonet.zoo import ArchSpec, get_arch
 
@@ -82,12 +83,6 @@ def calib_path() -> Path:
 
 
 # -- size accounting -------------------------------------------------------------------------------
-def fp32_bytes(sd: Mapping[str, torch.Tensor]) -> int:
-    """The baseline every ratio divides: floating tensors at 4 bytes per element, others as stored.
-
-    This is exactly how :mod:`legonet.report` counts "original fp32 bytes".
-    """
-    return sum(4 * t.numel() if t.is_floating_point() else t.numel() * t.element_size() for t in sd.values())
 
 
 def num_weights(sd: Mapping[str, torch.Tensor]) -> int:

@@ -129,6 +129,11 @@ def _human(n: int) -> str:
     raise AssertionError
 
 
+def fp32_bytes(sd: dict) -> int:
+    """Original size as legonet counts it: floating tensors at 4 bytes per element, others as stored."""
+    return sum(4 * t.numel() if t.is_floating_point() else t.numel() * t.element_size() for t in sd.values())
+
+
 def build_report(cm: CompressedModel, file_bytes: int | None = None) -> Report:
     """Report for ``cm``; ``file_bytes`` defaults to the exact size of its serialized .lego file."""
     if file_bytes is None:

@@ -28,6 +28,7 @@ from legonet.ops.bitpack import bits_for, packed_nbytes
 from legonet.ops.kmeans import assign, kmeans
 from legonet.ops.quant import choose_row_scales, normalized_blocks
 from legonet.ops.tiling import make_tiling, tile
+from legonet.report import fp32_bytes
 
 # (block, K) settings offered to every tensor: from 1/32 to 4 bits per weight. K stays <= 256 so
 # that the final per-tensor k-means++ fits stay fast.
@@ -150,7 +151,7 @@ def compress_to_ratio(
     if not names:
         raise ConfigError("no tensor to cluster")
     element_weights = element_weights or {}
-    fp32 = sum(4 * t.numel() if t.is_floating_point() else t.numel() * t.element_size() for t in sd.values())
+    fp32 = fp32_bytes(sd)
     target_bytes = int(fp32 / target_ratio)
     tables = {}
     for i, n in enumerate(names):
