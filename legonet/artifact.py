@@ -15,7 +15,6 @@ from torch import nn
 
 from legonet.config import LegoConfig
 from legonet.errors import ArchitectureError
-from legonet.ops.bitpack import bits_for
 from legonet.ops.quant import dequantize
 from legonet.ops.tiling import Tiling, make_tiling
 
@@ -78,11 +77,6 @@ class CompressedModel:
     @property
     def dense(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.tensors.items() if isinstance(v, torch.Tensor)}
-
-    def index_bits(self, name: str) -> int:
-        ct = self.tensors[name]
-        assert isinstance(ct, ClusteredTensor)
-        return bits_for(self.codebooks[ct.codebook].shape[0])
 
     def reconstruct(self, name: str) -> torch.Tensor:
         """Dense tensor ``name``: centroids gathered by index and untiled (original shape and dtype)."""

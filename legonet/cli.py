@@ -253,7 +253,7 @@ def _load_model(arch: str, weights: Path):
     return model, spec
 
 
-def evaluate_file(arch: str, weights: Path, data: Path, limit: int | None, seed: int, quiet: bool = True) -> tuple[float, int]:
+def evaluate_file(arch: str, weights: Path, data: Path, limit: int | None, seed: int) -> tuple[float, int]:
     """Top-1 of zoo model ``arch`` with ``weights`` on an npz; returns (accuracy, images)."""
     from legonet.data import load_images
     from legonet.evaluate import top1

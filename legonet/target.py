@@ -74,12 +74,14 @@ def evaluate_menu(
     wfull = None if element_weights is None else torch.broadcast_to(element_weights.float(), (rows, cols)).reshape(weight.shape)
     out = []
     g = torch.Generator().manual_seed(seed)
+    tiled: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}  # menu entries share blocks
     for block, k in menu:
-        blocks = normalized_blocks(weight, block, scale)
+        if block not in tiled:
+            tiled[block] = (normalized_blocks(weight, block, scale), None if wfull is None else tile(wfull, block))
+        blocks, bw = tiled[block]
         n = blocks.shape[0]
         if k > n // 2:
             continue
-        bw = None if wfull is None else tile(wfull, block)
         fit = torch.randperm(n, generator=g)[:sample] if n > sample else torch.arange(n)
         test = torch.randperm(n, generator=g)[:sample] if n > sample else torch.arange(n)
         # a quick estimate: random seeding and few iterations rank the settings well enough

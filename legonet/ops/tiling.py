@@ -53,10 +53,6 @@ class Tiling:
         gr, gc = self.grid
         return gr * gc
 
-    @property
-    def padded_numel(self) -> int:
-        return self.num_blocks * self.block[0] * self.block[1]
-
 
 def make_tiling(shape: tuple[int, ...] | torch.Size, block: tuple[int, int]) -> Tiling:
     shape = tuple(int(s) for s in shape)
