@@ -125,10 +125,14 @@ def main(debug: bool) -> None:  # noqa: ARG001
                    "re-estimation (with --target-ratio).")
 @click.option("--calib-images", type=int, default=1024, show_default=True,
               help="How many calibration images to use (seeded random subset).")
+@click.option("--refine-epochs", type=click.FloatRange(min=0), default=None,
+              help="With --calib: passes over the calibration images of codebook refinement by distillation "
+                   "(indices fixed; codebooks, row gains and norm affine parameters tuned). 0 turns it off. "
+                   "[default: 4]")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for k-means (default: PyTorch's; 1 is often faster on a busy machine).")
 def compress(src, output, block, clusters, scope, seed, include, exclude, codebook_dtype, per_tensor, quiet,
-             allow_nonfinite, scales, target_ratio, arch, calib, calib_images, threads):
+             allow_nonfinite, scales, target_ratio, arch, calib, calib_images, refine_epochs, threads):
     """Compress the checkpoint SRC (.safetensors, *.index.json or .pt) into a .lego file."""
     if threads is not None:
         import torch
@@ -144,6 +148,8 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
                         allow_nonfinite=allow_nonfinite, scales=scales)
     if calib is not None and (target_ratio is None or arch is None):
         raise click.UsageError("--calib needs --target-ratio and --arch")
+    if refine_epochs is not None and calib is None:
+        raise click.UsageError("--refine-epochs needs --calib")
     from legonet.io.atomic import check_writable
     from legonet.progress import progress_bars
 
@@ -163,7 +169,7 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
                 cm = do_compress(sd, config, bars=bars)
         else:
             with _console().status("target mode", spinner="dots") if not quiet else _null() as status:
-                cm = _compress_to_ratio(sd, config, target_ratio, arch, calib, calib_images, seed,
+                cm = _compress_to_ratio(sd, config, target_ratio, arch, calib, calib_images, seed, refine_epochs,
                                         status.update if status is not None else None)
         nbytes = cm.save(output)
     if not quiet:
@@ -179,7 +185,7 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
         click.echo(f"wrote {output}")
 
 
-def _compress_to_ratio(sd, config, target_ratio, arch, calib, calib_images, seed, progress):
+def _compress_to_ratio(sd, config, target_ratio, arch, calib, calib_images, seed, refine_epochs, progress):
     from legonet.target import compress_to_ratio
 
     if calib is None:
@@ -194,7 +200,18 @@ def _compress_to_ratio(sd, config, target_ratio, arch, calib, calib_images, seed
     load_weights(model, {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, "weights")
     images = load_images(calib, labels=False).subset(calib_images, seed)
     x = to_input(images.x, spec.mean, spec.std)
-    cm, _plan = calibrated_compress_to_ratio(model, target_ratio, x, config=config, progress=progress)
+    from legonet.calibrate.refine import RefineConfig
+
+    refine = RefineConfig(seed=seed) if refine_epochs is None else \
+        None if refine_epochs == 0 else RefineConfig(epochs=refine_epochs, seed=seed)
+
+    def on_step(step: int, steps: int, loss: float) -> None:
+        if progress is not None:
+            progress(f"refining codebooks on {x.shape[0]} calibration images: step {step}/{steps}, "
+                     f"distillation loss {loss:.4f}")
+
+    cm, _plan = calibrated_compress_to_ratio(model, target_ratio, x, config=config, refine=refine,
+                                             progress=progress, on_refine_step=on_step)
     return cm
 
 

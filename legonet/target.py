@@ -130,6 +130,7 @@ def compress_to_ratio(
     element_weights: Mapping[str, torch.Tensor] | None = None,
     menu=DEFAULT_MENU,
     progress: Callable[[str], None] | None = None,
+    reserve: int = 0,
 ) -> tuple[CompressedModel, dict[str, Choice]]:
     """Compress so that ``original fp32 bytes / file bytes >= target_ratio``.
 
@@ -139,6 +140,7 @@ def compress_to_ratio(
         config: base settings (include/exclude, seed, k-means); scope, scales, codebook and kept
             dtypes are set by this mode (one float16 codebook per tensor, row gains, float16 kept tensors).
         element_weights: optional ``{name: (1 or rows, cols)}`` importance weights (calibration).
+        reserve: bytes to leave free below the target (for metadata that a later step may lengthen).
     Returns:
         The compressed model and the chosen setting per clustered tensor.
     """
@@ -154,7 +156,7 @@ def compress_to_ratio(
         raise ConfigError("no tensor to cluster")
     element_weights = element_weights or {}
     fp32 = fp32_bytes(sd)
-    target_bytes = int(fp32 / target_ratio)
+    target_bytes = int(fp32 / target_ratio) - reserve
     tables = {}
     for i, n in enumerate(names):
         say(f"estimating settings {i + 1}/{len(names)}: {n}")

@@ -100,3 +100,14 @@ def test_target_ratio_mode(run, tmp_path):
     assert fp32 / out.stat().st_size >= 10
     r = run("compress", src, "-o", out, "--target-ratio", "10", "--calib", tmp_path / "c.npz")
     assert r.exit_code == 2 and "--calib needs --target-ratio and --arch" in r.output
+
+
+def test_calibrated_target_mode_refines(run, tmp_path, resnet20_path, images_path):
+    out = tmp_path / "r20.lego"
+    r = run("compress", resnet20_path, "-o", out, "--target-ratio", "12", "--arch", "resnet20", "--calib", images_path,
+            "--calib-images", "32", "--refine-epochs", "1", "--quiet")
+    assert r.exit_code == 0, r.output
+    fp32 = 4 * sum(v.numel() for v in load_file(resnet20_path).values())
+    assert fp32 / out.stat().st_size >= 12
+    r = run("compress", resnet20_path, "-o", out, "--target-ratio", "12", "--refine-epochs", "1")
+    assert r.exit_code == 2 and "--refine-epochs needs --calib" in r.output

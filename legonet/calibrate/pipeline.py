@@ -1,23 +1,34 @@
-"""The calibrated pipeline: activation-aware target-mode clustering, then BatchNorm re-estimation.
+"""The calibrated pipeline: activation-aware target-mode clustering, BatchNorm re-estimation,
+then codebook refinement by distillation.
 
-What is tuned: nothing is trained. Calibration images (unlabeled) are used for (1) input second
-moments that weight the clustering error of every Conv2d/Linear weight and (2) re-estimating the
-running statistics of every BatchNorm layer of the compressed model. Codebooks come from k-means.
+Calibration images (unlabeled) are used for (1) input second moments that weight the clustering
+error of every Conv2d/Linear weight, (2) re-estimating the running statistics of every BatchNorm
+layer of the compressed model and (3) tuning the codebooks, row gains and normalisation affine
+parameters so that the compressed model's outputs match the original's (indices fixed; see
+:mod:`legonet.calibrate.refine`). No other weight is trained and no label is used.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import copy
+
 import torch
 from torch import nn
 
 from legonet.artifact import CompressedModel, load_weights
 from legonet.calibrate.bn import reestimate_batchnorm
+from legonet.calibrate.refine import RefineConfig, RefineResult, refine_codebooks
 from legonet.calibrate.stats import input_second_moments
 from legonet.compress import as_state_dict, select_tensors
 from legonet.config import LegoConfig
+from legonet.errors import ConfigError
+from legonet.report import fp32_bytes
 from legonet.target import DEFAULT_MENU, Choice, compress_to_ratio
+
+# characters of the longest SQNR field ("-123.456") the file may hold
+_SQNR_CHARS = 8
 
 
 def _batches(images: torch.Tensor, batch_size: int):
@@ -31,9 +42,11 @@ def calibrated_compress_to_ratio(
     calib: torch.Tensor,
     *,
     config: LegoConfig | None = None,
+    refine: RefineConfig | None = RefineConfig(),
     batch_size: int = 64,
     menu=DEFAULT_MENU,
     progress: Callable[[str], None] | None = None,
+    on_refine_step: Callable[[int, int, float], None] | None = None,
 ) -> tuple[CompressedModel, dict[str, Choice]]:
     """Compress ``model`` (with its trained weights loaded) to ``target_ratio`` using ``calib``.
 
@@ -41,19 +54,59 @@ def calibrated_compress_to_ratio(
         model: the network with its original weights; it is left holding the compressed weights.
         target_ratio: whole-file compression ratio to meet.
         calib: ``(N, C, H, W)`` normalised calibration inputs (no labels).
+        refine: codebook refinement settings; ``None`` skips refinement.
+        on_refine_step: optional ``(step, steps, loss)`` callback during refinement.
+    Returns:
+        The compressed model and the setting chosen per clustered tensor (:func:`calibrated_compress`
+        also returns what refinement did).
     """
+    cm, plan, _ = calibrated_compress(model, target_ratio, calib, config=config, refine=refine,
+                                      batch_size=batch_size, menu=menu, progress=progress,
+                                      on_refine_step=on_refine_step)
+    return cm, plan
+
+
+def calibrated_compress(
+    model: nn.Module,
+    target_ratio: float,
+    calib: torch.Tensor,
+    *,
+    config: LegoConfig | None = None,
+    refine: RefineConfig | None = RefineConfig(),
+    batch_size: int = 64,
+    menu=DEFAULT_MENU,
+    progress: Callable[[str], None] | None = None,
+    on_refine_step: Callable[[int, int, float], None] | None = None,
+) -> tuple[CompressedModel, dict[str, Choice], RefineResult | None]:
+    """:func:`calibrated_compress_to_ratio`, also returning the :class:`RefineResult` (or None)."""
     say = progress or (lambda _m: None)
     sd = as_state_dict(model)
     cfg = config or LegoConfig()
     names = select_tensors(sd, cfg)
     say(f"input statistics on {calib.shape[0]} calibration images")
     moments = input_second_moments(model, _batches(calib, batch_size), names)
-    cm, plan = compress_to_ratio(sd, target_ratio, config=cfg, element_weights=moments, menu=menu, progress=say)
+    # refinement rewrites each tensor's SQNR in the metadata: room for the longest number per tensor
+    reserve = _SQNR_CHARS * len(names) if refine is not None else 0
+    cm, plan = compress_to_ratio(sd, target_ratio, config=cfg, element_weights=moments, menu=menu, progress=say,
+                                 reserve=reserve)
     say(f"re-estimating BatchNorm statistics on {calib.shape[0]} calibration images")
-    load_weights(model, {k: v.float() if v.is_floating_point() else v for k, v in cm.to_state_dict().items()})
-    if reestimate_batchnorm(model, _batches(calib, batch_size)):
-        new = model.state_dict()
+    student = copy.deepcopy(model)  # ``model`` keeps the original weights: the teacher of refinement
+    _load(student, cm)
+    if reestimate_batchnorm(student, _batches(calib, batch_size)):
+        new = student.state_dict()
         for name, t in list(cm.tensors.items()):
             if isinstance(t, torch.Tensor) and (name.endswith("running_mean") or name.endswith("running_var")):
                 cm.tensors[name] = new[name].to(t.dtype).clone()
-    return cm, plan
+    result = None
+    if refine is not None:
+        say(f"refining codebooks on {calib.shape[0]} calibration images")
+        result = refine_codebooks(model, cm, calib, refine, progress=on_refine_step)
+        size, target = len(cm.to_bytes()), int(fp32_bytes(sd) / target_ratio)
+        if size > target:  # cannot happen with the reserve above; checked so a regression is loud
+            raise ConfigError(f"refined file has {size:,} bytes, over the target's {target:,}")
+    _load(model, cm)
+    return cm, plan, result
+
+
+def _load(model: nn.Module, cm: CompressedModel) -> None:
+    load_weights(model, {k: v.float() if v.is_floating_point() else v for k, v in cm.to_state_dict().items()})

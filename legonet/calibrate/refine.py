@@ -1,0 +1,220 @@
+"""Codebook refinement by distillation: indices fixed, centroids tuned against the original model.
+
+After clustering, every weight is ``codebook[index] * row_gain``. With the indices frozen the
+reconstruction is a differentiable function of the codebooks and gains, so a few passes of Adam
+over unlabeled calibration images can pull the compressed network's logits back towards the
+original network's (knowledge distillation, teacher = the uncompressed model).
+
+What is tuned, and nothing else: the codebooks (float32 during tuning, rounded to their storage
+dtype at the end), the per-row gains of gain-shape clustering, and the affine parameters (weight,
+bias) of the normalisation layers. Indices, every other weight, biases of Conv/Linear layers and
+the BatchNorm running statistics stay as they are. The file size does not change.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from legonet.artifact import ClusteredTensor, CompressedModel, load_weights
+from legonet.compress import sqnr_db
+from legonet.errors import ConfigError
+
+LOSSES = ("kl", "mse")
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """Settings of codebook refinement.
+
+    Attributes:
+        epochs: passes over the calibration images (the number of Adam steps is
+            ``ceil(epochs * N / batch_size)``).
+        batch_size: images per step.
+        lr: Adam learning rate for codebooks, relative: each codebook's step is scaled by the RMS
+            of its entries, so one rate suits models whose weights differ in magnitude.
+        loss: ``"kl"`` (KL divergence of the softmax outputs, temperature 1) or ``"mse"`` (of logits).
+        flip: also show horizontally flipped images (inputs ``(N, C, H, W)`` only).
+        tune_norms: also tune the affine parameters of normalisation layers.
+        seed: order of the batches and flips.
+    """
+
+    epochs: float = 4.0
+    batch_size: int = 64
+    lr: float = 1e-3
+    loss: str = "kl"
+    flip: bool = True
+    tune_norms: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.epochs, (int, float)) or not 0 < self.epochs <= 1000:
+            raise ConfigError(f"refine epochs must be in (0, 1000], got {self.epochs!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"refine batch_size must be a positive integer, got {self.batch_size!r}")
+        if not isinstance(self.lr, (int, float)) or not 0 < self.lr < 1:
+            raise ConfigError(f"refine lr must be in (0, 1), got {self.lr!r}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"refine loss must be one of {LOSSES}, got {self.loss!r}")
+
+
+@dataclass(frozen=True)
+class RefineResult:
+    """What refinement did: steps taken, loss at the start and the end, wall time, parameters tuned."""
+
+    steps: int
+    first_loss: float
+    last_loss: float
+    seconds: float
+    tuned_parameters: int
+
+
+def _distill_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "mse":
+        return F.mse_loss(student, teacher)
+    return F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
+
+
+def refine_codebooks(
+    model: nn.Module,
+    cm: CompressedModel,
+    calib: torch.Tensor,
+    config: RefineConfig | None = None,
+    *,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> RefineResult:
+    """Tune ``cm``'s codebooks, row gains and norm affine parameters in place by distillation.
+
+    Args:
+        model: the network holding the *original* weights (the teacher; left unchanged). Its
+            state dict names must match ``cm.tensors``.
+        cm: the compressed model, updated in place (codebooks, gains, norm weights/biases).
+        calib: ``(N, ...)`` normalised calibration inputs, no labels.
+        progress: optional ``progress(step, steps, loss)`` callback.
+    Returns:
+        A :class:`RefineResult`.
+    """
+    cfg = config or RefineConfig()
+    if calib.shape[0] == 0:
+        raise ConfigError("no calibration images to refine on")
+    clustered = cm.clustered
+    if not clustered:
+        raise ConfigError("nothing to refine: the model has no clustered tensor")
+    teacher = model
+    student = copy.deepcopy(model)
+    load_weights(student, {k: v.float() if v.is_floating_point() else v for k, v in cm.to_state_dict().items()})
+    student.eval()  # running statistics fixed: refined against the (re-estimated) stored statistics
+    teacher_was_training = teacher.training
+    teacher.eval()
+    for p in student.parameters():
+        p.requires_grad_(False)
+
+    codebooks = [nn.Parameter(cb.detach().float().clone()) for cb in cm.codebooks]
+    gains = {n: nn.Parameter(ct.scale.detach().float().clone()) for n, ct in clustered.items() if ct.scale is not None}
+    norm_params = _norm_parameters(student, cm) if cfg.tune_norms else {}
+    for p in norm_params.values():
+        p.requires_grad_(True)
+    groups = [{"params": [cb], "lr": cfg.lr * _rms(cb)} for cb in codebooks]
+    groups += [{"params": [g], "lr": cfg.lr * _rms(g)} for g in gains.values()]
+    if norm_params:
+        groups.append({"params": list(norm_params.values()), "lr": cfg.lr})
+    opt = torch.optim.Adam(groups)
+    n_tuned = sum(p.numel() for g in groups for p in g["params"])
+
+    def weights() -> dict[str, torch.Tensor]:
+        out = {}
+        for name, ct in clustered.items():
+            out[name] = _decode(codebooks[ct.codebook], ct, gains.get(name))
+        return out
+
+    n = calib.shape[0]
+    steps = max(1, math.ceil(cfg.epochs * n / cfg.batch_size))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(n, generator=gen)
+    pos = 0
+    first = last = float("nan")
+    t0 = time.perf_counter()
+    try:
+        for step in range(steps):
+            if pos >= n:
+                order, pos = torch.randperm(n, generator=gen), 0
+            idx = order[pos : pos + cfg.batch_size]
+            pos += cfg.batch_size
+            x = calib[idx]
+            if cfg.flip and x.ndim == 4:
+                flip = torch.rand(x.shape[0], generator=gen) < 0.5
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            with torch.no_grad():
+                target = teacher(x)
+            out = functional_call(student, weights(), (x,), strict=False)
+            loss = _distill_loss(out, target, cfg.loss)
+            if not torch.isfinite(loss):
+                raise ConfigError(f"refinement diverged at step {step + 1} (loss {float(loss)}); lower the lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for g in gains.values():  # gains stay positive and storable
+                g.data.clamp_(min=torch.finfo(torch.float16).tiny)
+            last = float(loss.detach())
+            if step == 0:
+                first = last
+            if progress:
+                progress(step + 1, steps, last)
+    finally:
+        teacher.train(teacher_was_training)
+
+    _write_back(cm, codebooks, gains, norm_params, teacher.state_dict())
+    return RefineResult(steps, first, last, time.perf_counter() - t0, n_tuned)
+
+
+def _rms(t: torch.Tensor) -> float:
+    r = float(t.detach().pow(2).mean().sqrt())
+    return r if r > 0 else 1.0
+
+
+def _decode(codebook: torch.Tensor, ct: ClusteredTensor, gain: torch.Tensor | None) -> torch.Tensor:
+    """Differentiable ``(shape)`` weight from a codebook ``(K, d)`` and fixed indices."""
+    til = ct.tiling
+    (br, bc), (gr, gc) = til.block, til.grid
+    w = codebook[ct.indices.long()].reshape(gr, gc, br, bc).permute(0, 2, 1, 3).reshape(gr * br, gc * bc)
+    w = w[: til.rows, : til.cols]
+    if gain is not None:
+        w = w * gain[:, None]
+    return w.reshape(til.shape)
+
+
+def _norm_parameters(student: nn.Module, cm: CompressedModel) -> dict[str, nn.Parameter]:
+    """``{state-dict name: parameter}`` of the affine weights/biases of normalisation layers kept dense."""
+    out = {}
+    for mod_name, mod in student.named_modules():
+        if not isinstance(mod, _NORMS):
+            continue
+        for pname, p in mod.named_parameters(recurse=False):
+            full = f"{mod_name}.{pname}" if mod_name else pname
+            if isinstance(cm.tensors.get(full), torch.Tensor):
+                out[full] = p
+    return out
+
+
+@torch.no_grad()
+def _write_back(cm: CompressedModel, codebooks, gains, norm_params, original: dict[str, torch.Tensor]) -> None:
+    store = {"float32": torch.float32, "float16": torch.float16}[cm.config.codebook_dtype]
+    for i, cb in enumerate(codebooks):
+        cm.codebooks[i] = cb.detach().to(store).float()
+    for name, g in gains.items():
+        ct = cm.tensors[name]
+        ct.scale = g.detach().clamp(min=torch.finfo(torch.float16).tiny).to(torch.float16).float()
+    for name, p in norm_params.items():
+        old = cm.tensors[name]
+        cm.tensors[name] = p.detach().to(old.dtype).clone()
+    for name, ct in cm.clustered.items():  # the SQNR of the refined reconstruction
+        ct.sqnr_db = sqnr_db(original[name], cm.reconstruct(name))

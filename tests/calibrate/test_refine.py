@@ -1,0 +1,109 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from legonet.calibrate.pipeline import calibrated_compress
+from legonet.calibrate.refine import RefineConfig, refine_codebooks
+from legonet.config import LegoConfig
+from legonet.errors import ConfigError
+from legonet.target import compress_to_ratio
+
+MENU = (((4, 4), 16), ((2, 2), 16), ((1, 2), 64))
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 32, 3, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                      nn.Conv2d(32, 32, 3, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                      nn.Flatten(), nn.Linear(32 * 4 * 4, 10))
+    with torch.no_grad():  # non-trivial BatchNorm statistics and affine parameters
+        for bn in (m[1], m[4]):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+    return m.eval()
+
+
+def _kl(model, cm, x) -> float:
+    student = _net()
+    cm.load_into(student)
+    with torch.no_grad():
+        t, s = model(x), student.eval()(x)
+    return float(F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean"))
+
+
+def test_refinement_brings_the_outputs_back_and_keeps_the_file_layout(tmp_path):
+    model = _net()
+    calib, held_out = torch.randn(128, 3, 8, 8), torch.randn(64, 3, 8, 8)
+    cm, _ = compress_to_ratio(model, 12.0, menu=MENU)
+    indices = {n: ct.indices.clone() for n, ct in cm.clustered.items()}
+    size = cm.save(tmp_path / "before.lego")
+    before = _kl(model, cm, held_out)
+    res = refine_codebooks(model, cm, calib, RefineConfig(epochs=10, batch_size=32, lr=1e-2))
+    after = _kl(model, cm, held_out)
+    assert res.steps == 40 and res.last_loss < res.first_loss
+    assert after < 0.7 * before  # on images the refinement never saw
+    for n, ct in cm.clustered.items():
+        assert torch.equal(ct.indices, indices[n])
+        assert ct.scale is not None and torch.equal(ct.scale, ct.scale.half().float())  # storable gains
+    for cb in cm.codebooks:
+        assert torch.equal(cb, cb.half().float())  # rounded to the float16 codebook dtype
+    # same blobs; only the SQNR numbers in the metadata may change length
+    assert abs(cm.save(tmp_path / "after.lego") - size) <= 8 * len(cm.clustered)
+    # the teacher keeps its weights
+    torch.testing.assert_close(model.state_dict()["0.weight"], _net().state_dict()["0.weight"])
+
+
+def test_refinement_is_deterministic():
+    model = _net()
+    calib = torch.randn(64, 3, 8, 8)
+    runs = []
+    for _ in range(2):
+        cm, _ = compress_to_ratio(model, 12.0, menu=MENU)
+        refine_codebooks(model, cm, calib, RefineConfig(epochs=2, batch_size=16, seed=3))
+        runs.append(cm.to_bytes())
+    assert runs[0] == runs[1]
+
+
+def test_norm_parameters_are_tuned_only_when_asked():
+    model = _net()
+    calib = torch.randn(64, 3, 8, 8)
+    for tune in (False, True):
+        cm, _ = compress_to_ratio(model, 12.0, menu=MENU)
+        bias = cm.tensors["1.bias"].clone()
+        res = refine_codebooks(model, cm, calib, RefineConfig(epochs=1, batch_size=32, tune_norms=tune))
+        assert torch.equal(cm.tensors["1.bias"], bias) != tune
+        # codebooks, one gain per output row (32 + 32 + 10), + 2 x 64 norm parameters when tuned
+        assert res.tuned_parameters == sum(c.numel() for c in cm.codebooks) + 74 + 128 * tune
+    # the classifier's bias is a weight, not a norm parameter: never tuned
+    assert torch.equal(cm.tensors["7.bias"], model.state_dict()["7.bias"].half())
+
+
+def test_calibrated_pipeline_refines_by_default():
+    model = _net()
+    calib = torch.randn(64, 3, 8, 8)
+    _, _, res = calibrated_compress(model, 12.0, calib, menu=MENU, refine=RefineConfig(epochs=1, batch_size=32))
+    assert res is not None and res.steps == 2
+    _, _, none = calibrated_compress(_net(), 12.0, calib, menu=MENU, refine=None)
+    assert none is None
+
+
+@pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(lr=0), dict(lr=2.0), dict(loss="l1")])
+def test_refine_config_rejects_bad_values(bad):
+    with pytest.raises(ConfigError):
+        RefineConfig(**bad)
+
+
+def test_refinement_needs_clustered_tensors_and_images():
+    model = _net()
+    cm, _ = compress_to_ratio(model, 12.0, menu=MENU)
+    with pytest.raises(ConfigError, match="no calibration images"):
+        refine_codebooks(model, cm, torch.empty(0, 3, 8, 8))
+    from legonet.compress import compress
+
+    kept = compress(model, LegoConfig(include=("0.weight",), block=1, clusters=4))
+    kept.tensors["0.weight"] = model.state_dict()["0.weight"].clone()
+    with pytest.raises(ConfigError, match="nothing to refine"):
+        refine_codebooks(model, kept, torch.randn(4, 3, 8, 8))
