@@ -56,16 +56,21 @@ def _output(cm) -> MethodOutput:
 
 def legonet_target(sd: dict[str, torch.Tensor], arch: ArchSpec, calib: ImageSet | None,  # noqa: ARG001
                    *, ratio: float, **setting: Any) -> MethodOutput:
-    """Target-ratio mode, data-free: per-tensor block/K chosen to meet ``ratio`` (file bytes)."""
+    """Target-ratio mode, data-free: per-tensor block/K chosen to meet ``ratio`` (file bytes), then
+    data-free bias correction from the stored BatchNorm parameters."""
     from legonet.target import compress_to_ratio
 
+    from legonet.datafree import correct_compressed
+
     cm, _plan = compress_to_ratio(sd, ratio, config=legonet_config(setting) if setting else None)
+    correct_compressed(cm, arch.build(), sd)  # as the CLI with --arch: data-free bias correction
     return _output(cm)
 
 
 def legonet_target_calibrated(sd: dict[str, torch.Tensor], arch: ArchSpec, calib: ImageSet | None,
                               *, ratio: float, images: int = 1024, **setting: Any) -> MethodOutput:
-    """Target-ratio mode with calibration: activation-aware clustering + BatchNorm re-estimation."""
+    """Target-ratio mode with calibration: activation-aware clustering, BatchNorm re-estimation and
+    codebook refinement by distillation (the CLI's defaults with ``--calib``)."""
     from legonet.artifact import load_weights
     from legonet.calibrate.pipeline import calibrated_compress_to_ratio
     from legonet.data import to_input

@@ -119,7 +119,8 @@ def main(debug: bool) -> None:  # noqa: ARG001
               help="Per-row float16 gains (gain-shape clustering).")
 @click.option("--target-ratio", type=float, default=None,
               help="Choose per-tensor block/K to meet this whole-file ratio (ignores --block/--clusters/--scope).")
-@click.option("--arch", default=None, help="Zoo architecture (needed with --calib).")
+@click.option("--arch", default=None,
+              help="Zoo architecture: needed with --calib; in data-free target mode it enables bias correction.")
 @click.option("--calib", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="npz of unlabeled calibration images: enables activation-aware clustering and BatchNorm "
                    "re-estimation (with --target-ratio).")
@@ -190,6 +191,13 @@ def _compress_to_ratio(sd, config, target_ratio, arch, calib, calib_images, seed
 
     if calib is None:
         cm, _plan = compress_to_ratio(sd, target_ratio, config=config, progress=progress)
+        if arch is not None:  # the architecture is known: cancel the mean shifts, data-free
+            from legonet.datafree import correct_compressed
+            from legonet.zoo import build
+
+            if progress:
+                progress("data-free bias correction")
+            correct_compressed(cm, build(arch), sd)
         return cm
     from legonet.calibrate.pipeline import calibrated_compress_to_ratio
     from legonet.data import load_images, to_input

@@ -50,7 +50,7 @@ class RefineConfig:
 
     epochs: float = 4.0
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 3e-3
     loss: str = "kl"
     flip: bool = True
     tune_norms: bool = True
@@ -138,6 +138,12 @@ def refine_codebooks(
 
     n = calib.shape[0]
     steps = max(1, math.ceil(cfg.epochs * n / cfg.batch_size))
+    flips = cfg.flip and calib.ndim == 4
+    # Teacher outputs computed once (for each image and its mirror) when the run sees every image
+    # more than once and the outputs are small (classifier logits); otherwise per step.
+    cached = None
+    if steps * cfg.batch_size > (2 if flips else 1) * n:
+        cached = _teacher_outputs(teacher, calib, cfg.batch_size, flips)
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(n, generator=gen)
     pos = 0
@@ -150,11 +156,14 @@ def refine_codebooks(
             idx = order[pos : pos + cfg.batch_size]
             pos += cfg.batch_size
             x = calib[idx]
-            if cfg.flip and x.ndim == 4:
-                flip = torch.rand(x.shape[0], generator=gen) < 0.5
+            flip = torch.rand(x.shape[0], generator=gen) < 0.5 if flips else torch.zeros(x.shape[0], dtype=torch.bool)
+            if flips:
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            with torch.no_grad():
-                target = teacher(x)
+            if cached is not None:
+                target = cached[flip.long(), idx]
+            else:
+                with torch.no_grad():
+                    target = teacher(x)
             out = functional_call(student, weights(), (x,), strict=False)
             loss = _distill_loss(out, target, cfg.loss)
             if not torch.isfinite(loss):
@@ -174,6 +183,20 @@ def refine_codebooks(
 
     _write_back(cm, codebooks, gains, norm_params, teacher.state_dict())
     return RefineResult(steps, first, last, time.perf_counter() - t0, n_tuned)
+
+
+_CACHE_ELEMENTS = 1 << 26
+
+
+@torch.no_grad()
+def _teacher_outputs(teacher: nn.Module, calib: torch.Tensor, batch_size: int, flips: bool) -> torch.Tensor | None:
+    """``(2 if flips else 1, N, ...)`` teacher outputs, or None if they would exceed the cache size."""
+    views = (calib, calib.flip(-1)) if flips else (calib,)
+    first = teacher(calib[:1])
+    if len(views) * calib.shape[0] * first.numel() > _CACHE_ELEMENTS:
+        return None
+    return torch.stack([torch.cat([teacher(v[s : s + batch_size]) for s in range(0, v.shape[0], batch_size)])
+                        for v in views])
 
 
 def _rms(t: torch.Tensor) -> float:
