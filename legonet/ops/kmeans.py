@@ -101,7 +101,17 @@ def kmeans_plusplus(
     first = int(torch.randint(n, (1,), generator=generator)) if mass is None else \
         int(torch.multinomial(mass64.cpu(), 1, generator=generator))
     centers = [first]
-    closest = pairwise_sqdist(x, x[first : first + 1], weights).squeeze(1).double()
+    # Without element weights the row norms are computed once, not at every step (same formula and
+    # values as pairwise_sqdist).
+    # Distances are laid out (trials, n), so that every reduction runs along contiguous rows.
+    x_sq = None if weights is not None else (x * x).sum(1)
+
+    def dist_to(idx: torch.Tensor) -> torch.Tensor:
+        if x_sq is None:
+            return pairwise_sqdist(x, x[idx], weights).T.double()
+        return torch.addmm(x_sq[None, :], x[idx], x.T, alpha=-2.0).add_(x_sq[idx][:, None]).clamp_min_(0.0).double()
+
+    closest = dist_to(torch.tensor([first], device=x.device)).squeeze(0)
     for _ in range(1, k):
         law = closest if mass64 is None else closest * mass64
         total = float(law.sum())
@@ -112,12 +122,11 @@ def kmeans_plusplus(
             u = torch.rand(trials, generator=generator, dtype=torch.float64) * total
             cand = torch.searchsorted(torch.cumsum(law, 0).cpu(), u).clamp_(max=n - 1)
         cand = cand.to(x.device)
-        d_cand = pairwise_sqdist(x, x[cand], None if weights is None else weights).double()  # (n, trials)
-        new_closest = torch.minimum(closest[:, None], d_cand)
-        cost = new_closest.sum(0) if mass64 is None else mass64 @ new_closest
+        new_closest = torch.minimum(closest[None, :], dist_to(cand))  # (trials, n)
+        cost = new_closest.sum(1) if mass64 is None else new_closest @ mass64
         best = int(torch.argmin(cost))
         centers.append(int(cand[best]))
-        closest = new_closest[:, best].contiguous()
+        closest = new_closest[best]
     return x[torch.tensor(centers, device=x.device)].to(torch.float32).clone()
 
 
