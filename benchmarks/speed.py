@@ -338,7 +338,7 @@ def markdown(res: dict) -> str:
     if isinstance(eng, list) and eng:
         lines += ["## ResNet-50 blocks (4x4), same blocks, K and iteration cap (25) for every engine", "",
                   "legonet: default settings (fit sample = all blocks here, importance-sampled working set, "
-                  "<= 3 full-data polish iterations, final assignment).", "",
+                  "1 full-data polish iteration, final assignment).", "",
                   "| K | blocks | legonet s | sklearn s | faiss s | legonet inertia | sklearn inertia | faiss inertia "
                   "| speed-up vs sklearn | time vs faiss | load before/after |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -17,7 +17,8 @@ The engine is built for millions to billions of short vectors:
    the number of rows and starts from the previous stage's centroids, so most iterations are spent
    on small, cheap stages; every stage stops early once the relative change of inertia falls
    below ``tol``;
-5. after a coreset, a few plain Lloyd iterations on the whole fit sample remove the sampling error;
+5. after a coreset, plain Lloyd iteration(s) on the whole fit sample (``polish_iters``, default 1)
+   remove most of what is left of the sampling error;
 6. one full assignment pass labels every row (:func:`assign`).
 
 A full pass is one GEMM per chunk of rows that yields the squared distances directly (the norms
@@ -52,7 +53,7 @@ _STAGE_GROWTH = 2
 _CORE_MIN_ROWS = 1 << 16
 _CORE_ROWS_PER_CENTROID = 1024
 # Plain Lloyd iterations on the whole fit sample after a coreset fit.
-_POLISH_ITERS = 3
+_POLISH_ITERS = 1
 # Lloyd runs on at most this many rows build the row side of the distance GEMM once.
 _PREPARED_MAX_ROWS = 1 << 20
 # Over-relaxation of the working-set Lloyd steps (1 = plain Lloyd; steps stay safe below 2).
