@@ -123,6 +123,19 @@ def bench_engines(x: torch.Tensor, k: int, threads: int) -> dict:
     return out
 
 
+def bench_seeds(x: torch.Tensor, seeds: int) -> dict:
+    """legonet's default engine over several seeds: the spread of its inertia (and time)."""
+    out: dict = {"seeds": list(range(seeds)), "max_iters": ITERS}
+    for k in (32, 256):
+        runs = []
+        for seed in range(seeds):
+            t = time.perf_counter()
+            r = kmeans(x, k, seed=seed, max_iters=ITERS, max_fit_points=LegoConfig().kmeans.max_fit_points)
+            runs.append({"seed": seed, "seconds": time.perf_counter() - t, "inertia": exact_inertia(x, r.centroids)})
+        out[f"K{k}"] = runs
+    return out
+
+
 def bench_end_to_end(index: Path, threads: int, tmp: Path) -> dict:
     from legonet.compress import compress
     from legonet.report import build_report
@@ -258,7 +271,8 @@ def main() -> None:
     ap.add_argument("--params", type=float, default=1e9, help="size of the synthetic checkpoint (b)")
     ap.add_argument("--shard-bytes", type=int, default=500_000_000, help="shard size of the synthetic checkpoint")
     ap.add_argument("--resnet50", type=Path, default=DEFAULT_R50, help="sharded ResNet-50 index for (a)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["engines", "end2end", "stream", "gpu"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["engines", "seeds", "end2end", "stream", "gpu"])
+    ap.add_argument("--seeds", type=int, default=5, help="seeds of legonet's default engine in the seed study")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -295,6 +309,14 @@ def main() -> None:
                 res["resnet50_engines"].append(r)
                 print(json.dumps(r), flush=True)
                 save()
+        if "seeds" not in args.skip:
+            x = resnet50_blocks(args.resnet50)
+            before = load()
+            r = bench_seeds(x, args.seeds)
+            r.update(load_before=before, load_after=load())
+            res["resnet50_seeds"] = r
+            print(json.dumps(r), flush=True)
+            save()
         if "end2end" not in args.skip:
             with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
                 before = load()
@@ -360,6 +382,25 @@ def markdown(res: dict) -> str:
                              f"{r['legonet_faiss_working_set_time_vs_faiss']:.2f}x |")
         lines += ["", "Every time covers the centroids and the label of every block (faiss: train + index.search)."]
         lines.append("")
+    sd = res.get("resnet50_seeds")
+    if sd:
+        lines += ["## Seed study: legonet's default engine on ResNet-50 blocks, seeds "
+                  f"{sd['seeds'][0]}..{sd['seeds'][-1]}", "",
+                  "| K | inertia min / median / max | seconds min / median / max | sklearn inertia (seed 0) "
+                  "| seeds at or below sklearn |", "|---|---|---|---|---|"]
+        sk = {r["K"]: r["sklearn"]["inertia"] for r in eng} if isinstance(eng, list) else {}
+        for k in (32, 256):
+            runs = sd.get(f"K{k}", [])
+            if not runs:
+                continue
+            inert = sorted(r["inertia"] for r in runs)
+            secs = sorted(r["seconds"] for r in runs)
+            ref = sk.get(k)
+            below = sum(v <= ref for v in inert) if ref else "-"
+            lines.append(f"| {k} | {inert[0]:.2f} / {inert[len(inert) // 2]:.2f} / {inert[-1]:.2f} "
+                         f"| {secs[0]:.2f} / {secs[len(secs) // 2]:.2f} / {secs[-1]:.2f} "
+                         f"| {ref:.2f} | {below} of {len(runs)} |" if ref else f"| {k} | {inert} | {secs} | - | - |")
+        lines += [f"load {sd['load_before']} / {sd['load_after']}", ""]
     e2e = res.get("resnet50_end_to_end")
     if e2e:
         lines += ["## ResNet-50 end to end (read, fit, assign, write), 4x4, K=32", "",
