@@ -266,7 +266,7 @@ def fit_centroids(
     m_init = min(ns, init_points if init_points is not None else max(50 * k, 10_000))
     if init == "random":
         centroids = xf[torch.randperm(nf, generator=generator)[:k].to(dev)].clone()
-    elif coreset or m_init < ns:
+    elif xs is not xf:
         # The working set is in random order (draw order or a shuffle): its prefix is a sample.
         centroids = kmeans_plusplus(xs[:m_init], k, generator, None if ws is None else ws[:m_init],
                                     None if mass is None else mass[:m_init])

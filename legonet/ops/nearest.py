@@ -137,9 +137,11 @@ def _sweep(
 
     ``mass (n,)`` optional row weights: they scale a row's share of the sums (not its distances,
     whose argmin they cannot change). ``prepared``: the row side of every row
-    (:func:`prepare_rows`), for callers that sweep the same rows many times. Sums are taken per chunk in float32 and added up in float64,
-    so rounding error is bounded by the chunk size, not by n. Chunk boundaries never change a
-    row's label: each row's distances come from its own dot products only.
+    (:func:`prepare_rows`), for callers that sweep the same rows many times.
+
+    Sums are taken per chunk in float32 and added up in float64, so rounding error is bounded by
+    the chunk size, not by n. Chunk boundaries never change a row's label or distance: each comes
+    from the row's own dot products, computed by a GEMM of one fixed shape (see _nearest).
     """
     n, d = x.shape
     k = c.shape[0]

@@ -50,9 +50,10 @@ def test_weighted_cost_of_the_coreset_estimates_the_full_cost_better_than_a_unif
         core_err.append(float((assign(x[idx], c)[1].double() * mass.double()).sum()) * x.shape[0] / 2000 / full - 1)
         uidx = torch.randint(x.shape[0], (2000,), generator=g)
         unif_err.append(float(assign(x[uidx], c)[1].double().sum()) * x.shape[0] / 2000 / full - 1)
-    rms = lambda e: (sum(v * v for v in e) / len(e)) ** 0.5  # noqa: E731
-    assert rms(core_err) < 0.1
-    assert rms(core_err) < 0.7 * rms(unif_err)
+    core_rms = (sum(v * v for v in core_err) / len(core_err)) ** 0.5
+    unif_rms = (sum(v * v for v in unif_err) / len(unif_err)) ** 0.5
+    assert core_rms < 0.1
+    assert core_rms < 0.7 * unif_rms
 
 
 def test_constant_rows_give_a_uniform_draw():
