@@ -8,6 +8,9 @@ One command::
     scikit-learn's KMeans and faiss-cpu's Kmeans, in one process, same blocks, same K, same cap
     on iterations (25, faiss's default), same thread count. Every inertia is measured the same way:
     each method's centroids, every block assigned to its nearest one (exact float64 distances).
+    Every time covers fitting the centroids and labelling every block (faiss: ``train`` on its
+    default sample, then ``index.search`` of all blocks; scikit-learn: ``fit``, whose ``labels_``
+    cover all blocks; legonet: ``kmeans``, which returns every label).
     Also the end-to-end time of ``legonet compress`` on the sharded ResNet-50 (read, fit, assign,
     write), in process and as the CLI command.
 (b) A synthetic sharded checkpoint of ``--params`` float16 parameters (Linear shapes of a
@@ -72,40 +75,64 @@ def resnet50_blocks(index: Path) -> torch.Tensor:
 
 
 def bench_engines(x: torch.Tensor, k: int, threads: int) -> dict:
+    """Every engine's time covers producing the centroids AND the label of every block."""
     import faiss
     from sklearn.cluster import KMeans
     from threadpoolctl import threadpool_limits
 
     out: dict = {"K": k, "blocks": int(x.shape[0]), "max_iters": ITERS}
     xn = x.numpy()
+    fit_sample = LegoConfig().kmeans.max_fit_points
     t = time.perf_counter()
-    r = kmeans(x, k, seed=0, max_iters=ITERS, max_fit_points=LegoConfig().kmeans.max_fit_points)
+    r = kmeans(x, k, seed=0, max_iters=ITERS, max_fit_points=fit_sample)
     out["legonet"] = {"seconds": time.perf_counter() - t, "inertia": exact_inertia(x, r.centroids),
-                      "lloyd_iterations": r.iterations, "fit_sample": LegoConfig().kmeans.max_fit_points}
+                      "lloyd_iterations": r.iterations, "fit_sample": min(fit_sample, int(x.shape[0])),
+                      "working_set": max(1 << 16, 1024 * k), "labels": int(r.labels.numel())}
     faiss.omp_set_num_threads(threads)
     t = time.perf_counter()
     f = faiss.Kmeans(x.shape[1], k, niter=ITERS, seed=1, verbose=False)
     f.train(xn)
-    f.index.search(xn, 1)  # the final assignment of every block, as the others do
+    _, labels = f.index.search(xn, 1)  # the label of every block, as the others produce
     out["faiss"] = {"seconds": time.perf_counter() - t, "inertia": exact_inertia(x, f.centroids),
-                    "fit_sample": min(int(x.shape[0]), 256 * k)}
+                    "fit_sample": min(int(x.shape[0]), 256 * k), "labels": int(labels.size),
+                    "note": "time = train (on faiss's default sample of 256 blocks per centroid) + index.search of all blocks"}
     with threadpool_limits(threads):
         t = time.perf_counter()
         s = KMeans(k, n_init=1, max_iter=ITERS, random_state=0).fit(xn)
         out["sklearn"] = {"seconds": time.perf_counter() - t, "inertia": exact_inertia(x, s.cluster_centers_),
-                          "lloyd_iterations": int(s.n_iter_)}
-    # The same engine at faiss's operating point (a fit sample of 256 blocks per centroid).
+                          "lloyd_iterations": int(s.n_iter_), "labels": int(s.labels_.size),
+                          "note": "fit() computes labels_ for all blocks (final E-step included)"}
+    # The same engine at faiss's operating point: 256 blocks per centroid, a uniform sample (as
+    # faiss) or the importance-sampled working set drawn from all blocks, no full-data polish.
     t = time.perf_counter()
     r = kmeans(x, k, seed=0, max_iters=ITERS, max_fit_points=256 * k)
     out["legonet_faiss_sample"] = {"seconds": time.perf_counter() - t, "inertia": exact_inertia(x, r.centroids),
                                    "lloyd_iterations": r.iterations, "fit_sample": 256 * k}
+    t = time.perf_counter()
+    r = kmeans(x, k, seed=0, max_iters=ITERS, max_fit_points=fit_sample, working_points=256 * k, polish_iters=0)
+    out["legonet_faiss_working_set"] = {"seconds": time.perf_counter() - t, "inertia": exact_inertia(x, r.centroids),
+                                        "lloyd_iterations": r.iterations, "working_set": 256 * k, "polish_iters": 0}
     lg, sk, fa = out["legonet"], out["sklearn"], out["faiss"]
-    out["faiss_sample_time_vs_faiss"] = out["legonet_faiss_sample"]["seconds"] / fa["seconds"]
-    out["faiss_sample_inertia_vs_faiss"] = out["legonet_faiss_sample"]["inertia"] / fa["inertia"]
+    for name in ("legonet_faiss_sample", "legonet_faiss_working_set"):
+        out[f"{name}_time_vs_faiss"] = out[name]["seconds"] / fa["seconds"]
+        out[f"{name}_inertia_vs_faiss"] = out[name]["inertia"] / fa["inertia"]
     out["speedup_vs_sklearn"] = sk["seconds"] / lg["seconds"]
     out["time_vs_faiss"] = lg["seconds"] / fa["seconds"]
     out["inertia_vs_sklearn"] = lg["inertia"] / sk["inertia"]
     out["inertia_vs_faiss"] = lg["inertia"] / fa["inertia"]
+    return out
+
+
+def bench_seeds(x: torch.Tensor, seeds: int) -> dict:
+    """legonet's default engine over several seeds: the spread of its inertia (and time)."""
+    out: dict = {"seeds": list(range(seeds)), "max_iters": ITERS}
+    for k in (32, 256):
+        runs = []
+        for seed in range(seeds):
+            t = time.perf_counter()
+            r = kmeans(x, k, seed=seed, max_iters=ITERS, max_fit_points=LegoConfig().kmeans.max_fit_points)
+            runs.append({"seed": seed, "seconds": time.perf_counter() - t, "inertia": exact_inertia(x, r.centroids)})
+        out[f"K{k}"] = runs
     return out
 
 
@@ -244,7 +271,8 @@ def main() -> None:
     ap.add_argument("--params", type=float, default=1e9, help="size of the synthetic checkpoint (b)")
     ap.add_argument("--shard-bytes", type=int, default=500_000_000, help="shard size of the synthetic checkpoint")
     ap.add_argument("--resnet50", type=Path, default=DEFAULT_R50, help="sharded ResNet-50 index for (a)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["engines", "end2end", "stream", "gpu"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["engines", "seeds", "end2end", "stream", "gpu"])
+    ap.add_argument("--seeds", type=int, default=5, help="seeds of legonet's default engine in the seed study")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -281,6 +309,14 @@ def main() -> None:
                 res["resnet50_engines"].append(r)
                 print(json.dumps(r), flush=True)
                 save()
+        if "seeds" not in args.skip:
+            x = resnet50_blocks(args.resnet50)
+            before = load()
+            r = bench_seeds(x, args.seeds)
+            r.update(load_before=before, load_after=load())
+            res["resnet50_seeds"] = r
+            print(json.dumps(r), flush=True)
+            save()
         if "end2end" not in args.skip:
             with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
                 before = load()
@@ -323,6 +359,8 @@ def markdown(res: dict) -> str:
     eng = res.get("resnet50_engines")
     if isinstance(eng, list) and eng:
         lines += ["## ResNet-50 blocks (4x4), same blocks, K and iteration cap (25) for every engine", "",
+                  "legonet: default settings (fit sample = all blocks here, importance-sampled working set, "
+                  "1 full-data polish iteration, final assignment).", "",
                   "| K | blocks | legonet s | sklearn s | faiss s | legonet inertia | sklearn inertia | faiss inertia "
                   "| speed-up vs sklearn | time vs faiss | load before/after |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -331,14 +369,38 @@ def markdown(res: dict) -> str:
                          f"| {r['faiss']['seconds']:.2f} | {r['legonet']['inertia']:.2f} | {r['sklearn']['inertia']:.2f} "
                          f"| {r['faiss']['inertia']:.2f} | {r['speedup_vs_sklearn']:.1f}x | {r['time_vs_faiss']:.2f}x "
                          f"| {r['load_before']} / {r['load_after']} |")
-        lines += ["", "Same engine at faiss's operating point (fit sample of 256 blocks per centroid):", "",
-                  "| K | legonet s | faiss s | legonet inertia | faiss inertia | time vs faiss |", "|---|---|---|---|---|---|"]
+        lines += ["", "Same engine at faiss's operating point (256 blocks per centroid, no full-data polish): "
+                  "a uniform sample like faiss's, or the importance-sampled working set drawn from all blocks:", "",
+                  "| K | uniform sample s | inertia | working set s | inertia | faiss s | faiss inertia "
+                  "| time vs faiss (uniform / working set) |", "|---|---|---|---|---|---|---|---|"]
         for r in eng:
-            if "legonet_faiss_sample" in r:
-                lf = r["legonet_faiss_sample"]
-                lines.append(f"| {r['K']} | {lf['seconds']:.2f} | {r['faiss']['seconds']:.2f} | {lf['inertia']:.2f} "
-                             f"| {r['faiss']['inertia']:.2f} | {r['faiss_sample_time_vs_faiss']:.2f}x |")
+            if "legonet_faiss_working_set" in r:
+                lf, lw = r["legonet_faiss_sample"], r["legonet_faiss_working_set"]
+                lines.append(f"| {r['K']} | {lf['seconds']:.2f} | {lf['inertia']:.2f} | {lw['seconds']:.2f} "
+                             f"| {lw['inertia']:.2f} | {r['faiss']['seconds']:.2f} | {r['faiss']['inertia']:.2f} "
+                             f"| {r['legonet_faiss_sample_time_vs_faiss']:.2f}x / "
+                             f"{r['legonet_faiss_working_set_time_vs_faiss']:.2f}x |")
+        lines += ["", "Every time covers the centroids and the label of every block (faiss: train + index.search)."]
         lines.append("")
+    sd = res.get("resnet50_seeds")
+    if sd:
+        lines += ["## Seed study: legonet's default engine on ResNet-50 blocks, seeds "
+                  f"{sd['seeds'][0]}..{sd['seeds'][-1]}", "",
+                  "| K | inertia min / median / max | seconds min / median / max | sklearn inertia (seed 0) "
+                  "| seeds at or below sklearn |", "|---|---|---|---|---|"]
+        sk = {r["K"]: r["sklearn"]["inertia"] for r in eng} if isinstance(eng, list) else {}
+        for k in (32, 256):
+            runs = sd.get(f"K{k}", [])
+            if not runs:
+                continue
+            inert = sorted(r["inertia"] for r in runs)
+            secs = sorted(r["seconds"] for r in runs)
+            ref = sk.get(k)
+            below = sum(v <= ref for v in inert) if ref else "-"
+            lines.append(f"| {k} | {inert[0]:.2f} / {inert[len(inert) // 2]:.2f} / {inert[-1]:.2f} "
+                         f"| {secs[0]:.2f} / {secs[len(secs) // 2]:.2f} / {secs[-1]:.2f} "
+                         f"| {ref:.2f} | {below} of {len(runs)} |" if ref else f"| {k} | {inert} | {secs} | - | - |")
+        lines += [f"load {sd['load_before']} / {sd['load_after']}", ""]
     e2e = res.get("resnet50_end_to_end")
     if e2e:
         lines += ["## ResNet-50 end to end (read, fit, assign, write), 4x4, K=32", "",

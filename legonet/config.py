@@ -38,13 +38,15 @@ class KMeansConfig:
         max_iters: cap on Lloyd iterations.
         tol: stop when the relative change of the inertia falls below this.
         max_fit_points: fit the centroids on a seeded uniform sample of at most this many blocks
-            (``None``: all); every block is assigned to its nearest centroid afterwards.
+            (``None``: all); every block is assigned to its nearest centroid afterwards. Most of the
+            fit runs on a smaller importance-sampled working set drawn from this sample; the sample
+            itself is only swept by a few final Lloyd iterations.
     """
 
     init: str = "k-means++"
     max_iters: int = 100
     tol: float = 1e-4
-    max_fit_points: int | None = 1 << 18
+    max_fit_points: int | None = 1 << 21
 
     def __post_init__(self) -> None:
         if self.init not in INITS:

@@ -19,11 +19,21 @@ def snap_uniform_clusters(x: torch.Tensor, labels: torch.Tensor, centroids: torc
         ``(k, d)`` centroids (a new tensor).
     """
     k, d = centroids.shape
-    idx = labels[:, None].expand(-1, d)
     xf = x.to(centroids.dtype)
-    lo = torch.full((k, d), float("inf"), dtype=centroids.dtype).scatter_reduce(0, idx, xf, "amin")
-    hi = torch.full((k, d), float("-inf"), dtype=centroids.dtype).scatter_reduce(0, idx, xf, "amax")
-    uniform = (lo == hi).all(1)
+    # Only clusters whose members agree on their first element can be uniform: find them with 1-D
+    # scatters, then check the few rows in them element by element (full (n, d) scatters cost as
+    # much as a Lloyd iteration).
+    first = xf[:, 0].contiguous()
+    lo = torch.full((k,), float("inf"), dtype=xf.dtype, device=xf.device).scatter_reduce(0, labels, first, "amin")
+    hi = torch.full((k,), float("-inf"), dtype=xf.dtype, device=xf.device).scatter_reduce(0, labels, first, "amax")
     out = centroids.clone()
+    rows = torch.nonzero((lo == hi)[labels]).flatten()
+    if rows.numel() == 0:
+        return out
+    sub, lab = xf[rows], labels[rows]
+    idx = lab[:, None].expand(-1, d)
+    lo = torch.full((k, d), float("inf"), dtype=xf.dtype, device=xf.device).scatter_reduce(0, idx, sub, "amin")
+    hi = torch.full((k, d), float("-inf"), dtype=xf.dtype, device=xf.device).scatter_reduce(0, idx, sub, "amax")
+    uniform = (lo == hi).all(1)
     out[uniform] = lo[uniform]
     return out

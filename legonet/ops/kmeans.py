@@ -8,12 +8,21 @@ importance weighting and activation-aware clustering with one engine.
 The engine is built for millions to billions of short vectors:
 
 1. a seeded uniform *fit sample* of at most ``max_fit_points`` rows is drawn (:func:`sample_rows`);
-2. k-means++ seeds the centroids on a smaller sample (``init_points``);
-3. Lloyd iterations run on a *growing* prefix of the (shuffled) fit sample: each stage doubles the
-   number of rows and starts from the previous stage's centroids, so most iterations are spent on
-   small, cheap stages and only the last few touch the whole fit sample; every stage stops early
-   once the relative change of inertia falls below ``tol``;
-4. one full assignment pass labels every row (:func:`assign`).
+2. if the fit sample is much larger than ``max(65536, 1024 k)`` rows, a *working set* of that many
+   rows is drawn from it as a lightweight coreset (far-out rows drawn more often and weighted down:
+   heavy-tailed weights are then represented without bias); otherwise the working set is the fit
+   sample itself;
+3. k-means++ seeds the centroids on a prefix of the working set (``init_points`` rows);
+4. over-relaxed Lloyd iterations run on a *growing* prefix of the working set: each stage doubles
+   the number of rows and starts from the previous stage's centroids, so most iterations are spent
+   on small, cheap stages; every stage stops early once the relative change of inertia falls
+   below ``tol``;
+5. after a coreset, plain Lloyd iteration(s) on the whole fit sample (``polish_iters``, default 1)
+   remove most of what is left of the sampling error;
+6. one full assignment pass labels every row (:func:`assign`).
+
+A full pass is one GEMM per chunk of rows that yields the squared distances directly (the norms
+ride along as two extra columns) and one integer ``amin`` down the centroid axis (packed keys).
 
 Every tensor is created on ``x.device``; random choices come from a seeded CPU generator, so a seed
 gives identical results on one device (and equal results up to float rounding across devices).
@@ -24,19 +33,15 @@ assigned shard by shard (or machine by machine) with :func:`assign` alone.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from legonet.errors import ConfigError
 from legonet.ops.codebook import snap_uniform_clusters
+from legonet.ops.coreset import lightweight_coreset
+from legonet.ops.nearest import Progress, _sweep, assign, pairwise_sqdist, prepare_rows
 
-# Distances are computed a chunk of rows at a time; about 4 MiB of float32 distances per chunk
-# keeps memory flat whatever n and k are and keeps the chunk in cache while it is reduced.
-_CHUNK_ELEMENTS = 1 << 20
-# Up to this many index bits, the argmin is taken on packed keys (see _nearest).
-_PACKED_MAX_BITS = 8
 # Smallest stage of the growing-sample Lloyd schedule, in rows per centroid and in rows.
 _STAGE_ROWS_PER_CENTROID = 64
 _STAGE_MIN_ROWS = 16_384
@@ -44,9 +49,15 @@ _STAGE_MIN_ROWS = 16_384
 _STAGE_ITERS = 8
 # Each stage multiplies the rows by this.
 _STAGE_GROWTH = 2
-
-Progress = Callable[[str, int, int], None]
-"""``progress(task, done, total)``: ``task`` is ``"fit"`` or ``"assign"``; ``done <= total``."""
+# Fit samples larger than twice this are replaced by a lightweight coreset of this many rows.
+_CORE_MIN_ROWS = 1 << 16
+_CORE_ROWS_PER_CENTROID = 1024
+# Plain Lloyd iterations on the whole fit sample after a coreset fit.
+_POLISH_ITERS = 1
+# Lloyd runs on at most this many rows build the row side of the distance GEMM once.
+_PREPARED_MAX_ROWS = 1 << 20
+# Over-relaxation of the working-set Lloyd steps (1 = plain Lloyd; steps stay safe below 2).
+_OVERRELAX = 1.8
 
 
 @dataclass(frozen=True)
@@ -57,7 +68,7 @@ class KMeansResult:
         centroids: ``(k, d)`` float32.
         labels: ``(n,)`` int64, index of each vector's nearest centroid.
         inertia: weighted sum of squared distances of all n vectors to their centroid.
-        iterations: Lloyd iterations run, summed over the growing-sample stages.
+        iterations: Lloyd iterations run, summed over the working-set stages and the polish.
     """
 
     centroids: torch.Tensor
@@ -66,118 +77,12 @@ class KMeansResult:
     iterations: int
 
 
-def _chunk_rows(k: int) -> int:
-    return max(1024, _CHUNK_ELEMENTS // max(k, 1))
-
-
-def _nearest(
-    x: torch.Tensor, w: torch.Tensor | None, c: torch.Tensor, c_sq: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest centroid and squared distance for one chunk ``x (m, d)`` against ``c (k, d)``.
-
-    ``|c|^2 - 2 x.c`` is one fused matrix product (with weights, ``sum_d w (x - c)^2`` expands to
-    ``[w, w*x] @ [c^2, -2c]^T + sum_d w x^2``: still one product).
-
-    For ``k <= 256`` the argmin is taken on packed keys: a non-negative float32's bit pattern
-    orders like the float, so replacing its ``ceil(log2 k)`` lowest mantissa bits by the column
-    index and taking the integer minimum gives the minimum and its index in one plain ``amin``
-    (several times faster than ``min(dim=1)``, which must track indices). Distances closer than
-    ``2**-15`` relative count as ties, broken towards the lower index, and the returned distance is
-    truncated by at most that much: below the rounding error of the expansion itself.
-    """
-    if w is None:
-        part = torch.addmm(c_sq[None, :], x, c.T, alpha=-2.0)
-        row = (x * x).sum(1)
-    else:
-        wx = w * x
-        part = torch.cat([w, wx], 1) @ torch.cat([c * c, -2.0 * c], 1).T
-        row = (wx * x).sum(1)
-    k = c.shape[0]
-    bits = max(1, (k - 1).bit_length())
-    if bits > _PACKED_MAX_BITS:
-        dmin, amin = part.min(dim=1)
-        return amin, (dmin + row).clamp_min_(0.0)
-    low = (1 << bits) - 1
-    keys = part.add_(row[:, None]).clamp_min_(0.0).view(torch.int32)
-    iota = torch.arange(k, dtype=torch.int32, device=x.device)
-    best = keys.bitwise_and_(~low).bitwise_or_(iota).amin(dim=1)
-    return (best & low).long(), (best & ~low).view(torch.float32)
-
-
-def pairwise_sqdist(x: torch.Tensor, c: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-    """Squared (weighted) distances ``(n, k)`` between ``x (n, d)`` and ``c (k, d)``."""
-    if w is None:
-        d = (x * x).sum(1, keepdim=True) - 2.0 * (x @ c.T) + (c * c).sum(1)[None, :]
-    else:
-        wx = w * x
-        d = (wx * x).sum(1, keepdim=True) - 2.0 * (wx @ c.T) + w @ (c * c).T
-    return d.clamp_min_(0.0)
-
-
-def _sweep(
-    x: torch.Tensor,
-    c: torch.Tensor,
-    w: torch.Tensor | None,
-    accumulate: bool,
-    progress: Progress | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """One pass over all rows: labels, distances and (optionally) per-cluster weighted sums.
-
-    Sums are taken per chunk in float32 and added up in float64, so rounding error is bounded by
-    the chunk size, not by n. Chunk boundaries never change a row's label: each row's distances
-    come from its own dot products only.
-    """
-    n, d = x.shape
-    k = c.shape[0]
-    dev = x.device
-    labels = torch.empty(n, dtype=torch.int64, device=dev)
-    dists = torch.empty(n, dtype=torch.float32, device=dev)
-    num = torch.zeros(k, d, dtype=torch.float64, device=dev) if accumulate else None
-    den = torch.zeros(k, d if w is not None else 1, dtype=torch.float64, device=dev) if accumulate else None
-    c = c.to(device=dev, dtype=torch.float32).contiguous()
-    c_sq = (c * c).sum(1)
-    step = _chunk_rows(k)
-    for s in range(0, n, step):
-        xc = x[s : s + step].to(torch.float32)
-        wc = None if w is None else w[s : s + step].to(torch.float32)
-        lab, dist = _nearest(xc, wc, c, c_sq)
-        labels[s : s + step] = lab
-        dists[s : s + step] = dist
-        if accumulate:
-            if wc is None:
-                num += torch.zeros(k, d, device=dev).index_add_(0, lab, xc).double()
-                den += torch.bincount(lab, minlength=k).double()[:, None]
-            else:
-                num += torch.zeros(k, d, device=dev).index_add_(0, lab, wc * xc).double()
-                den += torch.zeros(k, d, device=dev).index_add_(0, lab, wc).double()
-        if progress is not None:
-            progress("assign", min(s + step, n), n)
-    return labels, dists, num, den
-
-
-def assign(
-    x: torch.Tensor,
-    centroids: torch.Tensor,
-    weights: torch.Tensor | None = None,
-    *,
-    progress: Progress | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest centroid of every vector; a pure function of ``(x, centroids)``.
-
-    Args:
-        x: ``(n, d)`` float, any device.
-        centroids: ``(k, d)`` float (moved to ``x.device``).
-        weights: optional ``(n, d)`` non-negative element weights.
-        progress: optional ``progress("assign", rows_done, n)`` callback.
-    Returns:
-        labels ``(n,)`` int64 and squared distances ``(n,)`` float32, on ``x.device``.
-    """
-    labels, dists, _, _ = _sweep(x, centroids, weights, accumulate=False, progress=progress)
-    return labels, dists
-
-
 def kmeans_plusplus(
-    x: torch.Tensor, k: int, generator: torch.Generator, weights: torch.Tensor | None = None
+    x: torch.Tensor,
+    k: int,
+    generator: torch.Generator,
+    weights: torch.Tensor | None = None,
+    mass: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Greedy k-means++ seeding (Arthur & Vassilvitskii 2007, with 2 + ln k local trials per step).
 
@@ -186,28 +91,43 @@ def kmeans_plusplus(
         k: number of centroids.
         generator: seeded CPU generator.
         weights: optional ``(n, d)`` element weights.
+        mass: optional ``(n,)`` row weights (a row of mass 2 counts as two copies of it): they
+            scale both the D^2 sampling law and the cost that picks the best trial.
     Returns:
         ``(k, d)`` float32 initial centroids, rows of ``x``.
     """
     n = x.shape[0]
     trials = 2 + int(math.log(k))
-    first = int(torch.randint(n, (1,), generator=generator))
+    mass64 = None if mass is None else mass.double()
+    first = int(torch.randint(n, (1,), generator=generator)) if mass is None else \
+        int(torch.multinomial(mass64.cpu(), 1, generator=generator))
     centers = [first]
-    closest = pairwise_sqdist(x, x[first : first + 1], weights).squeeze(1).double()
+    # Without element weights the row norms are computed once, not at every step (same formula and
+    # values as pairwise_sqdist).
+    # Distances are laid out (trials, n), so that every reduction runs along contiguous rows.
+    x_sq = None if weights is not None else (x * x).sum(1)
+
+    def dist_to(idx: torch.Tensor) -> torch.Tensor:
+        if x_sq is None:
+            return pairwise_sqdist(x, x[idx], weights).T.double()
+        return torch.addmm(x_sq[None, :], x[idx], x.T, alpha=-2.0).add_(x_sq[idx][:, None]).clamp_min_(0.0).double()
+
+    closest = dist_to(torch.tensor([first], device=x.device)).squeeze(0)
     for _ in range(1, k):
-        total = float(closest.sum())
+        law = closest if mass64 is None else closest * mass64
+        total = float(law.sum())
         if total <= 0.0:
             # Fewer distinct vectors than k: every remaining choice is a duplicate, take any.
             cand = torch.randint(n, (trials,), generator=generator)
         else:
             u = torch.rand(trials, generator=generator, dtype=torch.float64) * total
-            cand = torch.searchsorted(torch.cumsum(closest, 0).cpu(), u).clamp_(max=n - 1)
+            cand = torch.searchsorted(torch.cumsum(law, 0).cpu(), u).clamp_(max=n - 1)
         cand = cand.to(x.device)
-        d_cand = pairwise_sqdist(x, x[cand], None if weights is None else weights).double()  # (n, trials)
-        new_closest = torch.minimum(closest[:, None], d_cand)
-        best = int(torch.argmin(new_closest.sum(0)))
+        new_closest = torch.minimum(closest[None, :], dist_to(cand))  # (trials, n)
+        cost = new_closest.sum(1) if mass64 is None else new_closest @ mass64
+        best = int(torch.argmin(cost))
         centers.append(int(cand[best]))
-        closest = new_closest[:, best].contiguous()
+        closest = new_closest[best]
     return x[torch.tensor(centers, device=x.device)].to(torch.float32).clone()
 
 
@@ -249,21 +169,41 @@ def _lloyd(
     centroids: torch.Tensor,
     max_iters: int,
     tol: float,
-) -> tuple[torch.Tensor, int]:
-    """Lloyd iterations on all rows of ``x`` from ``centroids``; returns (centroids, iterations)."""
+    mass: torch.Tensor | None = None,
+    omega: float = 1.0,
+) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """Lloyd iterations on all rows of ``x`` from ``centroids``.
+
+    With ``omega > 1`` each step is over-relaxed: ``c <- c + omega (mean - c)``. Lloyd's steps
+    shrink geometrically along the slow directions of heavy-tailed data, and overshooting them
+    roughly halves the iterations to a given inertia. If an over-relaxed step raises the inertia,
+    the rest of the run falls back to plain steps (which never raise it). The centroids returned
+    are plain means of the last assignment.
+
+    Returns:
+        ``(centroids, iterations, labels of the last assignment)``.
+    """
     prev = math.inf
     it = 0
+    labels = torch.empty(0, dtype=torch.int64)
+    # The row side is built once for many passes over a working set; for a few passes over a large
+    # fit sample, rebuilding it chunk by chunk in cache is cheaper than faulting in a fresh buffer.
+    prepared = prepare_rows(x, w) if max_iters > 4 and x.shape[0] <= _PREPARED_MAX_ROWS else None
     for it in range(1, max_iters + 1):
-        _, dists, num, den = _sweep(x, centroids, w, accumulate=True)
-        inertia = float(dists.sum(dtype=torch.float64))
+        labels, dists, num, den = _sweep(x, centroids, w, accumulate=True, mass=mass, prepared=prepared)
+        d = dists.double() if mass is None else dists.double() * mass.double()
+        inertia = float(d.sum())
+        if inertia > prev:
+            omega = 1.0
         empty = den.sum(1) == 0
-        centroids = torch.where(den > 0, num / den.clamp_min(1e-300), centroids.double()).float()
+        means = torch.where(den > 0, num / den.clamp_min(1e-300), centroids.double()).float()
         if bool(empty.any()):
-            centroids = _reseed_empty(x, centroids, empty, dists)
-        if prev < math.inf and abs(prev - inertia) <= tol * max(prev, 1e-30):
-            break
+            means = _reseed_empty(x, means, empty, dists)
+        if (prev < math.inf and abs(prev - inertia) <= tol * max(prev, 1e-30)) or it == max_iters:
+            return means, it, labels
+        centroids = means if omega == 1.0 else centroids + omega * (means - centroids)
         prev = inertia
-    return centroids, it
+    return centroids, it, labels
 
 
 def fit_centroids(
@@ -277,8 +217,17 @@ def fit_centroids(
     init_points: int | None = None,
     weights: torch.Tensor | None = None,
     progress: Progress | None = None,
+    working_points: int | None = None,
+    polish_iters: int = _POLISH_ITERS,
 ) -> tuple[torch.Tensor, int]:
-    """Fit ``k`` centroids on the rows of ``xf`` (the fit sample): seeding, then growing-sample Lloyd.
+    """Fit ``k`` centroids on the rows of ``xf`` (the fit sample).
+
+    When the fit sample is much larger than the working set (``working_points`` rows), the
+    working set is a lightweight coreset of it (:func:`legonet.ops.coreset.lightweight_coreset`:
+    far-out rows drawn more often, weighted down in proportion); otherwise it is the fit sample
+    itself, shuffled. Then: k-means++ seeding on a prefix of the working set, over-relaxed Lloyd on
+    growing prefixes of it, and, after a coreset, up to ``polish_iters`` plain Lloyd iterations on
+    the whole fit sample (each one full pass), which remove what is left of the sampling error.
 
     Args:
         xf: ``(m, d)`` float32 fit sample, ``m >= k``.
@@ -286,44 +235,68 @@ def fit_centroids(
         generator: seeded CPU generator (its state advances).
         init, max_iters, tol, init_points, weights: as in :func:`kmeans`.
         progress: optional ``progress("fit", stages_done, stages)`` callback.
+        working_points: coreset size (default ``max(65536, 1024 k)``).
+        polish_iters: cap on the full-sample Lloyd iterations after a coreset fit.
     Returns:
-        ``(k, d)`` float32 centroids on ``xf.device`` and the number of Lloyd iterations run.
+        ``(k, d)`` float32 centroids on ``xf.device`` and the number of Lloyd iterations run
+        (working-set stages plus full-sample polish).
     """
     nf = xf.shape[0]
     dev = xf.device
-    sizes = stage_sizes(nf, k)
+    m_core = working_points if working_points is not None else max(_CORE_MIN_ROWS, _CORE_ROWS_PER_CENTROID * k)
+    coreset = nf > 2 * m_core
+    if coreset:
+        idx, mass = lightweight_coreset(xf, m_core, generator, weights)
+        xs = xf[idx]
+        ws = None if weights is None else weights[idx]
+        if ws is not None:
+            # A row weight scales every element weight of the row (argmin unchanged, means weighted).
+            ws, mass = ws * mass[:, None], None
+    elif nf > max(_STAGE_ROWS_PER_CENTROID * k, _STAGE_MIN_ROWS):
+        # Stages are prefixes of one shuffle, so each stage holds the previous one.
+        order = torch.randperm(nf, generator=generator).to(dev)
+        xs, ws, mass = xf[order], None if weights is None else weights[order], None
+    else:
+        xs, ws, mass = xf, weights, None
+    ns = xs.shape[0]
+    sizes = stage_sizes(ns, k)
+    steps = len(sizes) + 1 + (1 if coreset and polish_iters > 0 else 0)
     if progress is not None:
-        progress("fit", 0, len(sizes) + 1)
-    m_init = init_points if init_points is not None else max(50 * k, 10_000)
+        progress("fit", 0, steps)
+    m_init = min(ns, init_points if init_points is not None else max(50 * k, 10_000))
     if init == "random":
         centroids = xf[torch.randperm(nf, generator=generator)[:k].to(dev)].clone()
+    elif xs is not xf:
+        # The working set is in random order (draw order or a shuffle): its prefix is a sample.
+        centroids = kmeans_plusplus(xs[:m_init], k, generator, None if ws is None else ws[:m_init],
+                                    None if mass is None else mass[:m_init])
     else:
-        init_idx = sample_rows(nf, m_init, generator)
-        xi = xf if init_idx is None else xf[init_idx.to(dev)]
-        wi = weights if (weights is None or init_idx is None) else weights[init_idx.to(dev)]
+        init_idx = sample_rows(ns, m_init, generator)
+        xi = xs if init_idx is None else xs[init_idx.to(dev)]
+        wi = ws if (ws is None or init_idx is None) else ws[init_idx.to(dev)]
         centroids = kmeans_plusplus(xi, k, generator, wi)
     if progress is not None:
-        progress("fit", 1, len(sizes) + 1)
-    # Stages are prefixes of one shuffle, so each stage holds the previous one and no row is copied
-    # twice; a single stage needs no shuffle at all.
-    if len(sizes) > 1:
-        order = torch.randperm(nf, generator=generator).to(dev)
-        xs = xf[order]
-        ws = None if weights is None else weights[order]
-    else:
-        xs, ws = xf, weights
+        progress("fit", 1, steps)
     total = 0
     for i, size in enumerate(sizes):
         last = i == len(sizes) - 1
         iters = max_iters if last else min(max_iters, _STAGE_ITERS)
-        centroids, it = _lloyd(xs[:size], None if ws is None else ws[:size], centroids, iters, tol)
+        centroids, it, labels = _lloyd(xs[:size], None if ws is None else ws[:size], centroids, iters, tol,
+                                       None if mass is None else mass[:size], _OVERRELAX)
         total += it
         if progress is not None:
-            progress("fit", i + 2, len(sizes) + 1)
-    # Floating-point means can miss the value they average in the last bit: a centroid whose sample
-    # members are all identical is set to exactly that value (exact reconstruction where possible).
-    labels, _ = assign(xf, centroids, weights)
-    return snap_uniform_clusters(xf, labels, centroids), total
+            progress("fit", i + 2, steps)
+    rows = xs
+    if coreset and polish_iters > 0:
+        centroids, it, labels = _lloyd(xf, weights, centroids, polish_iters, tol)
+        total += it
+        rows = xf
+        if progress is not None:
+            progress("fit", steps, steps)
+    # Floating-point means can miss the value they average in the last bit: a centroid whose members
+    # (in the last Lloyd assignment, whose means these are) are all identical is set to exactly that
+    # value, so reconstruction is exact wherever the data allows it.
+    return snap_uniform_clusters(rows, labels, centroids), total
 
 
 def kmeans(
@@ -334,10 +307,12 @@ def kmeans(
     init: str = "k-means++",
     max_iters: int = 100,
     tol: float = 1e-4,
-    max_fit_points: int | None = 1 << 20,
+    max_fit_points: int | None = 1 << 21,
     init_points: int | None = None,
     weights: torch.Tensor | None = None,
     progress: Progress | None = None,
+    working_points: int | None = None,
+    polish_iters: int = _POLISH_ITERS,
 ) -> KMeansResult:
     """Cluster the rows of ``x`` into ``k`` centroids.
 
@@ -352,6 +327,9 @@ def kmeans(
         init_points: seed on a sample of at most this many rows (default ``max(50*k, 10000)``).
         weights: optional ``(n, d)`` non-negative element weights.
         progress: optional ``progress(task, done, total)`` callback (``"fit"`` then ``"assign"``).
+        working_points: size of the lightweight-coreset working set (default ``max(65536, 1024 k)``;
+            used when the fit sample holds more than twice as many rows).
+        polish_iters: cap on the plain Lloyd iterations over the whole fit sample after a coreset.
     Returns:
         :class:`KMeansResult` with labels for all ``n`` rows.
     """
@@ -364,12 +342,17 @@ def kmeans(
         raise ConfigError(f"weights shape {tuple(weights.shape)} does not match data {tuple(x.shape)}")
     if init not in ("k-means++", "random"):
         raise ConfigError(f"unknown k-means init {init!r}; use 'k-means++' or 'random'")
+    if working_points is not None and working_points < k:
+        raise ConfigError(f"working_points={working_points} must be at least K={k}")
+    if polish_iters < 0:
+        raise ConfigError(f"polish_iters must be >= 0, got {polish_iters}")
     gen = torch.Generator().manual_seed(int(seed))
     x = x.to(torch.float32)
     fit_idx = sample_rows(n, max_fit_points, gen)
     xf = x if fit_idx is None else x[fit_idx.to(x.device)]
     wf = weights if (weights is None or fit_idx is None) else weights[fit_idx.to(x.device)]
     centroids, iters = fit_centroids(xf, k, gen, init=init, max_iters=max_iters, tol=tol,
-                                     init_points=init_points, weights=wf, progress=progress)
+                                     init_points=init_points, weights=wf, progress=progress,
+                                     working_points=working_points, polish_iters=polish_iters)
     labels, dists = assign(x, centroids, weights, progress=progress)
     return KMeansResult(centroids, labels, float(dists.sum(dtype=torch.float64)), iters)

@@ -126,3 +126,34 @@ def test_gpu_matches_cpu_up_to_float_tolerance():
     gpu = kmeans(x.cuda(), 32, seed=0, max_fit_points=20_000)
     assert gpu.labels.device.type == "cuda"
     assert gpu.inertia == pytest.approx(cpu.inertia, rel=0.02)
+
+
+@pytest.mark.parametrize("d,k", [(1, 3), (9, 2), (64, 2), (16, 1000), (25, 300)])
+def test_assignment_is_row_wise_for_any_chunk_width(d, k):
+    # The chunk width depends on (k, d); rows must get the same bits whatever chunk they share.
+    g = torch.Generator().manual_seed(d * k)
+    x = torch.randn(40_001, d, generator=g)
+    c = x[:k] + 1e-3 * torch.randn(k, d, generator=g)
+    labels, dists = assign(x, c)
+    for lo, hi in [(0, 1), (7, 40_001), (12_345, 33_333), (39_990, 40_001)]:
+        l2, d2 = assign(x[lo:hi].clone(), c)
+        assert torch.equal(labels[lo:hi], l2) and torch.equal(dists[lo:hi], d2)
+
+
+def test_working_set_fit_on_heavy_tails_beats_a_uniform_sample_of_the_same_size():
+    # Rare far-out rows carry much of the cost: an importance-sampled working set of m rows (plus
+    # the full-sample polish) beats fitting on a uniform sample of m rows.
+    x = _heavy(200_000, seed=5)
+    core = kmeans(x, 16, seed=0, max_fit_points=None, working_points=8_192)
+    uniform = kmeans(x, 16, seed=0, max_fit_points=8_192)
+    core_no_polish = kmeans(x, 16, seed=0, max_fit_points=None, working_points=8_192, polish_iters=0)
+    assert core.inertia < uniform.inertia and core_no_polish.inertia < uniform.inertia
+    assert core.inertia <= core_no_polish.inertia
+    assert core.iterations > core_no_polish.iterations
+
+
+def test_bad_working_set_arguments_raise_config_errors():
+    with pytest.raises(ConfigError):
+        kmeans(torch.zeros(100, 4), 8, working_points=4)
+    with pytest.raises(ConfigError):
+        kmeans(torch.zeros(100, 4), 8, polish_iters=-1)

@@ -69,3 +69,12 @@ def test_errors():
         kmeans(torch.randn(10, 4), 11)
     with pytest.raises(ConfigError):
         kmeans(torch.randn(10, 4), 0)
+
+
+def test_kmeanspp_never_seeds_on_rows_of_zero_mass():
+    x, _ = planted(k=8)
+    mass = torch.ones(x.shape[0])
+    mass[: 3 * 200] = 0.0  # the first three planted clusters weigh nothing
+    init = kmeans_plusplus(x, 5, torch.Generator().manual_seed(0), mass=mass)
+    rows = [int((x == r).all(1).nonzero()[0]) for r in init]
+    assert all(r >= 3 * 200 for r in rows)
