@@ -18,6 +18,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -58,6 +59,7 @@ class ModelSpec:
     weights: Callable[[], Path]
     test_data: Callable[[], Path]
     sweep_images: int
+    jit: bool = False  # evaluate traced + frozen (see Bench.hits): pays off on large models only
 
     def available(self) -> bool:
         return self.weights().exists() and self.test_data().exists()
@@ -71,10 +73,10 @@ MODELS: dict[str, ModelSpec] = {
     "resnet20": ModelSpec("resnet20", "resnet20", _shared("models/resnet20_cifar10.safetensors"),
                           _shared("data/cifar10-test.npz"), 1000),
     "resnet56": ModelSpec("resnet56", "resnet56", _shared("models/resnet56_cifar10.safetensors"),
-                          _shared("data/cifar10-test.npz"), 1000),
+                          _shared("data/cifar10-test.npz"), 500),
     # ~10x ResNet-56's compute per image: its sweeps use fewer images (wider intervals, stated in every row)
     "resnet50": ModelSpec("resnet50", "resnet50_cifar", _shared("models/resnet50_cifar10.safetensors.index.json"),
-                          _shared("data/cifar10-test.npz"), 200),
+                          _shared("data/cifar10-test.npz"), 200, jit=True),
     # Needs nothing outside the repository: the smoke run (--quick) and the tests use it.
     "resnet20-bundled": ModelSpec("resnet20-bundled", "resnet20", lambda: bundled("resnet20_cifar10.safetensors"),
                                   lambda: bundled("cifar10-test-1000.npz"), 1000),
@@ -178,12 +180,13 @@ class Bench:
         log: optional callback for one-line progress messages.
         cached_only: never compute; :meth:`measure` raises :class:`NotMeasured` for what the
             cache lacks (to rebuild tables from a partial run).
+        jit: evaluate the traced, frozen model (see :meth:`hits`).
     """
 
     def __init__(self, name: str, state_dict: dict[str, torch.Tensor], arch: ArchSpec, test: ImageSet,
                  cache_dir: Path | None, methods: Mapping[str, MethodFn], calib: ImageSet | None = None,
-                 log: Callable[[str], None] | None = None, cached_only: bool = False):
-        self.cached_only = cached_only
+                 log: Callable[[str], None] | None = None, cached_only: bool = False, jit: bool = False):
+        self.cached_only, self.jit = cached_only, jit
         self.name, self.sd, self.arch, self.test, self.calib = name, state_dict, arch, test, calib
         self.methods = methods
         self.log = log or (lambda _m: None)
@@ -193,7 +196,6 @@ class Bench:
         self.cache: dict[str, dict] = {}
         if self.cache_path is not None and self.cache_path.exists():
             self.cache = json.loads(self.cache_path.read_text())
-        self._model = None
         self.computed = 0  # measurements computed (not read from the cache) in this process
 
     @classmethod
@@ -204,21 +206,40 @@ class Bench:
                             "set LEGONET_SHARED")
         calib = load_images(calib_path(), labels=True) if calib_path().exists() else None
         return cls(spec.name, read_state_dict(spec.weights()), get_arch(spec.arch), load_images(spec.test_data()),
-                   cache_dir, methods, calib, log, cached_only)
+                   cache_dir, methods, calib, log, cached_only, spec.jit)
 
     # -- evaluation ------------------------------------------------------------------------------
     def images(self, n: int | None) -> ImageSet:
         return self.test.subset(n, SUBSET_SEED)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def hits(self, sd: Mapping[str, torch.Tensor], images: ImageSet, batch_size: int = 200) -> np.ndarray:
-        """Per-image correctness ``(n,)`` bool of the model with weights ``sd`` (top-1 is its mean)."""
-        if self._model is None:
-            self._model = self.arch.build()
-        load_weights(self._model, {k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
-        model = self._model.eval()
-        out = [model(to_input(images.x[s : s + batch_size], self.arch.mean, self.arch.std)).argmax(1).numpy()
-               for s in range(0, len(images), batch_size)]
+        """Per-image correctness ``(n,)`` bool of the model with weights ``sd`` (top-1 is its mean).
+
+        With ``jit`` the model is traced, frozen and optimised for inference (BatchNorm folded into
+        the convolutions): 1.5x faster than eager PyTorch for ResNet-50 on this CPU (slower for
+        ResNet-20, where tracing costs more than it saves), the same arithmetic up to float
+        rounding, for the baseline and every compressed model alike. Models that cannot be traced
+        run eagerly.
+        """
+        model = self.arch.build()
+        load_weights(model, {k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+        model.eval()
+
+        def batches():
+            for s in range(0, len(images), batch_size):
+                yield to_input(images.x[s : s + batch_size], self.arch.mean, self.arch.std)
+
+        fast = model
+        try:
+            if not self.jit:
+                raise NotImplementedError
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fast = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, next(batches())[:2])))
+        except Exception:  # noqa: BLE001 - an untraceable model (or jit off) is evaluated as it is
+            pass
+        out = [fast(x).argmax(1).numpy() for x in batches()]
         return np.concatenate(out) == images.y
 
     def top1(self, sd: Mapping[str, torch.Tensor], images: ImageSet) -> float:

@@ -79,3 +79,8 @@ def test_subset_records_are_read_off_a_whole_set_evaluation(bench, tiny_sd, tiny
     direct = fresh.measure("legonet", setting, 40)
     assert derived["correct"] == direct["correct"] and derived["top1"] == direct["top1"] < 1.0
     assert derived["ci95"] == direct["ci95"] and derived["file_bytes"] == direct["file_bytes"]
+
+
+def test_jit_evaluation_gives_the_same_hits(bench, tiny_sd, tiny_images):
+    jitted = Bench("tiny", tiny_sd, bench.arch, tiny_images, None, bench.methods, jit=True)
+    assert (jitted.hits(tiny_sd, tiny_images) == bench.hits(tiny_sd, tiny_images)).all()
