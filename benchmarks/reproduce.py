@@ -3,9 +3,12 @@
     python -m benchmarks.reproduce                  # everything, results in benchmarks/results/
     python -m benchmarks.reproduce --quick          # smoke run on the bundled ResNet-20 (~minutes)
     python -m benchmarks.reproduce --models resnet20,resnet56 --experiments headline,fig4
+    python -m benchmarks.reproduce --fresh --out /tmp/run   # from an empty cache (timing a cold run)
 
 Every measurement is cached (benchmarks/results/cache/<model>.json), so a rerun is incremental and
-an interrupted run resumes; tables and plots are rebuilt from the cache each time.
+an interrupted run (Ctrl-C still writes the tables, plots and run_info.json) resumes; tables and
+plots are rebuilt from the cache each time. Stages run experiment by experiment across the models
+(:func:`stage_order`); run_info.json records each stage's wall and CPU time and the load averages.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import csv
 import json
 import os
 import platform
+import signal
 import threading
 import sys
 import time
@@ -71,9 +75,9 @@ def _per_model(value: str) -> dict[str, int] | int:
 def plan(model: str, quick: bool, args: argparse.Namespace) -> dict[str, Any]:
     """What to run for one model: subset sizes and grids (the --quick plan is a small smoke run).
 
-    The full plan is sized to fit 90 minutes on 2 cores for the three models together (see
-    docs/repro.md for the measured stage times): sweeps on a seeded test subset, only the headline
-    on every test image; every method of one model on the same subset.
+    The full plan aims at 90 minutes on 2 otherwise idle cores for the three models together (not
+    yet demonstrated: docs/repro.md has the measured stage times): sweeps on a seeded test subset,
+    only the headline on every test image; every method of one model on the same subset.
     """
     spec = MODELS[model]
     if quick:
@@ -120,6 +124,10 @@ def run_model(model: str, exps: list[str], p: dict[str, Any], out: Path, use_cor
     res: dict[str, Any] = {"bench": open_bench(model, out, cached_only), "plan": p}
     _run_experiments(res["bench"], res, exps, p, use_coreml, stages if stages is not None else [])
     return res
+
+
+def _stop(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _load() -> list[float]:
@@ -240,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
+    # SIGTERM (and SIGINT, which background jobs ignore) end the run through the finally below, so a
+    # stopped run still writes its tables, plots and run_info.json; the cache is written atomically.
+    previous = signal.signal(signal.SIGTERM, _stop)
     try:
         for m in models:
             results[m] = {"bench": open_bench(m, out, args.cached_only), "plan": plan(m, args.quick, args)}
@@ -250,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         done.set()
+        signal.signal(signal.SIGTERM, previous)
         if results:
             info = {"command": "python -m benchmarks.reproduce " + " ".join(argv if argv is not None else sys.argv[1:]),
                     "models": list(results), "experiments": exps, "quick": args.quick, "cached_only": args.cached_only,
