@@ -33,8 +33,8 @@ from legonet.data import ImageSet, load_images, to_input
 from legonet.errors import DataError
 from legonet.evaluate import wilson_interval
 from legonet.io.atomic import atomic_path
-from legonet.report import fp32_bytes  # noqa: F401  (re-exported: the benchmark's byte baseline)
 from legonet.io.checkpoints import read_state_dict
+from legonet.report import fp32_bytes  # noqa: F401  (re-exported: the benchmark's byte baseline)
 from legonet.zoo import ArchSpec, get_arch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,6 +161,17 @@ class MethodOutput:
 MethodFn = Callable[..., MethodOutput]
 
 
+def _traced(model: torch.nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``model`` traced on ``example``, frozen and optimised for inference; ``model`` itself if it
+    cannot be traced (the evaluation must not depend on it)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about Python control flow
+            return torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, example)))
+    except Exception:  # noqa: BLE001 - any tracing failure: evaluate eagerly
+        return model
+
+
 # -- the cached harness ----------------------------------------------------------------------------
 class NotMeasured(LookupError):
     """A measurement absent from the cache of a bench in ``cached_only`` mode."""
@@ -230,15 +241,7 @@ class Bench:
             for s in range(0, len(images), batch_size):
                 yield to_input(images.x[s : s + batch_size], self.arch.mean, self.arch.std)
 
-        fast = model
-        try:
-            if not self.jit:
-                raise NotImplementedError
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                fast = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, next(batches())[:2])))
-        except Exception:  # noqa: BLE001 - an untraceable model (or jit off) is evaluated as it is
-            pass
+        fast = _traced(model, next(batches())[:2]) if self.jit else model
         out = [fast(x).argmax(1).numpy() for x in batches()]
         return np.concatenate(out) == images.y
 

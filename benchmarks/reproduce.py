@@ -19,8 +19,8 @@ import json
 import os
 import platform
 import signal
-import threading
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
