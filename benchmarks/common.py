@@ -13,25 +13,28 @@ carry a 95 % Wilson interval.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from legonet.artifact import load_weights
-from legonet.data import ImageSet, load_images
+from legonet.data import ImageSet, load_images, to_input
 from legonet.errors import DataError
-from legonet.evaluate import top1, wilson_interval
+from legonet.evaluate import wilson_interval
 from legonet.io.atomic import atomic_path
-from legonet.report import fp32_bytes  # noqa: F401  (re-exported: the benchmark's byte baseline)
 from legonet.io.checkpoints import read_state_dict
+from legonet.report import fp32_bytes  # noqa: F401  (re-exported: the benchmark's byte baseline)
 from legonet.zoo import ArchSpec, get_arch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,6 +59,7 @@ class ModelSpec:
     weights: Callable[[], Path]
     test_data: Callable[[], Path]
     sweep_images: int
+    jit: bool = False  # evaluate traced + frozen (see Bench.hits): pays off on large models only
 
     def available(self) -> bool:
         return self.weights().exists() and self.test_data().exists()
@@ -67,15 +71,32 @@ def _shared(rel: str) -> Callable[[], Path]:
 
 MODELS: dict[str, ModelSpec] = {
     "resnet20": ModelSpec("resnet20", "resnet20", _shared("models/resnet20_cifar10.safetensors"),
-                          _shared("data/cifar10-test.npz"), 2000),
+                          _shared("data/cifar10-test.npz"), 1000),
     "resnet56": ModelSpec("resnet56", "resnet56", _shared("models/resnet56_cifar10.safetensors"),
-                          _shared("data/cifar10-test.npz"), 2000),
-    "resnet50": ModelSpec("resnet50", "resnet50_cifar", _shared("models/resnet50_cifar10.safetensors.index.json"),
                           _shared("data/cifar10-test.npz"), 500),
+    # ~10x ResNet-56's compute per image: its sweeps use fewer images (wider intervals, stated in every row)
+    "resnet50": ModelSpec("resnet50", "resnet50_cifar", _shared("models/resnet50_cifar10.safetensors.index.json"),
+                          _shared("data/cifar10-test.npz"), 200, jit=True),
     # Needs nothing outside the repository: the smoke run (--quick) and the tests use it.
     "resnet20-bundled": ModelSpec("resnet20-bundled", "resnet20", lambda: bundled("resnet20_cifar10.safetensors"),
                                   lambda: bundled("cifar10-test-1000.npz"), 1000),
 }
+
+
+def subset_index(total: int, n: int | None, seed: int = SUBSET_SEED) -> np.ndarray:
+    """Indices of :meth:`legonet.data.ImageSet.subset` (``n`` of ``total`` images, seeded), sorted."""
+    if n is None or n >= total:
+        return np.arange(total)
+    return np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False))
+
+
+def pack_hits(hits: np.ndarray) -> str:
+    """Per-image correctness (bool ``(n,)``) as base64 of its packed bits, for the JSON cache."""
+    return base64.b64encode(np.packbits(hits.astype(bool)).tobytes()).decode("ascii")
+
+
+def unpack_hits(text: str, n: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8))[:n].astype(bool)
 
 
 def calib_path() -> Path:
@@ -140,6 +161,17 @@ class MethodOutput:
 MethodFn = Callable[..., MethodOutput]
 
 
+def _traced(model: torch.nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``model`` traced on ``example``, frozen and optimised for inference; ``model`` itself if it
+    cannot be traced (the evaluation must not depend on it)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about Python control flow
+            return torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, example)))
+    except Exception:  # noqa: BLE001 - any tracing failure: evaluate eagerly
+        return model
+
+
 # -- the cached harness ----------------------------------------------------------------------------
 class NotMeasured(LookupError):
     """A measurement absent from the cache of a bench in ``cached_only`` mode."""
@@ -159,12 +191,13 @@ class Bench:
         log: optional callback for one-line progress messages.
         cached_only: never compute; :meth:`measure` raises :class:`NotMeasured` for what the
             cache lacks (to rebuild tables from a partial run).
+        jit: evaluate the traced, frozen model (see :meth:`hits`).
     """
 
     def __init__(self, name: str, state_dict: dict[str, torch.Tensor], arch: ArchSpec, test: ImageSet,
                  cache_dir: Path | None, methods: Mapping[str, MethodFn], calib: ImageSet | None = None,
-                 log: Callable[[str], None] | None = None, cached_only: bool = False):
-        self.cached_only = cached_only
+                 log: Callable[[str], None] | None = None, cached_only: bool = False, jit: bool = False):
+        self.cached_only, self.jit = cached_only, jit
         self.name, self.sd, self.arch, self.test, self.calib = name, state_dict, arch, test, calib
         self.methods = methods
         self.log = log or (lambda _m: None)
@@ -174,7 +207,6 @@ class Bench:
         self.cache: dict[str, dict] = {}
         if self.cache_path is not None and self.cache_path.exists():
             self.cache = json.loads(self.cache_path.read_text())
-        self._model = None
         self.computed = 0  # measurements computed (not read from the cache) in this process
 
     @classmethod
@@ -185,17 +217,36 @@ class Bench:
                             "set LEGONET_SHARED")
         calib = load_images(calib_path(), labels=True) if calib_path().exists() else None
         return cls(spec.name, read_state_dict(spec.weights()), get_arch(spec.arch), load_images(spec.test_data()),
-                   cache_dir, methods, calib, log, cached_only)
+                   cache_dir, methods, calib, log, cached_only, spec.jit)
 
     # -- evaluation ------------------------------------------------------------------------------
     def images(self, n: int | None) -> ImageSet:
         return self.test.subset(n, SUBSET_SEED)
 
+    @torch.inference_mode()
+    def hits(self, sd: Mapping[str, torch.Tensor], images: ImageSet, batch_size: int = 200) -> np.ndarray:
+        """Per-image correctness ``(n,)`` bool of the model with weights ``sd`` (top-1 is its mean).
+
+        With ``jit`` the model is traced, frozen and optimised for inference (BatchNorm folded into
+        the convolutions): 1.5x faster than eager PyTorch for ResNet-50 on this CPU (slower for
+        ResNet-20, where tracing costs more than it saves), the same arithmetic up to float
+        rounding, for the baseline and every compressed model alike. Models that cannot be traced
+        run eagerly.
+        """
+        model = self.arch.build()
+        load_weights(model, {k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+        model.eval()
+
+        def batches():
+            for s in range(0, len(images), batch_size):
+                yield to_input(images.x[s : s + batch_size], self.arch.mean, self.arch.std)
+
+        fast = _traced(model, next(batches())[:2]) if self.jit else model
+        out = [fast(x).argmax(1).numpy() for x in batches()]
+        return np.concatenate(out) == images.y
+
     def top1(self, sd: Mapping[str, torch.Tensor], images: ImageSet) -> float:
-        if self._model is None:
-            self._model = self.arch.build()
-        load_weights(self._model, {k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
-        return top1(self._model, images, self.arch.mean, self.arch.std)
+        return float(self.hits(sd, images).mean())
 
     def _save(self) -> None:
         if self.cache_path is None:
@@ -229,6 +280,11 @@ class Bench:
         k = self.key(method, setting, n_images) + ("" if on == "test" else "@calib")
         if k in self.cache:
             return self.cache[k]
+        derived = self._derive(method, setting, n_images) if on == "test" else None
+        if derived is not None:
+            self.cache[k] = derived
+            self._save()
+            return derived
         if self.cached_only:
             raise NotMeasured(f"{self.name}: {method} {setting} on {n_images} {on} images is not in the cache")
         t0 = time.perf_counter()
@@ -245,14 +301,38 @@ class Bench:
         }
         if n_images != 0:
             images = pool.subset(n_images, SUBSET_SEED)
-            acc = self.top1(out.state_dict, images)
+            hits = self.hits(out.state_dict, images)
+            acc = float(hits.mean())
             lo, hi = wilson_interval(acc, len(images))
-            rec.update(on=on, top1=acc, n=len(images), correct=round(acc * len(images)), ci95=[lo, hi],
+            rec.update(on=on, top1=acc, n=len(images), correct=int(hits.sum()), ci95=[lo, hi],
                        eval_s=round(time.perf_counter() - t1, 2))
+            if on == "test" and n_images is None:
+                # Kept so that any seeded subset's accuracy is read off this evaluation (see _derive).
+                rec["hits"] = pack_hits(hits)
         self.cache[k] = rec
         self.computed += 1
         self._save()
         acc_s = f"top1 {rec['top1'] * 100:.2f} % on {rec['n']}" if "top1" in rec else "not evaluated"
         self.log(f"{self.name} {method} {setting}: {rec['ratio']:.1f}x, {rec['bits_per_weight']:.3f} bpw, "
-                 f"SQNR {rec['sqnr_mean_db']:.2f} dB, {acc_s}")
+                 f"SQNR {rec['sqnr_mean_db']:.2f} dB, {acc_s} ({rec['compress_s']:.0f} s + {rec.get('eval_s', 0):.0f} s)")
+        return rec
+
+    def _derive(self, method: str, setting: Mapping[str, Any], n_images: int | None) -> dict | None:
+        """A subset (or size-only) record read off a cached whole-test-set evaluation, if there is one.
+
+        The subset is a fixed set of test images, so its accuracy under a given compressed model is
+        exactly the mean of that model's per-image hits over those images: no second compression
+        or evaluation is needed (the headline's points are also Fig. 4's points this way).
+        """
+        full = self.cache.get(self.key(method, setting, None))
+        if full is None or "hits" not in full or n_images is None:
+            return None
+        rec = {k: v for k, v in full.items() if k not in ("hits", "top1", "n", "correct", "ci95", "eval_s", "on")}
+        rec.update(compress_s=0.0, derived_from=full["n"])
+        if n_images == 0:
+            return rec
+        hits = unpack_hits(full["hits"], full["n"])[subset_index(full["n"], n_images)]
+        acc = float(hits.mean())
+        lo, hi = wilson_interval(acc, len(hits))
+        rec.update(on="test", top1=acc, n=len(hits), correct=int(hits.sum()), ci95=[lo, hi], eval_s=0.0)
         return rec

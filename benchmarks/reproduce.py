@@ -3,9 +3,12 @@
     python -m benchmarks.reproduce                  # everything, results in benchmarks/results/
     python -m benchmarks.reproduce --quick          # smoke run on the bundled ResNet-20 (~minutes)
     python -m benchmarks.reproduce --models resnet20,resnet56 --experiments headline,fig4
+    python -m benchmarks.reproduce --fresh --out /tmp/run   # from an empty cache (timing a cold run)
 
 Every measurement is cached (benchmarks/results/cache/<model>.json), so a rerun is incremental and
-an interrupted run resumes; tables and plots are rebuilt from the cache each time.
+an interrupted run (Ctrl-C still writes the tables, plots and run_info.json) resumes; tables and
+plots are rebuilt from the cache each time. Stages run experiment by experiment across the models
+(:func:`stage_order`); run_info.json records each stage's wall and CPU time and the load averages.
 """
 
 from __future__ import annotations
@@ -13,8 +16,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import platform
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +35,7 @@ from benchmarks.peers import PEER_METHODS, coreml_available
 from benchmarks.summary import render
 from legonet.errors import LegoError
 
-EXPERIMENTS = ("headline", "fig4", "fig3", "arrangement", "peers")
+EXPERIMENTS = ("headline", "fig4", "fig3", "arrangement", "peers", "target")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
@@ -67,36 +73,69 @@ def _per_model(value: str) -> dict[str, int] | int:
 
 
 def plan(model: str, quick: bool, args: argparse.Namespace) -> dict[str, Any]:
-    """What to run for one model: subset sizes and grids (the --quick plan is a small smoke run)."""
+    """What to run for one model: subset sizes and grids (the --quick plan is a small smoke run).
+
+    The full plan aims at 90 minutes on 2 otherwise idle cores for the three models together (not
+    yet demonstrated: docs/repro.md has the measured stage times): sweeps on a seeded test subset,
+    only the headline on every test image; every method of one model on the same subset.
+    """
     spec = MODELS[model]
     if quick:
         return {"headline_images": 500, "sweep_images": 200, "ks": (2, 16, 256), "blocks": (2, 4),
                 "fig3_ks": (2, 8, 32, 128), "peer_bits": (2, 4), "vector_bits": (), "seeds": (0,),
-                "calib_images": 0}
+                "calib_images": 0, "target": []}
     hl = args.headline_images.get(model) if isinstance(args.headline_images, dict) else args.headline_images
     p = {"headline_images": hl, "sweep_images": args.sweep_images or spec.sweep_images,
          "ks": ex.POW2_K, "blocks": ex.FIG3_BLOCKS, "fig3_ks": ex.POW2_K, "peer_bits": (1, 2, 3, 4, 6, 8),
-         # coremltools' vector k-means is slow (~2 min per setting on ResNet-20 here): none on ResNet-50.
-         "vector_bits": args.vector_bits if args.vector_bits is not None else (() if model == "resnet50" else (2, 4, 6, 8)),
-         "seeds": (0, 1, 2), "calib_images": 512}
+         # coremltools' vector k-means is slow (~1-2 min per setting on ResNet-20 here, ~3x that on
+         # ResNet-56): on ResNet-20 only.
+         "vector_bits": args.vector_bits if args.vector_bits is not None else ((2, 4) if model == "resnet20" else ()),
+         "seeds": (0, 1, 2), "calib_images": 512, "defer_headline": False,
+         # beyond the paper (issue 4): target-ratio mode; the calibrated one distils for minutes per point
+         "target": [("legonet-target", {"ratio": 8.0}), ("legonet-target", {"ratio": 16.0}),
+                    ("legonet-target-calib", {"ratio": 8.0}), ("legonet-target-calib", {"ratio": 16.0})]}
     if model == "resnet50":
-        # ResNet-50 has 1.47 M 4x4 blocks (87x ResNet-20's): k-means with K in the thousands would take
-        # hours on 2 cores, so its sweeps stop at K=256 and the block-size sweep (Fig. 3) is left to
-        # the small models.
-        p.update(ks=tuple(k for k in ex.POW2_K if k <= 256), blocks=(), seeds=(0,), calib_images=0)
+        # 87x ResNet-20's blocks: one arrangement seed, fewer calibration images for its data-driven pick,
+        # and the calibrated target mode (~12 min a point) only at the ratios of issue 4's targets.
+        # Its three whole-test-set evaluations (~5 min each on an idle machine) run after every sweep.
+        p.update(seeds=(0,), calib_images=256, defer_headline=True,
+                 target=[("legonet-target", {"ratio": 16.0}),
+                         ("legonet-target-calib", {"ratio": 64.0}), ("legonet-target-calib", {"ratio": 128.0})])
     return p
 
 
+def stage_order(exps: list[str], plans: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    """(experiment, model) pairs in run order: experiment by experiment across the models, so the
+    paper's claims on every model come first; deferred headlines (a large model's whole-test-set
+    evaluations) after the sweeps, and the costliest extra (target mode) last."""
+    order = [(e, m) for e in EXPERIMENTS if e in exps and e != "target" for m in plans
+             if not (e == "headline" and plans[m].get("defer_headline"))]
+    order += [("headline", m) for m in plans if "headline" in exps and plans[m].get("defer_headline")]
+    return order + [("target", m) for m in plans if "target" in exps]
+
+
+def open_bench(model: str, out: Path, cached_only: bool = False) -> Bench:
+    return Bench.from_spec(MODELS[model], out / "cache", {**LEGONET_METHODS, **PEER_METHODS}, log=_log,
+                           cached_only=cached_only)
+
+
 def run_model(model: str, exps: list[str], p: dict[str, Any], out: Path, use_coreml: bool,
-              cached_only: bool = False) -> dict[str, Any]:
-    bench = Bench.from_spec(MODELS[model], out / "cache", {**LEGONET_METHODS, **PEER_METHODS}, log=_log,
-                            cached_only=cached_only)
-    res: dict[str, Any] = {"bench": bench, "plan": p}
-    _run_experiments(bench, res, exps, p, use_coreml)
+              cached_only: bool = False, stages: list[dict] | None = None) -> dict[str, Any]:
+    res: dict[str, Any] = {"bench": open_bench(model, out, cached_only), "plan": p}
+    _run_experiments(res["bench"], res, exps, p, use_coreml, stages if stages is not None else [])
     return res
 
 
-def _run_experiments(bench: Bench, res: dict[str, Any], exps: list[str], p: dict[str, Any], use_coreml: bool) -> None:
+def _stop(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def _run_experiments(bench: Bench, res: dict[str, Any], exps: list[str], p: dict[str, Any], use_coreml: bool,
+                     stages: list[dict]) -> None:
     n = p["sweep_images"]
     steps = {
         "headline": lambda: {"headline": ex.headline(bench, p["headline_images"])},
@@ -105,15 +144,23 @@ def _run_experiments(bench: Bench, res: dict[str, Any], exps: list[str], p: dict
         "arrangement": lambda: {"arrangement": search(bench, n, seeds=p["seeds"], calib_images=p["calib_images"])},
         "peers": lambda: {"peers": ex.peers(bench, n, ex.peer_grid(bench, p["peer_bits"], coreml=use_coreml,
                                                                     vector_bits=p["vector_bits"]))},
+        "target": lambda: {"target": ex.target(bench, n, p["target"])},
     }
     for name in EXPERIMENTS:
         if name not in exps:
             continue
         _log(f"{bench.name}: {name} (sweeps on {n} images, headline on {p['headline_images'] or 'all'})")
+        t0, c0, cpu0, load0 = time.time(), bench.computed, time.process_time(), _load()
         try:
             res.update(steps[name]())
         except NotMeasured as exc:  # --cached-only: the tables hold what was measured
             _log(f"{bench.name}: {name} left out: {exc}")
+        finally:
+            stages.append({"model": bench.name, "experiment": name, "wall_s": round(time.time() - t0, 1),
+                           "cpu_s": round(time.process_time() - cpu0, 1), "computed": bench.computed - c0,
+                           "load_start": load0, "load_end": _load(), "ended": time.strftime("%H:%M:%S")})
+            _log(f"{bench.name}: {name} took {stages[-1]['wall_s']} s, {stages[-1]['computed']} measurements, "
+                 f"load {stages[-1]['load_end']}")
 
 
 def write_outputs(results: dict[str, dict], out: Path, info: dict | None = None) -> list[Path]:
@@ -126,7 +173,7 @@ def write_outputs(results: dict[str, dict], out: Path, info: dict | None = None)
     for model, res in results.items():
         bench: Bench = res["bench"]
         n = res["plan"]["sweep_images"]
-        for name in ("headline", "fig4", "fig3", "fig3_points", "peers"):
+        for name in ("headline", "fig4", "fig3", "fig3_points", "peers", "target"):
             tables.setdefault(name, []).extend(res.get(name, []))
         if "arrangement" in res:
             a = res["arrangement"]
@@ -161,15 +208,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", help=f"comma-separated, from {', '.join(MODELS)} (default: resnet20,resnet56,resnet50)")
     ap.add_argument("--experiments", default=",".join(EXPERIMENTS), help=f"comma-separated from {', '.join(EXPERIMENTS)}")
     ap.add_argument("--out", type=Path, help="results folder (default benchmarks/results, or .../quick with --quick)")
-    ap.add_argument("--sweep-images", type=int, help="test images for sweeps (default per model: 2000, 2000, 500)")
+    ap.add_argument("--sweep-images", type=int, help="test images for sweeps (default per model: 1000, 1000, 200)")
     ap.add_argument("--headline-images", type=_per_model,
                     help="test images for the headline table, N or MODEL=N,... (default: all)")
     ap.add_argument("--no-coreml", action="store_true", help="leave out coremltools even if installed")
     ap.add_argument("--vector-bits", type=lambda v: tuple(int(b) for b in v.split(",") if b),
-                    help="n_bits of coremltools' vector palettization, e.g. 2,4 ('' for none; default 2,4,6,8, "
-                         "none on resnet50)")
+                    help="n_bits of coremltools' vector palettization, e.g. 2,4 ('' for none; default 2,4,6,8 "
+                         "on resnet20, none on the others)")
     ap.add_argument("--cached-only", action="store_true",
                     help="compute nothing: rebuild tables and plots from the cache, leaving out what is missing")
+    ap.add_argument("--fresh", action="store_true",
+                    help="start from an empty cache: delete the selected models' cache files under --out first")
     args = ap.parse_args(argv)
     models = (args.models or ("resnet20-bundled" if args.quick else "resnet20,resnet56,resnet50")).split(",")
     exps = args.experiments.split(",")
@@ -177,22 +226,48 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"reproduce: error: unknown model or experiment: {', '.join(bad)}", file=sys.stderr)
         return 1
+    if args.fresh and args.cached_only:
+        print("reproduce: error: --fresh and --cached-only exclude each other", file=sys.stderr)
+        return 1
     out = args.out or (DEFAULT_OUT / "quick" if args.quick else DEFAULT_OUT)
+    if args.fresh:
+        for m in models:
+            (out / "cache" / f"{m}.json").unlink(missing_ok=True)
     use_coreml = not args.no_coreml and coreml_available()
     if not use_coreml:
         _log("coremltools not used (not installed or --no-coreml): its peer rows are left out")
-    t0 = time.time()
-    results = {}
+    t0, cpu0, started = time.time(), time.process_time(), time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    results: dict[str, dict] = {}
+    stages: list[dict] = []
+    samples: list[list[float]] = []  # (minute, load 1, 5, 15) while the run lasts: the machine is shared
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0 if not samples else 60):
+            samples.append([round((time.time() - t0) / 60, 1), *_load()])
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    # SIGTERM (and SIGINT, which background jobs ignore) end the run through the finally below, so a
+    # stopped run still writes its tables, plots and run_info.json; the cache is written atomically.
+    previous = signal.signal(signal.SIGTERM, _stop)
     try:
         for m in models:
-            results[m] = run_model(m, exps, plan(m, args.quick, args), out, use_coreml, args.cached_only)
+            results[m] = {"bench": open_bench(m, out, args.cached_only), "plan": plan(m, args.quick, args)}
+        for e, m in stage_order(exps, {m: r["plan"] for m, r in results.items()}):
+            _run_experiments(results[m]["bench"], results[m], [e], results[m]["plan"], use_coreml, stages)
     except LegoError as exc:
         print(f"reproduce: error: {exc}", file=sys.stderr)
         return 1
     finally:
+        done.set()
+        signal.signal(signal.SIGTERM, previous)
         if results:
-            info = {"models": list(results), "experiments": exps, "quick": args.quick, "cached_only": args.cached_only,
-                    "seconds": round(time.time() - t0, 1),
+            info = {"command": "python -m benchmarks.reproduce " + " ".join(argv if argv is not None else sys.argv[1:]),
+                    "models": list(results), "experiments": exps, "quick": args.quick, "cached_only": args.cached_only,
+                    "fresh": args.fresh, "started": started, "ended": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                    "seconds": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - cpu0, 1),
+                    "cpus": os.cpu_count(), "large_k": ex.LARGE_K, "stages": stages, "load_average_samples": samples,
                     "computed": {m: r["bench"].computed for m, r in results.items()},
                     "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
                     "coreml": use_coreml, "plans": {m: r["plan"] for m, r in results.items()},

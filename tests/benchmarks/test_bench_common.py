@@ -61,3 +61,26 @@ def test_layer_averaged_sqnr_averages_noise_to_signal_over_tensors():
     approx = {"a": torch.ones(4, 4), "b": torch.ones(2, 8) * 1.1}  # a exact, b at NSR 0.01
     assert math.isclose(sqnr_stats(w, approx)["sqnr_layer_db"], -10 * math.log10(0.005), abs_tol=1e-4)
     assert sqnr_stats(w, w)["sqnr_layer_db"] == 100.0
+
+
+def test_subset_records_are_read_off_a_whole_set_evaluation(bench, tiny_sd, tiny_images):
+    from benchmarks.common import subset_index
+
+    sub = tiny_images.subset(40, 0)
+    idx = subset_index(len(tiny_images), 40)
+    assert (sub.x == tiny_images.x[idx]).all() and (sub.y == tiny_images.y[idx]).all()
+    setting = {"block": [2, 2], "clusters": 4}
+    full = bench.measure("legonet", setting, None)
+    assert "hits" in full and bench.computed == 1
+    derived = bench.measure("legonet", setting, 40)
+    assert bench.computed == 1 and derived["derived_from"] == len(tiny_images)  # nothing recomputed
+    # the same number as compressing again and evaluating on the subset itself
+    fresh = Bench("tiny", tiny_sd, bench.arch, tiny_images, None, bench.methods)
+    direct = fresh.measure("legonet", setting, 40)
+    assert derived["correct"] == direct["correct"] and derived["top1"] == direct["top1"] < 1.0
+    assert derived["ci95"] == direct["ci95"] and derived["file_bytes"] == direct["file_bytes"]
+
+
+def test_jit_evaluation_gives_the_same_hits(bench, tiny_sd, tiny_images):
+    jitted = Bench("tiny", tiny_sd, bench.arch, tiny_images, None, bench.methods, jit=True)
+    assert (jitted.hits(tiny_sd, tiny_images) == bench.hits(tiny_sd, tiny_images)).all()

@@ -32,3 +32,13 @@ def test_outputs_include_plots_and_tables(bench, tmp_path):
     written = {p.name for p in write_outputs({"tiny": res}, tmp_path)}
     assert {"fig4_tiny.png", "fig3_tiny.png", "pareto_tiny.png", "fig4.csv", "peers.csv", "best_within.csv"} <= written
     assert (tmp_path / "pareto_tiny.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_stage_order_defers_large_headlines_and_runs_target_mode_last():
+    from benchmarks.reproduce import stage_order
+
+    plans = {"small": {}, "large": {"defer_headline": True}}
+    order = stage_order(["headline", "fig4", "peers", "target"], plans)
+    assert order == [("headline", "small"), ("fig4", "small"), ("fig4", "large"), ("peers", "small"),
+                     ("peers", "large"), ("headline", "large"), ("target", "small"), ("target", "large")]
+    assert stage_order(["fig4"], plans) == [("fig4", "small"), ("fig4", "large")]
