@@ -36,33 +36,10 @@ def _batches(images: torch.Tensor, batch_size: int):
         yield images[s : s + batch_size]
 
 
-def calibrated_compress_to_ratio(
-    model: nn.Module,
-    target_ratio: float,
-    calib: torch.Tensor,
-    *,
-    config: LegoConfig | None = None,
-    refine: RefineConfig | None = RefineConfig(),
-    batch_size: int = 64,
-    menu=DEFAULT_MENU,
-    progress: Callable[[str], None] | None = None,
-    on_refine_step: Callable[[int, int, float], None] | None = None,
-) -> tuple[CompressedModel, dict[str, Choice]]:
-    """Compress ``model`` (with its trained weights loaded) to ``target_ratio`` using ``calib``.
-
-    Args:
-        model: the network with its original weights; it is left holding the compressed weights.
-        target_ratio: whole-file compression ratio to meet.
-        calib: ``(N, C, H, W)`` normalised calibration inputs (no labels).
-        refine: codebook refinement settings; ``None`` skips refinement.
-        on_refine_step: optional ``(step, steps, loss)`` callback during refinement.
-    Returns:
-        The compressed model and the setting chosen per clustered tensor (:func:`calibrated_compress`
-        also returns what refinement did).
-    """
-    cm, plan, _ = calibrated_compress(model, target_ratio, calib, config=config, refine=refine,
-                                      batch_size=batch_size, menu=menu, progress=progress,
-                                      on_refine_step=on_refine_step)
+def calibrated_compress_to_ratio(model: nn.Module, target_ratio: float, calib: torch.Tensor,
+                                 **options) -> tuple[CompressedModel, dict[str, Choice]]:
+    """:func:`calibrated_compress` without the refinement result: ``(compressed model, plan)``."""
+    cm, plan, _ = calibrated_compress(model, target_ratio, calib, **options)
     return cm, plan
 
 
@@ -78,7 +55,19 @@ def calibrated_compress(
     progress: Callable[[str], None] | None = None,
     on_refine_step: Callable[[int, int, float], None] | None = None,
 ) -> tuple[CompressedModel, dict[str, Choice], RefineResult | None]:
-    """:func:`calibrated_compress_to_ratio`, also returning the :class:`RefineResult` (or None)."""
+    """Compress ``model`` (with its trained weights loaded) to ``target_ratio`` using ``calib``.
+
+    Args:
+        model: the network with its original weights; it is left holding the compressed weights.
+        target_ratio: whole-file compression ratio to meet.
+        calib: ``(N, C, H, W)`` normalised calibration inputs (no labels).
+        config: base settings (include/exclude, seed, k-means), as for target mode.
+        refine: codebook refinement settings; ``None`` skips refinement.
+        on_refine_step: optional ``(step, steps, loss)`` callback during refinement.
+    Returns:
+        The compressed model, the setting chosen per clustered tensor, and what refinement did
+        (a :class:`RefineResult`, or None).
+    """
     say = progress or (lambda _m: None)
     sd = as_state_dict(model)
     cfg = config or LegoConfig()

@@ -62,10 +62,17 @@ def input_moments(model: nn.Module) -> dict[str, Moments]:
 
     Raises :class:`ArchitectureError` if the model cannot be traced by ``torch.fx``.
     """
+    return _moments(_trace(model))
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
     try:
-        gm = fx.symbolic_trace(model)
+        return fx.symbolic_trace(model)
     except Exception as exc:  # fx raises many types for untraceable code
         raise ArchitectureError(f"data-free bias correction needs a traceable model: {exc}") from None
+
+
+def _moments(gm: fx.GraphModule) -> dict[str, Moments]:
     mods = dict(gm.named_modules())
     known: dict[fx.Node, Moments | None] = {}
     out: dict[str, Moments] = {}
@@ -165,8 +172,8 @@ def correct_bias(model: nn.Module, original: dict[str, torch.Tensor],
         A new state dict with corrected ``running_mean``/``bias`` entries, and a report.
     """
     probe = _with_state(model, original)
-    moments = input_moments(probe)
-    gm = fx.symbolic_trace(probe)
+    gm = _trace(probe)
+    moments = _moments(gm)
     mods = dict(gm.named_modules())
     users = {n.target: list(n.users) for n in gm.graph.nodes if n.op == "call_module"}
     new = dict(compressed)
