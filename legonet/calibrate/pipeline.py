@@ -10,14 +10,13 @@ parameters so that the compressed model's outputs match the original's (indices 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from legonet.artifact import CompressedModel, load_weights
+from legonet.artifact import CompressedModel
 from legonet.calibrate.bn import reestimate_batchnorm
 from legonet.calibrate.refine import RefineConfig, RefineResult, refine_codebooks
 from legonet.calibrate.stats import input_second_moments
@@ -29,6 +28,8 @@ from legonet.target import DEFAULT_MENU, Choice, compress_to_ratio
 
 # characters of the longest SQNR field ("-123.456") the file may hold
 _SQNR_CHARS = 8
+# refinement is on by default (a frozen config, safe to share)
+_DEFAULT_REFINE = RefineConfig()
 
 
 def _batches(images: torch.Tensor, batch_size: int):
@@ -49,7 +50,7 @@ def calibrated_compress(
     calib: torch.Tensor,
     *,
     config: LegoConfig | None = None,
-    refine: RefineConfig | None = RefineConfig(),
+    refine: RefineConfig | None = _DEFAULT_REFINE,
     batch_size: int = 64,
     menu=DEFAULT_MENU,
     progress: Callable[[str], None] | None = None,
@@ -80,7 +81,7 @@ def calibrated_compress(
                                  reserve=reserve)
     say(f"re-estimating BatchNorm statistics on {calib.shape[0]} calibration images")
     student = copy.deepcopy(model)  # ``model`` keeps the original weights: the teacher of refinement
-    _load(student, cm)
+    cm.load_into(student)
     if reestimate_batchnorm(student, _batches(calib, batch_size)):
         new = student.state_dict()
         for name, t in list(cm.tensors.items()):
@@ -93,9 +94,6 @@ def calibrated_compress(
         size, target = len(cm.to_bytes()), int(fp32_bytes(sd) / target_ratio)
         if size > target:  # cannot happen with the reserve above; checked so a regression is loud
             raise ConfigError(f"refined file has {size:,} bytes, over the target's {target:,}")
-    _load(model, cm)
+    cm.load_into(model)
     return cm, plan, result
 
-
-def _load(model: nn.Module, cm: CompressedModel) -> None:
-    load_weights(model, {k: v.float() if v.is_floating_point() else v for k, v in cm.to_state_dict().items()})

@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from legonet.artifact import ClusteredTensor, CompressedModel, load_weights
+from legonet.artifact import CompressedModel
 from legonet.compress import sqnr_db
 from legonet.errors import ConfigError
+from legonet.ops.quant import dequantize
 
 LOSSES = ("kl", "mse")
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
@@ -111,7 +112,7 @@ def refine_codebooks(
         raise ConfigError("nothing to refine: the model has no clustered tensor")
     teacher = model
     student = copy.deepcopy(model)
-    load_weights(student, {k: v.float() if v.is_floating_point() else v for k, v in cm.to_state_dict().items()})
+    cm.load_into(student)  # load_state_dict casts float16 kept tensors to the module's dtype
     student.eval()  # running statistics fixed: refined against the (re-estimated) stored statistics
     teacher_was_training = teacher.training
     teacher.eval()
@@ -133,7 +134,7 @@ def refine_codebooks(
     def weights() -> dict[str, torch.Tensor]:
         out = {}
         for name, ct in clustered.items():
-            out[name] = _decode(codebooks[ct.codebook], ct, gains.get(name))
+            out[name] = dequantize(codebooks[ct.codebook], ct.indices.long(), ct.tiling, gains.get(name))
         return out
 
     n = calib.shape[0]
@@ -202,17 +203,6 @@ def _teacher_outputs(teacher: nn.Module, calib: torch.Tensor, batch_size: int, f
 def _rms(t: torch.Tensor) -> float:
     r = float(t.detach().pow(2).mean().sqrt())
     return r if r > 0 else 1.0
-
-
-def _decode(codebook: torch.Tensor, ct: ClusteredTensor, gain: torch.Tensor | None) -> torch.Tensor:
-    """Differentiable ``(shape)`` weight from a codebook ``(K, d)`` and fixed indices."""
-    til = ct.tiling
-    (br, bc), (gr, gc) = til.block, til.grid
-    w = codebook[ct.indices.long()].reshape(gr, gc, br, bc).permute(0, 2, 1, 3).reshape(gr * br, gc * bc)
-    w = w[: til.rows, : til.cols]
-    if gain is not None:
-        w = w * gain[:, None]
-    return w.reshape(til.shape)
 
 
 def _norm_parameters(student: nn.Module, cm: CompressedModel) -> dict[str, nn.Parameter]:
