@@ -30,6 +30,7 @@ from legonet.errors import ConfigError
 from legonet.ops.quant import dequantize
 
 LOSSES = ("kl", "mse")
+SCHEDULES = ("cosine", "constant")
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
 
@@ -44,6 +45,7 @@ class RefineConfig:
         lr: Adam learning rate for codebooks, relative: each codebook's step is scaled by the RMS
             of its entries, so one rate suits models whose weights differ in magnitude.
         loss: ``"kl"`` (KL divergence of the softmax outputs, temperature 1) or ``"mse"`` (of logits).
+        schedule: ``"cosine"`` (learning rate decayed to 0 over the steps) or ``"constant"``.
         flip: also show horizontally flipped images (inputs ``(N, C, H, W)`` only).
         tune_norms: also tune the affine parameters of normalisation layers.
         seed: order of the batches and flips.
@@ -53,6 +55,7 @@ class RefineConfig:
     batch_size: int = 64
     lr: float = 3e-3
     loss: str = "kl"
+    schedule: str = "cosine"
     flip: bool = True
     tune_norms: bool = True
     seed: int = 0
@@ -66,6 +69,8 @@ class RefineConfig:
             raise ConfigError(f"refine lr must be in (0, 1), got {self.lr!r}")
         if self.loss not in LOSSES:
             raise ConfigError(f"refine loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"refine schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,14 @@ class RefineResult:
     last_loss: float
     seconds: float
     tuned_parameters: int
+
+
+def lr_factor(step: int, steps: int, schedule: str) -> float:
+    """Fraction of the base learning rate at ``step`` (0-based) of ``steps``: 1 for ``"constant"``;
+    ``0.5 * (1 + cos(pi * step / steps))`` for ``"cosine"`` (1 at the first step, near 0 at the last)."""
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * step / steps))
 
 
 def _distill_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
@@ -129,6 +142,7 @@ def refine_codebooks(
     if norm_params:
         groups.append({"params": list(norm_params.values()), "lr": cfg.lr})
     opt = torch.optim.Adam(groups)
+    base_lrs = [g["lr"] for g in groups]
     n_tuned = sum(p.numel() for g in groups for p in g["params"])
 
     def weights() -> dict[str, torch.Tensor]:
@@ -171,6 +185,9 @@ def refine_codebooks(
                 raise ConfigError(f"refinement diverged at step {step + 1} (loss {float(loss)}); lower the lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            f = lr_factor(step, steps, cfg.schedule)
+            for g, lr in zip(opt.param_groups, base_lrs):
+                g["lr"] = lr * f
             opt.step()
             for g in gains.values():  # gains stay positive and storable
                 g.data.clamp_(min=torch.finfo(torch.float16).tiny)

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from legonet.calibrate.pipeline import calibrated_compress
-from legonet.calibrate.refine import RefineConfig, refine_codebooks
+from legonet.calibrate.refine import RefineConfig, lr_factor, refine_codebooks
 from legonet.config import LegoConfig
 from legonet.errors import ConfigError
 from legonet.target import compress_to_ratio
@@ -90,7 +90,8 @@ def test_calibrated_pipeline_refines_by_default():
     assert none is None
 
 
-@pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(lr=0), dict(lr=2.0), dict(loss="l1")])
+@pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(lr=0), dict(lr=2.0), dict(loss="l1"),
+                                 dict(schedule="linear")])
 def test_refine_config_rejects_bad_values(bad):
     with pytest.raises(ConfigError):
         RefineConfig(**bad)
@@ -107,3 +108,21 @@ def test_refinement_needs_clustered_tensors_and_images():
     kept.tensors["0.weight"] = model.state_dict()["0.weight"].clone()
     with pytest.raises(ConfigError, match="nothing to refine"):
         refine_codebooks(model, kept, torch.randn(4, 3, 8, 8))
+
+
+def test_cosine_schedule_decays_the_rate_to_near_zero():
+    assert lr_factor(0, 64, "cosine") == 1.0
+    assert lr_factor(32, 64, "cosine") == pytest.approx(0.5)
+    assert lr_factor(63, 64, "cosine") < 0.001
+    assert all(lr_factor(s, 64, "constant") == 1.0 for s in range(64))
+
+
+def test_the_schedule_changes_the_refined_codebooks():
+    model = _net()
+    calib = torch.randn(64, 3, 8, 8)
+    refined = {}
+    for schedule in ("constant", "cosine"):
+        cm, _ = compress_to_ratio(model, 12.0, menu=MENU)
+        refine_codebooks(model, cm, calib, RefineConfig(epochs=4, batch_size=32, lr=1e-2, schedule=schedule))
+        refined[schedule] = cm.codebooks
+    assert any(not torch.equal(a, b) for a, b in zip(refined["constant"], refined["cosine"]))
