@@ -63,6 +63,7 @@ def main() -> None:
     calib = load_images(SHARED / "data/cifar10-calib.npz", labels=False).subset(args.calib_images, 0)
     x = to_input(calib.x, spec.mean, spec.std)
     out = Path(args.out) / f"target_mode_{args.arch}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     doc = json.loads(out.read_text()) if out.exists() else {}
     if doc.get("test_images") != len(test):
         doc = {}

@@ -30,13 +30,15 @@ from legonet.ops.quant import choose_row_scales, normalized_blocks
 from legonet.ops.tiling import make_tiling, tile
 from legonet.report import fp32_bytes
 
-# (block, K) settings offered to every tensor: from 1/32 to 4 bits per weight. K stays <= 256 so
-# that the final per-tensor k-means++ fits stay fast.
+# (block, K) settings offered to every tensor: from 1/32 to 8 bits per weight (the scalar 1x1 entries
+# let ratios below ~7x spend more than 4 bits where a tensor needs them). K stays <= 256 so that the
+# final per-tensor k-means++ fits stay fast.
 DEFAULT_MENU: tuple[tuple[tuple[int, int], int], ...] = (
     ((4, 8), 2), ((4, 8), 4), ((4, 8), 16), ((4, 8), 64), ((4, 8), 256),
     ((4, 4), 4), ((4, 4), 16), ((4, 4), 64), ((4, 4), 256),
     ((2, 2), 4), ((2, 2), 16), ((2, 2), 64), ((2, 2), 256),
     ((1, 2), 16), ((1, 2), 64), ((1, 2), 256),
+    ((1, 1), 32), ((1, 1), 64), ((1, 1), 256),
 )
 _SAMPLE = 4096
 
