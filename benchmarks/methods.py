@@ -56,14 +56,11 @@ def _output(cm) -> MethodOutput:
 
 def legonet_target(sd: dict[str, torch.Tensor], arch: ArchSpec, calib: ImageSet | None,  # noqa: ARG001
                    *, ratio: float, **setting: Any) -> MethodOutput:
-    """Target-ratio mode, data-free: per-tensor block/K chosen to meet ``ratio`` (file bytes), then
-    data-free bias correction from the stored BatchNorm parameters."""
-    from legonet.target import compress_to_ratio
+    """Target-ratio mode, data-free, as the CLI with --arch: BatchNorm statistics folded, per-tensor
+    block/K chosen to meet ``ratio`` (file bytes), then data-free bias correction."""
+    from legonet.datafree.pipeline import datafree_compress
 
-    from legonet.datafree import correct_compressed
-
-    cm, _plan = compress_to_ratio(sd, ratio, config=legonet_config(setting) if setting else None)
-    correct_compressed(cm, arch.build(), sd)  # as the CLI with --arch: data-free bias correction
+    cm, _plan = datafree_compress(arch.build(), ratio, sd, config=legonet_config(setting) if setting else None)
     return _output(cm)
 
 

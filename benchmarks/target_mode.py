@@ -5,7 +5,7 @@
         --points data-free:16 calib+refine:64 calib+refine:128
 
 A point is ``MODE:RATIO`` with MODE one of
-  data-free      ``compress_to_ratio`` + data-free bias correction (no data; the CLI with --arch),
+  data-free      ``datafree_compress``: BatchNorm folding, target mode, bias correction (the CLI with --arch),
   calib          activation-aware clustering + BatchNorm re-estimation, no refinement,
   calib+refine   the CLI's default with ``--calib``: the above + codebook refinement by distillation.
 Calibration uses ``--calib-images`` (default 1,024, as the CLI) of ``cifar10-calib.npz``, never test
@@ -29,10 +29,9 @@ from legonet.artifact import load_weights
 from legonet.calibrate.pipeline import calibrated_compress
 from legonet.calibrate.refine import RefineConfig
 from legonet.data import load_images, to_input
-from legonet.datafree import correct_compressed
+from legonet.datafree.pipeline import datafree_compress
 from legonet.evaluate import top1, wilson_interval
 from legonet.io.checkpoints import read_state_dict
-from legonet.target import compress_to_ratio
 from legonet.zoo import build, get_arch
 
 SHARED = Path(os.environ.get("LEGONET_SHARED", Path(__file__).resolve().parents[2] / "shared"))
@@ -80,9 +79,8 @@ def main() -> None:
         load = os.getloadavg()
         t0 = time.time()
         refined = None
-        if mode == "data-free":  # as the CLI with --arch and no --calib: + data-free bias correction
-            cm, plan = compress_to_ratio(sd, ratio)
-            correct_compressed(cm, build(args.arch), sd)
+        if mode == "data-free":  # as the CLI with --arch and no --calib: BatchNorm folding, bias correction
+            cm, plan = datafree_compress(build(args.arch), ratio, sd)
         else:
             model = build(args.arch)
             load_weights(model, f32)

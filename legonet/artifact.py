@@ -19,6 +19,27 @@ from legonet.ops.quant import dequantize
 from legonet.ops.tiling import Tiling, make_tiling
 
 
+def constant_fill(t: torch.Tensor) -> float | None:
+    """The value of a floating tensor of 2 or more elements that all equal one finite value, else None.
+
+    Such kept tensors are written to a .lego file as that one value (a "fill"), not element by
+    element: e.g. the running statistics of BatchNorm layers in inference form
+    (:func:`legonet.nn.norms.fold_batchnorm_statistics`).
+    """
+    if not t.is_floating_point() or t.numel() < 2:
+        return None
+    flat = t.reshape(-1)
+    v = flat[0]
+    if not bool(torch.isfinite(v)) or not bool((flat == v).all()):
+        return None
+    return float(v)
+
+
+def dense_nbytes(t: torch.Tensor) -> int:
+    """Bytes a kept tensor takes in the dense blob of a .lego file (0 for a constant fill)."""
+    return 0 if constant_fill(t) is not None else t.numel() * t.element_size()
+
+
 @dataclass
 class ClusteredTensor:
     """One tensor stored as centroid indices.

@@ -190,15 +190,13 @@ def _compress_to_ratio(sd, config, target_ratio, arch, calib, calib_images, seed
     from legonet.target import compress_to_ratio
 
     if calib is None:
-        cm, _plan = compress_to_ratio(sd, target_ratio, config=config, progress=progress)
-        if arch is not None:  # the architecture is known: cancel the mean shifts, data-free
-            from legonet.datafree import correct_compressed
-            from legonet.zoo import build
+        if arch is None:
+            return compress_to_ratio(sd, target_ratio, config=config, progress=progress)[0]
+        # the architecture is known: BatchNorm folding and bias correction, data-free
+        from legonet.datafree.pipeline import datafree_compress
+        from legonet.zoo import build
 
-            if progress:
-                progress("data-free bias correction")
-            correct_compressed(cm, build(arch), sd)
-        return cm
+        return datafree_compress(build(arch), target_ratio, sd, config=config, progress=progress)[0]
     from legonet.calibrate.pipeline import calibrated_compress_to_ratio
     from legonet.data import load_images, to_input
     from legonet.zoo import build, get_arch

@@ -14,7 +14,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from legonet.artifact import ClusteredTensor, CompressedModel
+from legonet.artifact import ClusteredTensor, CompressedModel, dense_nbytes
 from legonet.ops.bitpack import bits_for, packed_nbytes
 
 
@@ -154,9 +154,9 @@ def build_report(cm: CompressedModel, file_bytes: int | None = None) -> Report:
             num += t.numel
             rows.append(TensorRow(name, t.shape, "clustered", nb, 8.0 * nb / t.numel, t.sqnr_db))
         else:
-            nb = t.numel() * t.element_size()
+            nb = dense_nbytes(t)
             kept += nb
-            orig += 4 * t.numel() if t.is_floating_point() else nb
+            orig += 4 * t.numel() if t.is_floating_point() else t.numel() * t.element_size()
             num += t.numel()
             rows.append(TensorRow(name, tuple(t.shape), "kept", nb, 8.0 * nb / max(1, t.numel()), None))
     cb_item = 2 if cm.config.codebook_dtype == "float16" else 4

@@ -22,6 +22,7 @@ from legonet.calibrate.refine import RefineConfig, RefineResult, refine_codebook
 from legonet.calibrate.stats import input_second_moments
 from legonet.compress import as_state_dict, select_tensors
 from legonet.config import LegoConfig
+from legonet.datafree.fold_norms import batchnorm_eps, fold_batchnorm_statistics
 from legonet.errors import ConfigError
 from legonet.report import fp32_bytes
 from legonet.target import DEFAULT_MENU, Choice, compress_to_ratio
@@ -52,6 +53,7 @@ def calibrated_compress(
     config: LegoConfig | None = None,
     refine: RefineConfig | None = _DEFAULT_REFINE,
     batch_size: int = 64,
+    fold_norms: bool = True,
     menu=DEFAULT_MENU,
     progress: Callable[[str], None] | None = None,
     on_refine_step: Callable[[int, int, float], None] | None = None,
@@ -64,13 +66,17 @@ def calibrated_compress(
         calib: ``(N, C, H, W)`` normalised calibration inputs (no labels).
         config: base settings (include/exclude, seed, k-means), as for target mode.
         refine: codebook refinement settings; ``None`` skips refinement.
+        fold_norms: store BatchNorm layers in inference form (statistics folded into the affine
+            parameters, :mod:`legonet.datafree.fold_norms`), so that their bytes go to the weights.
         on_refine_step: optional ``(step, steps, loss)`` callback during refinement.
     Returns:
         The compressed model, the setting chosen per clustered tensor, and what refinement did
         (a :class:`RefineResult`, or None).
     """
     say = progress or (lambda _m: None)
-    sd = as_state_dict(model)
+    eps = batchnorm_eps(model) if fold_norms else {}
+    sd = dict(as_state_dict(model))
+    fold_batchnorm_statistics(sd, eps)  # new tensors in ``sd``: the model keeps its own
     cfg = config or LegoConfig()
     names = select_tensors(sd, cfg)
     say(f"input statistics on {calib.shape[0]} calibration images")
@@ -87,6 +93,7 @@ def calibrated_compress(
         for name, t in list(cm.tensors.items()):
             if isinstance(t, torch.Tensor) and (name.endswith("running_mean") or name.endswith("running_var")):
                 cm.tensors[name] = new[name].to(t.dtype).clone()
+    fold_batchnorm_statistics(cm.tensors, eps)
     result = None
     if refine is not None:
         say(f"refining codebooks on {calib.shape[0]} calibration images")

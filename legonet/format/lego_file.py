@@ -15,7 +15,12 @@ The JSON is ``{"format", "version", "config", "codebooks", "tensors"}`` where ``
 ``[name, dtype, shape, crc32, codebook, [b_r, b_c], sqnr_db]`` when clustered (with an eighth field,
 the crc32 of its per-row float16 scales, when it was compressed with gain-shape scales; those
 ``2 * shape[0]`` bytes sit in ``dense`` at the tensor's place in the order) or
-``[name, dtype, shape, crc32]`` when kept. Offsets are not stored: they follow from the order and the
+``[name, dtype, shape, crc32]`` when kept. A kept floating tensor of 2 or more elements that all
+hold one finite value is written as ``[name, dtype, shape, "fill", value]`` with no bytes in
+``dense`` (e.g. BatchNorm running statistics in inference form); files holding such an entry say
+format version 2 (everything else is unchanged, so files without one are still version 1 and
+older legonet versions read them), and a fill may hold at most 2**22 elements, 2**24 in all, so a
+small file cannot make the reader allocate much (BatchNorm statistics of large models need far less). Offsets are not stored: they follow from the order and the
 sizes. ``crc32`` is the zlib CRC-32 (8 hex digits) of the bytes of that codebook, packed index stream
 or dense tensor.
 
@@ -47,7 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from legonet.artifact import ClusteredTensor, CompressedModel
+from legonet.artifact import ClusteredTensor, CompressedModel, constant_fill
 from legonet.config import LegoConfig
 from legonet.errors import ConfigError, FormatError
 from legonet.io.atomic import atomic_path
@@ -55,7 +60,10 @@ from legonet.ops.bitpack import bits_for, pack_bits, packed_nbytes, unpack_bits
 from legonet.ops.tiling import make_tiling
 
 FORMAT_NAME = "legonet"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this legonet reads; it writes 1 unless a tensor is a fill
+_FILL_VERSION = 2
+_MAX_FILL = 1 << 22
+_MAX_FILL_TOTAL = 1 << 24
 _BLOBS = ("legonet.meta", "codebooks", "indices", "dense")
 _MAX_NDIM = 16
 
@@ -118,6 +126,8 @@ def serialize(cm: CompressedModel) -> bytes:
                 dense_bytes.append(sb)
                 entry.append(_crc(sb))
             entries.append(entry)
+        elif (fill := constant_fill(t)) is not None and t.numel() <= _MAX_FILL:
+            entries.append([name, _dtype_name(t.dtype), list(t.shape), "fill", fill])
         else:
             b = _raw(t)
             dense_bytes.append(b)
@@ -126,13 +136,15 @@ def serialize(cm: CompressedModel) -> bytes:
     for key, default in _LATER_CONFIG_KEYS.items():  # keep default files byte-identical to the first writer's
         if config.get(key) == default:
             config.pop(key, None)
-    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": config,
+    # version 1 unless a fill is present: files without one stay readable by older legonet versions
+    version = _FILL_VERSION if any(len(e) == 5 for e in entries) else 1
+    meta = {"format": FORMAT_NAME, "version": version, "config": config,
             "codebooks": cb_meta, "tensors": entries}
     meta_b = json.dumps(meta, separators=(",", ":"), allow_nan=False).encode()
 
     blobs = {"legonet.meta": meta_b, "codebooks": b"".join(cb_bytes),
              "indices": b"".join(idx_bytes), "dense": b"".join(dense_bytes)}
-    header = {"format": FORMAT_NAME, "version": str(FORMAT_VERSION), "meta_crc32": _crc(meta_b)}
+    header = {"format": FORMAT_NAME, "version": str(version), "meta_crc32": _crc(meta_b)}
     return _container(blobs, header)
 
 
@@ -183,7 +195,7 @@ def _parse_json(raw: bytes, source: str, what: str) -> Any:
         raise _fail(source, f"{what} is not valid JSON") from None
 
 
-def _check_magic(md: Any, source: str) -> None:
+def _check_magic(md: Any, source: str) -> int:
     if not isinstance(md, dict) or md.get("format") != FORMAT_NAME:
         raise _fail(source, "not a .lego file (a safetensors file without legonet metadata)")
     v = md.get("version")
@@ -195,13 +207,14 @@ def _check_magic(md: Any, source: str) -> None:
                             f"versions up to {FORMAT_VERSION}: upgrade legonet")
     if version < 1:
         raise _fail(source, f"invalid format version {version}")
+    return version
 
 
 def _is_int(v: Any, lo: int = 0, hi: int | None = None) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
 
 
-def _split_container(data: memoryview, source: str) -> tuple[dict[str, Any], dict[str, memoryview]]:
+def _split_container(data: memoryview, source: str) -> tuple[dict[str, Any], dict[str, memoryview], int]:
     """Check the safetensors framing; return the header metadata and the four blobs (zero-copy views).
 
     The rules are safetensors' own (8-byte little-endian header length, JSON header, data offsets
@@ -216,7 +229,7 @@ def _split_container(data: memoryview, source: str) -> tuple[dict[str, Any], dic
     header = _parse_json(bytes(data[8 : 8 + n]), source, "the safetensors header (not a .lego file?)")
     if not isinstance(header, dict):
         raise _fail(source, "not a .lego file (malformed safetensors header)")
-    _check_magic(header.get("__metadata__"), source)
+    version = _check_magic(header.get("__metadata__"), source)
     found = sorted(k for k in header if k != "__metadata__")
     if found != sorted(_BLOBS):
         raise _fail(source, f"expected tensors {sorted(_BLOBS)}, found {found[:8]}")
@@ -238,14 +251,14 @@ def _split_container(data: memoryview, source: str) -> tuple[dict[str, Any], dic
     if pos != len(body):
         raise _fail(source, f"container data area is {len(body)} bytes but its header describes {pos} "
                             "(truncated or extended file)")
-    return header["__metadata__"], {k: body[b:e] for b, e, k in spans}
+    return header["__metadata__"], {k: body[b:e] for b, e, k in spans}, version
 
 
-def _parse_meta(raw: bytes, source: str) -> dict[str, Any]:
+def _parse_meta(raw: bytes, source: str, version: int) -> dict[str, Any]:
     meta = _parse_json(raw, source, "metadata")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME or type(meta.get("version")) is not int \
-            or meta["version"] != FORMAT_VERSION:
-        raise _fail(source, "metadata does not describe a legonet format-1 file")
+            or meta["version"] != version:
+        raise _fail(source, f"metadata does not describe a legonet format-{version} file")
     if not isinstance(meta.get("codebooks"), list) or not isinstance(meta.get("tensors"), list):
         raise _fail(source, "metadata lacks the codebooks or tensors list")
     return meta
@@ -283,11 +296,11 @@ def load(path: str | os.PathLike, *, verify: bool = True) -> CompressedModel:
 
 def deserialize(data: bytes | bytearray | memoryview, *, source: str = "<bytes>", verify: bool = True) -> CompressedModel:
     """Parse the bytes of a .lego file; see :func:`load`."""
-    md, blobs = _split_container(memoryview(data).cast("B"), source)
+    md, blobs, version = _split_container(memoryview(data).cast("B"), source)
     meta_raw = bytes(blobs["legonet.meta"])
     if verify and _crc(meta_raw) != md.get("meta_crc32"):
         raise _fail(source, "checksum mismatch in the metadata (the file is corrupt)")
-    meta = _parse_meta(meta_raw, source)
+    meta = _parse_meta(meta_raw, source, version)
     try:
         config = LegoConfig.from_dict(meta.get("config"))
     except (ConfigError, TypeError, ValueError) as exc:
@@ -295,12 +308,15 @@ def deserialize(data: bytes | bytearray | memoryview, *, source: str = "<bytes>"
 
     codebooks = _read_codebooks(meta["codebooks"], blobs["codebooks"], source, verify)
     tensors: dict[str, ClusteredTensor | torch.Tensor] = {}
-    idx_off = dense_off = 0
+    idx_off = dense_off = filled = 0
     for i, entry in enumerate(meta["tensors"]):
         name, dtype, shape, crc = _check_entry_head(entry, i, source)
         if name in tensors:
             raise _fail(source, f"tensor {name!r} appears twice")
-        if len(entry) == 4:
+        if len(entry) == 5 and crc == "fill" and version >= _FILL_VERSION:
+            tensors[name] = _read_fill(name, dtype, shape, entry[4], _MAX_FILL_TOTAL - filled, source)
+            filled += tensors[name].numel()
+        elif len(entry) == 4:
             tensors[name], nbytes = _read_dense(name, dtype, shape, crc, blobs["dense"], dense_off, source, verify)
             dense_off += nbytes
         elif len(entry) in (7, 8):
@@ -316,7 +332,8 @@ def deserialize(data: bytes | bytearray | memoryview, *, source: str = "<bytes>"
                 dense_off += nbytes
             tensors[name] = ct
         else:
-            raise _fail(source, f"tensor entry {i} has {len(entry)} fields (expected 4, 7 or 8)")
+            raise _fail(source, f"tensor entry {i} has {len(entry)} fields (expected 4, 7 or 8"
+                                + (", or 5 for a fill)" if version >= _FILL_VERSION else ")"))
     if dense_off != len(blobs["dense"]) or idx_off != len(blobs["indices"]):
         raise _fail(source, "blob sizes do not match the metadata (extra bytes)")
     return CompressedModel(config=config, codebooks=codebooks, tensors=tensors)
@@ -375,6 +392,18 @@ def _read_dense(name, dtype, shape, crc, blob, off, source, verify) -> tuple[tor
     if dt is torch.bool and int(np.frombuffer(chunk, dtype=np.uint8).max()) > 1:
         raise _fail(source, f"bool tensor {name!r} holds bytes other than 0 and 1")
     return torch.frombuffer(bytearray(chunk), dtype=torch.uint8).view(dt).reshape(shape), nbytes
+
+
+def _read_fill(name, dtype, shape, value, room, source) -> torch.Tensor:
+    dt = DTYPES[dtype]
+    if not dt.is_floating_point:
+        raise _fail(source, f"fill tensor {name!r} must be floating-point, not {dtype}")
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+        raise _fail(source, f"fill tensor {name!r} has an invalid value {str(value)[:40]}")
+    numel = math.prod(shape)
+    if numel > min(_MAX_FILL, room):  # before anything is allocated
+        raise _fail(source, f"fill tensor {name!r} of {numel} elements exceeds the limit of fills")
+    return torch.full(shape, float(value), dtype=dt)
 
 
 def _read_clustered(entry, name, dtype, shape, crc, codebooks, blob, off, source, verify):

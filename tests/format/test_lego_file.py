@@ -131,8 +131,8 @@ def test_wrong_magic(tmp_path):
 
 def test_newer_version_is_named():
     md, meta, blobs = split(tiny_model_bytes())
-    with pytest.raises(FormatError, match="newer legonet \\(format version 2\\).*upgrade"):
-        deserialize(join({**md, "version": "2"}, meta, blobs))
+    with pytest.raises(FormatError, match="newer legonet \\(format version 3\\).*upgrade"):
+        deserialize(join({**md, "version": "3"}, meta, blobs))
     for v in ("0", "one", "", "1" * 40):
         with pytest.raises(FormatError, match="format version"):
             deserialize(join({**md, "version": v}, meta, blobs))
@@ -334,3 +334,61 @@ def test_huge_declared_shapes_fail_under_a_memory_limit(tmp_path):
     lines = r.stdout.splitlines()
     assert len(lines) == 2 and all(line.startswith("FormatError") for line in lines), r.stdout + r.stderr[-2000:]
     assert "too short" in lines[0] and "too short" in lines[1]
+
+
+# -- constant tensors ("fills", format version 2) ---------------------------------------------------
+def _with_constants() -> legonet.CompressedModel:
+    cm = deserialize(tiny_model_bytes())
+    cm.tensors["bn.running_mean"] = torch.zeros(8)
+    cm.tensors["bn.running_var"] = torch.full((8,), 1 - 1e-5).half()
+    return cm
+
+
+def test_constant_tensors_are_written_as_one_value_and_read_back_exactly(tmp_path):
+    plain = deserialize(tiny_model_bytes())
+    cm = _with_constants()
+    data = serialize(cm)
+    md, meta, blobs = split(data)
+    assert md["version"] == "2" and meta["version"] == 2
+    fills = {e[0]: e for e in meta["tensors"] if len(e) == 5}
+    assert fills == {"bn.running_mean": ["bn.running_mean", "F32", [8], "fill", 0.0],
+                     "bn.running_var": ["bn.running_var", "F16", [8], "fill", float(torch.tensor(1 - 1e-5).half())]}
+    assert len(blobs["dense"]) == len(split(serialize(plain))[2]["dense"])  # no dense bytes for them
+    back = deserialize(data)
+    assert same_model(cm, back) and serialize(back) == data
+    # files without a constant tensor stay version 1, readable by legonet versions before fills
+    assert split(serialize(plain))[0]["version"] == "1"
+
+
+def test_fills_are_counted_as_zero_dense_bytes():
+    cm = _with_constants()
+    rows = {r.name: r for r in cm.report().tensors}
+    assert rows["bn.running_mean"].stored_bytes == 0 and rows["bn.running_var"].stored_bytes == 0
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda e: e.__setitem__(4, "0"), "invalid value"),
+    (lambda e: e.__setitem__(4, True), "invalid value"),
+    (lambda e: e.__setitem__(4, 1e400), "not valid JSON|invalid value"),
+    (lambda e: e.__setitem__(1, "I64"), "must be floating-point"),
+    (lambda e: e.__setitem__(2, [1 << 30]), "exceeds the limit"),
+    (lambda e: e.__setitem__(3, "full"), "5 fields"),
+])
+def test_bad_fills_are_rejected(mutate, message):
+    md, meta, blobs = split(serialize(_with_constants()))
+    entry = next(e for e in meta["tensors"] if e[0] == "bn.running_mean")
+    mutate(entry)
+    with pytest.raises(FormatError, match=message):
+        deserialize(join(md, meta, blobs), source="m.lego")
+
+
+def test_fills_have_a_total_limit_and_need_version_2():
+    md, meta, blobs = split(serialize(_with_constants()))
+    for i in range(5):  # with the two small fills, the fourth of 2**22 elements passes the 2**24 in all
+        meta["tensors"].append([f"big{i}", "F32", [1 << 22], "fill", 1.0])
+    with pytest.raises(FormatError, match="big3.*exceeds the limit"):
+        deserialize(join(md, meta, blobs), source="m.lego")
+    md, meta, blobs = split(serialize(_with_constants()))
+    md["version"], meta["version"] = "1", 1
+    with pytest.raises(FormatError, match="fields"):
+        deserialize(join(md, meta, blobs), source="m.lego")

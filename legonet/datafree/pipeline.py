@@ -1,0 +1,52 @@
+"""The data-free target-mode pipeline for a known architecture: what ``legonet compress IN --arch NAME
+--target-ratio R`` (no ``--calib``) runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+from legonet.artifact import CompressedModel
+from legonet.compress import as_state_dict
+from legonet.config import LegoConfig
+from legonet.datafree.bias_correction import correct_compressed
+from legonet.datafree.fold_norms import batchnorm_eps, fold_batchnorm_statistics
+from legonet.target import DEFAULT_MENU, Choice, compress_to_ratio
+
+
+def datafree_compress(
+    model: nn.Module,
+    target_ratio: float,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+    *,
+    config: LegoConfig | None = None,
+    fold_norms: bool = True,
+    menu=DEFAULT_MENU,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[CompressedModel, dict[str, Choice]]:
+    """Target mode + data-free repairs that need the architecture (no images).
+
+    Steps: BatchNorm statistics folded into the affine parameters (``fold_norms``; frees their bytes
+    for the clustered weights, see :mod:`legonet.datafree.fold_norms`), per-tensor settings chosen to
+    meet ``target_ratio`` (:func:`legonet.target.compress_to_ratio`), then the mean shift each
+    clustered layer causes cancelled from the stored BatchNorm parameters
+    (:mod:`legonet.datafree.bias_correction`) and the corrected statistics folded again.
+
+    Args:
+        model: the architecture; its weights are used unless ``state_dict`` is given.
+        state_dict: the trained weights (names of ``model``'s state dict).
+    Returns:
+        The compressed model and the setting chosen per clustered tensor.
+    """
+    say = progress or (lambda _m: None)
+    original = as_state_dict(state_dict if state_dict is not None else model)
+    eps = batchnorm_eps(model) if fold_norms else {}
+    sd = dict(original)
+    fold_batchnorm_statistics(sd, eps)
+    cm, plan = compress_to_ratio(sd, target_ratio, config=config, menu=menu, progress=say)
+    say("data-free bias correction")
+    correct_compressed(cm, model, original)  # moments from the trained statistics, shifts added to cm's
+    fold_batchnorm_statistics(cm.tensors, eps)
+    return cm, plan
