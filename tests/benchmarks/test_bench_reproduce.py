@@ -42,3 +42,9 @@ def test_stage_order_defers_large_headlines_and_runs_target_mode_last():
     assert order == [("headline", "small"), ("fig4", "small"), ("fig4", "large"), ("peers", "small"),
                      ("peers", "large"), ("headline", "large"), ("target", "small"), ("target", "large")]
     assert stage_order(["fig4"], plans) == [("fig4", "small"), ("fig4", "large")]
+
+
+def test_default_run_is_the_paper_and_the_peers_target_mode_opt_in():
+    from benchmarks.reproduce import DEFAULT_EXPERIMENTS, EXPERIMENTS
+
+    assert "target" not in DEFAULT_EXPERIMENTS and set(DEFAULT_EXPERIMENTS) | {"target"} == set(EXPERIMENTS)
