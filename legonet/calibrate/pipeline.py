@@ -75,8 +75,10 @@ def calibrated_compress(
     """
     say = progress or (lambda _m: None)
     eps = batchnorm_eps(model) if fold_norms else {}
-    sd = dict(as_state_dict(model))
-    fold_batchnorm_statistics(sd, eps)  # new tensors in ``sd``: the model keeps its own
+    original = as_state_dict(model)
+    sd = dict(original)
+    # the budget is planned for the folded file (new tensors in ``sd``: the model keeps its own) ...
+    folded = fold_batchnorm_statistics(sd, eps)
     cfg = config or LegoConfig()
     names = select_tensors(sd, cfg)
     say(f"input statistics on {calib.shape[0]} calibration images")
@@ -85,6 +87,11 @@ def calibrated_compress(
     reserve = _SQNR_CHARS * len(names) if refine is not None else 0
     cm, plan = compress_to_ratio(sd, target_ratio, config=cfg, element_weights=moments, menu=menu, progress=say,
                                  reserve=reserve)
+    # ... but re-estimation needs the trained affine parameters: folding absorbed the old statistics
+    for prefix in folded:
+        for part in ("weight", "bias"):
+            key = f"{prefix}.{part}" if prefix else part
+            cm.tensors[key] = original[key].to(cm.tensors[key].dtype).clone()
     say(f"re-estimating BatchNorm statistics on {calib.shape[0]} calibration images")
     student = copy.deepcopy(model)  # ``model`` keeps the original weights: the teacher of refinement
     cm.load_into(student)

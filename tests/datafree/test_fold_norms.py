@@ -87,3 +87,14 @@ def test_calibrated_pipeline_folds_after_batchnorm_reestimation():
     cm.load_into(student)
     x = torch.randn(4, 3, 8, 8)
     torch.testing.assert_close(student(x), model(x))
+
+
+def test_calibrated_pipeline_gives_the_outputs_of_the_unfolded_pipeline():
+    # one menu entry: both runs cluster alike, so they differ only in how BatchNorm is stored
+    calib, x = torch.randn(64, 3, 8, 8), torch.randn(16, 3, 8, 8)
+    outs = []
+    for fold in (False, True):
+        model = _net()
+        calibrated_compress(model, 4.0, calib, menu=(((2, 2), 16),), refine=None, fold_norms=fold)
+        outs.append(model(x))
+    torch.testing.assert_close(outs[1], outs[0], rtol=2e-3, atol=2e-3)
