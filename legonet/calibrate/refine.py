@@ -45,17 +45,20 @@ class RefineConfig:
         lr: Adam learning rate for codebooks, relative: each codebook's step is scaled by the RMS
             of its entries, so one rate suits models whose weights differ in magnitude.
         loss: ``"kl"`` (KL divergence of the softmax outputs, temperature 1) or ``"mse"`` (of logits).
-        schedule: ``"cosine"`` (learning rate decayed to 0 over the steps) or ``"constant"``.
+        schedule: ``"constant"`` or ``"cosine"`` (learning rate decayed to 0 over the steps). Constant
+            by default: with the few steps a time budget allows the loss is still falling at the
+            end, and decaying the rate stops it early (ResNet-50 64x, 64 steps: final loss 0.59
+            with cosine against 0.24 constant).
         flip: also show horizontally flipped images (inputs ``(N, C, H, W)`` only).
         tune_norms: also tune the affine parameters of normalisation layers.
         seed: order of the batches and flips.
     """
 
-    epochs: float = 4.0
+    epochs: float = 6.0
     batch_size: int = 64
     lr: float = 3e-3
     loss: str = "kl"
-    schedule: str = "cosine"
+    schedule: str = "constant"
     flip: bool = True
     tune_norms: bool = True
     seed: int = 0
