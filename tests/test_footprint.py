@@ -37,6 +37,9 @@ def test_hand_computed_figures():
 def test_legonet_bytes_equal_the_lego_file_payload(config, tmp_path):
     torch.manual_seed(0)
     model = _small()
+    with torch.no_grad():  # trained-like statistics: a fresh BatchNorm's constant tensors would be written as fills
+        for t in (model[1].running_mean, model[1].running_var, model[1].weight, model[1].bias):
+            t.uniform_(0.5, 1.5)
     cm = legonet.compress(model, config)
     path = tmp_path / "m.lego"
     cm.save(path)
