@@ -74,8 +74,13 @@ def plot_fig3(rows: Sequence[dict], path: Path) -> Path:
 _MARKERS = "osD^v<>pP*Xh"
 
 
-def plot_pareto(records: Sequence[dict], base: dict, path: Path) -> Path:
-    """Accuracy versus file ratio, every method family with its own marker."""
+def plot_pareto(records: Sequence[dict], base: dict, path: Path,
+                target_mode: dict | None = None) -> Path:
+    """Accuracy versus file ratio, every method family with its own marker.
+
+    ``target_mode``: optional contents of ``target_mode_<arch>.json`` (benchmarks/target_mode.py):
+    legonet's target-mode points, measured on the whole test set, drawn as open markers, one line per mode.
+    """
     fig, ax = plt.subplots(figsize=(9.5, 5))
     fams = sorted({family(r) for r in records})
     for i, fam in enumerate(fams):
@@ -83,10 +88,19 @@ def plot_pareto(records: Sequence[dict], base: dict, path: Path) -> Path:
         ax.plot(*zip(*pts), marker=_MARKERS[i % len(_MARKERS)], ls="-" if len(pts) > 1 else "none",
                 lw=0.8, ms=5, label=fam)
     ax.axhline(100 * base["top1"], color="k", ls="--", lw=1, label="uncompressed")
+    rows = (target_mode or {}).get("rows", [])
+    for mode in sorted({r["mode"] for r in rows}):
+        pts = sorted((r["file_ratio"], 100 * r["top1"]) for r in rows if r["mode"] == mode)
+        ax.plot(*zip(*pts), marker="o", mfc="none", ls=":", lw=1.2, ms=7,
+                label=f"legonet target mode, {mode} ({target_mode['test_images']} images)")
+    if rows and "baseline_top1" in target_mode:
+        ax.axhline(100 * target_mode["baseline_top1"], color="grey", ls=":", lw=1,
+                   label=f"uncompressed ({target_mode['test_images']} images)")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xticks([t for t in (1, 2, 4, 8, 16, 32, 64, 128, 256) if t <= 1.5 * max(r["ratio"] for r in records)])
+    top = max([r["ratio"] for r in records] + [r["file_ratio"] for r in rows])
+    ax.set_xticks([t for t in (1, 2, 4, 8, 16, 32, 64, 128, 256) if t <= 1.5 * top])
     ax.set_xlabel("compression ratio (fp32 bytes / compressed bytes)")
     ax.set_ylabel(f"top-1 % ({base['n']} test images)")
     ax.set_ylim(0, 100 * base["top1"] + 5)  # the whole range: collapsed models (chance = 10 %) stay visible

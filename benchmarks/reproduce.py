@@ -196,7 +196,9 @@ def write_outputs(results: dict[str, dict], out: Path, info: dict | None = None)
         recs = [r for r in bench.cache.values() if r.get("n") == base["n"] and r.get("on", "test") == "test"
                 and r["method"] != "fp32"]
         if recs:
-            written.append(plots.plot_pareto(recs, base, out / f"pareto_{model}.png"))
+            tm_path = out / f"target_mode_{bench.arch.name}.json"  # written by benchmarks/target_mode.py
+            tm = json.loads(tm_path.read_text()) if tm_path.exists() else None
+            written.append(plots.plot_pareto(recs, base, out / f"pareto_{model}.png", tm))
             tables.setdefault("best_within", []).extend(ex.best_ratio_within(bench, n))
     for name, rows in tables.items():
         if rows:

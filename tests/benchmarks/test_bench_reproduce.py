@@ -48,3 +48,15 @@ def test_default_run_is_the_paper_and_the_peers_target_mode_opt_in():
     from benchmarks.reproduce import DEFAULT_EXPERIMENTS, EXPERIMENTS
 
     assert "target" not in DEFAULT_EXPERIMENTS and set(DEFAULT_EXPERIMENTS) | {"target"} == set(EXPERIMENTS)
+
+
+def test_pareto_plot_overlays_target_mode_points(tmp_path):
+    pytest.importorskip("matplotlib")
+    from benchmarks.plots import plot_pareto
+
+    recs = [{"model": "m", "method": "rtn", "setting": {"bits": b}, "ratio": 32 / b, "top1": t}
+            for b, t in ((8, 0.8), (4, 0.7))]
+    tm = {"test_images": 10000, "baseline_top1": 0.81,
+          "rows": [{"mode": "data-free", "file_ratio": 6.1, "top1": 0.80}, {"mode": "data-free", "file_ratio": 8.2, "top1": 0.79}]}
+    path = plot_pareto(recs, {"top1": 0.8, "n": 100}, tmp_path / "p.png", tm)
+    assert path.read_bytes()[:4] == b"\x89PNG"
