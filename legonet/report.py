@@ -9,6 +9,8 @@ bits plus the codebooks, is reported too and labelled as such.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import io
 import math
 from dataclasses import asdict, dataclass, field
@@ -47,6 +49,8 @@ class Report:
     scope: str
     clustered_fp32_bytes: int
     tensors: list[TensorRow] = field(default_factory=list)
+    # ``[("BRxBC K=K", number of codebooks), ...]``, most frequent first: target mode mixes settings
+    codebook_settings: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
@@ -83,8 +87,7 @@ class Report:
             ("compression ratio (file)", f"{self.ratio:.2f}x"),
             ("bits per weight (file)", f"{self.bits_per_weight:.3f}"),
             ("paper's ratio (clustered tensors only)", f"{self.paper_ratio:.2f}x"),
-            ("codebooks", f"{self.num_codebooks} x K={self.clusters} of {self.block[0]}x{self.block[1]}, "
-                          f"{_human(self.codebook_bytes)}"),
+            ("codebooks", self._codebooks_line()),
             ("packed indices", _human(self.index_bytes)),
             ("per-row scales (float16)", _human(self.scale_bytes)),
             ("tensors kept as they are", _human(self.kept_bytes)),
@@ -92,6 +95,18 @@ class Report:
             ("clustered weights", f"{self.clustered_weights:,} of {self.num_weights:,}"),
             ("lowest tensor SQNR", "n/a" if self.min_sqnr_db is None else f"{self.min_sqnr_db:.2f} dB"),
         ]
+
+    def _codebooks_line(self) -> str:
+        size = _human(self.codebook_bytes)
+        if len(self.codebook_settings) <= 1:  # one setting (or an old report without the field)
+            setting = self.codebook_settings[0][0] if self.codebook_settings else \
+                f"{self.block[0]}x{self.block[1]} K={self.clusters}"
+            block, k = setting.split(" ")
+            return f"{self.num_codebooks} x {k} of {block}, {size}"
+        shown = ", ".join(f"{n} x {s}" for s, n in self.codebook_settings[:3])
+        more = len(self.codebook_settings) - 3
+        rest = f" (+{more} more setting{'s' if more > 1 else ''})" if more > 0 else ""
+        return f"{self.num_codebooks}: {shown}{rest}; {size}"
 
     def render(self, per_tensor: bool = False) -> str:
         """The report as text (a rich table)."""
@@ -159,6 +174,9 @@ def build_report(cm: CompressedModel, file_bytes: int | None = None) -> Report:
             orig += 4 * t.numel() if t.is_floating_point() else t.numel() * t.element_size()
             num += t.numel()
             rows.append(TensorRow(name, tuple(t.shape), "kept", nb, 8.0 * nb / max(1, t.numel()), None))
+    setting_of = {t.codebook: f"{t.block[0]}x{t.block[1]} K={cm.codebooks[t.codebook].shape[0]}"
+                  for t in cm.tensors.values() if isinstance(t, ClusteredTensor)}
+    settings = Counter(setting_of.values()).most_common()
     cb_item = 2 if cm.config.codebook_dtype == "float16" else 4
     cb_bytes = sum(int(cb.numel()) * cb_item for cb in cm.codebooks)
     return Report(
@@ -166,5 +184,5 @@ def build_report(cm: CompressedModel, file_bytes: int | None = None) -> Report:
         codebook_bytes=cb_bytes, index_bytes=idx_bytes, kept_bytes=kept, scale_bytes=scale_bytes,
         header_bytes=file_bytes - cb_bytes - idx_bytes - kept - scale_bytes, num_codebooks=len(cm.codebooks),
         clusters=cm.config.clusters, block=cm.config.block, scope=cm.config.scope,
-        clustered_fp32_bytes=clustered_fp32, tensors=rows,
+        clustered_fp32_bytes=clustered_fp32, tensors=rows, codebook_settings=settings,
     )

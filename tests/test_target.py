@@ -55,3 +55,13 @@ def test_bad_targets():
         compress_to_ratio(model_sd(), 0.5)
     with pytest.raises(ConfigError, match="out of reach|could not meet"):
         compress_to_ratio(model_sd(), 5000.0, menu=MENU)
+
+
+def test_report_names_the_mixed_codebook_settings():
+    cm, plan = compress_to_ratio(model_sd(), 12.0, menu=MENU)
+    rep = cm.report()
+    assert sum(n for _, n in rep.codebook_settings) == len(cm.codebooks) == len(plan)
+    expected = {f"{c.block[0]}x{c.block[1]} K={c.clusters}" for c in plan.values()}
+    assert {s for s, _ in rep.codebook_settings} == expected
+    line = dict(rep.summary_lines())["codebooks"]
+    assert line.startswith(f"{len(cm.codebooks)}") and rep.codebook_settings[0][0] in line
