@@ -120,10 +120,12 @@ def main(debug: bool) -> None:  # noqa: ARG001
 @click.option("--target-ratio", type=float, default=None,
               help="Choose per-tensor block/K to meet this whole-file ratio (ignores --block/--clusters/--scope).")
 @click.option("--arch", default=None,
-              help="Zoo architecture: needed with --calib; in data-free target mode it enables bias correction.")
+              help="Zoo architecture: needed with --calib; in target mode it also stores BatchNorm in inference "
+                   "form (statistics folded into weight/bias, eval outputs unchanged) and, without --calib, "
+                   "enables data-free bias correction.")
 @click.option("--calib", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="npz of unlabeled calibration images: enables activation-aware clustering and BatchNorm "
-                   "re-estimation (with --target-ratio).")
+              help="npz of unlabeled calibration images: enables activation-aware clustering, BatchNorm "
+                   "re-estimation and codebook refinement (with --target-ratio).")
 @click.option("--calib-images", type=int, default=1024, show_default=True,
               help="How many calibration images to use (seeded random subset).")
 @click.option("--refine-epochs", type=click.FloatRange(min=0), default=None,
