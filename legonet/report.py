@@ -9,10 +9,9 @@ bits plus the codebooks, is reported too and labelled as such.
 
 from __future__ import annotations
 
-from collections import Counter
-
 import io
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 

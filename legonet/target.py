@@ -21,7 +21,13 @@ from dataclasses import dataclass, replace
 import torch
 
 from legonet.artifact import CompressedModel, dense_nbytes
-from legonet.compress import Group, as_state_dict, check_finite, compress_groups, select_tensors
+from legonet.compress import (
+    Group,
+    as_state_dict,
+    check_finite,
+    compress_groups,
+    select_tensors,
+)
 from legonet.config import LegoConfig
 from legonet.errors import ConfigError
 from legonet.ops.bitpack import bits_for, packed_nbytes

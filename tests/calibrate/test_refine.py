@@ -8,22 +8,13 @@ from legonet.calibrate.refine import RefineConfig, lr_factor, refine_codebooks
 from legonet.config import LegoConfig
 from legonet.errors import ConfigError
 from legonet.target import compress_to_ratio
+from tests.nets import conv_bn_net
 
 MENU = (((4, 4), 16), ((2, 2), 16), ((1, 2), 64))
 
 
 def _net() -> nn.Module:
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Conv2d(3, 32, 3, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
-                      nn.Conv2d(32, 32, 3, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
-                      nn.Flatten(), nn.Linear(32 * 4 * 4, 10))
-    with torch.no_grad():  # non-trivial BatchNorm statistics and affine parameters
-        for bn in (m[1], m[4]):
-            bn.running_mean.uniform_(-0.5, 0.5)
-            bn.running_var.uniform_(0.5, 2.0)
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.uniform_(-0.2, 0.2)
-    return m.eval()
+    return conv_bn_net(32)
 
 
 def _kl(model, cm, x) -> float:

@@ -9,22 +9,13 @@ from legonet.datafree.pipeline import datafree_compress
 from legonet.format import serialize
 from legonet.io.checkpoints import read_state_dict
 from legonet.zoo import build
+from tests.nets import conv_bn_net
 
 MENU = (((4, 4), 16), ((2, 2), 16), ((1, 2), 64))
 
 
 def _net(eps: float = 1e-5) -> nn.Module:
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Conv2d(3, 16, 3, bias=False), nn.BatchNorm2d(16, eps=eps), nn.ReLU(),
-                      nn.Conv2d(16, 16, 3, bias=False), nn.BatchNorm2d(16, eps=eps), nn.ReLU(),
-                      nn.Flatten(), nn.Linear(16 * 4 * 4, 10))
-    with torch.no_grad():
-        for bn in (m[1], m[4]):
-            bn.running_mean.uniform_(-0.5, 0.5)
-            bn.running_var.uniform_(0.2, 3.0)
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.uniform_(-0.2, 0.2)
-    return m.eval()
+    return conv_bn_net(16, eps)
 
 
 @pytest.mark.parametrize("eps", [1e-5, 1e-3])
