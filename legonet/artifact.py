@@ -8,6 +8,7 @@ It reconstructs dense weights on demand (``to_state_dict``), loads them into a m
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -19,14 +20,21 @@ from legonet.ops.quant import dequantize
 from legonet.ops.tiling import Tiling, make_tiling
 
 
+# A fill may hold at most MAX_FILL elements, MAX_FILL_TOTAL in one file: the reader allocates them
+# from a few bytes of metadata, so their size must be bounded (BatchNorm statistics need far less).
+MAX_FILL = 1 << 22
+MAX_FILL_TOTAL = 1 << 24
+
+
 def constant_fill(t: torch.Tensor) -> float | None:
-    """The value of a floating tensor of 2 or more elements that all equal one finite value, else None.
+    """The value of a floating tensor of 2 to :data:`MAX_FILL` elements that all equal one finite
+    value, else None.
 
     Such kept tensors are written to a .lego file as that one value (a "fill"), not element by
     element: e.g. the running statistics of BatchNorm layers in inference form
-    (:func:`legonet.nn.norms.fold_batchnorm_statistics`).
+    (:func:`legonet.datafree.fold_norms.fold_batchnorm_statistics`).
     """
-    if not t.is_floating_point() or t.numel() < 2:
+    if not t.is_floating_point() or not 2 <= t.numel() <= MAX_FILL:
         return None
     flat = t.reshape(-1)
     v = flat[0]
@@ -35,8 +43,20 @@ def constant_fill(t: torch.Tensor) -> float | None:
     return float(v)
 
 
+def fills(tensors: Mapping[str, object]) -> dict[str, float]:
+    """``{name: value}`` of the kept tensors a .lego file stores as fills, in order, until their
+    elements would pass :data:`MAX_FILL_TOTAL` (later constant tensors are stored densely)."""
+    out, total = {}, 0
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and (v := constant_fill(t)) is not None and total + t.numel() <= MAX_FILL_TOTAL:
+            out[name] = v
+            total += t.numel()
+    return out
+
+
 def dense_nbytes(t: torch.Tensor) -> int:
-    """Bytes a kept tensor takes in the dense blob of a .lego file (0 for a constant fill)."""
+    """Bytes a kept tensor takes in the dense blob of a .lego file, 0 for a constant fill (an
+    estimate for one tensor: :func:`fills` applies the per-file limit)."""
     return 0 if constant_fill(t) is not None else t.numel() * t.element_size()
 
 

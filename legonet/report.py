@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from legonet.artifact import ClusteredTensor, CompressedModel, dense_nbytes
+from legonet.artifact import ClusteredTensor, CompressedModel, fills
 from legonet.ops.bitpack import bits_for, packed_nbytes
 
 
@@ -153,6 +153,7 @@ def build_report(cm: CompressedModel, file_bytes: int | None = None) -> Report:
     if file_bytes is None:
         file_bytes = len(cm.to_bytes())
     rows: list[TensorRow] = []
+    filled = fills(cm.tensors)
     orig = num = clustered_w = clustered_fp32 = idx_bytes = kept = scale_bytes = 0
     for name, t in cm.tensors.items():
         if isinstance(t, ClusteredTensor):
@@ -168,7 +169,7 @@ def build_report(cm: CompressedModel, file_bytes: int | None = None) -> Report:
             num += t.numel
             rows.append(TensorRow(name, t.shape, "clustered", nb, 8.0 * nb / t.numel, t.sqnr_db))
         else:
-            nb = dense_nbytes(t)
+            nb = 0 if name in filled else t.numel() * t.element_size()
             kept += nb
             orig += 4 * t.numel() if t.is_floating_point() else t.numel() * t.element_size()
             num += t.numel()

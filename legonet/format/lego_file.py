@@ -19,9 +19,9 @@ the crc32 of its per-row float16 scales, when it was compressed with gain-shape 
 hold one finite value is written as ``[name, dtype, shape, "fill", value]`` with no bytes in
 ``dense`` (e.g. BatchNorm running statistics in inference form); files holding such an entry say
 format version 2 (everything else is unchanged, so files without one are still version 1 and
-older legonet versions read them), and a fill may hold at most 2**22 elements, 2**24 in all, so a
-small file cannot make the reader allocate much (BatchNorm statistics of large models need far less). Offsets are not stored: they follow from the order and the
-sizes. ``crc32`` is the zlib CRC-32 (8 hex digits) of the bytes of that codebook, packed index stream
+older legonet versions read them). A fill may hold at most 2**22 elements, 2**24 in one file, so
+that a small file cannot make the reader allocate much. Offsets are not stored: they follow from
+the order and the sizes. ``crc32`` is the zlib CRC-32 (8 hex digits) of the bytes of that codebook, packed index stream
 or dense tensor.
 
 ``sqnr_db`` is a number, ``null``, or the string ``"inf"``/``"-inf"`` (JSON has no infinities;
@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from legonet.artifact import ClusteredTensor, CompressedModel, constant_fill
+from legonet.artifact import MAX_FILL, MAX_FILL_TOTAL, ClusteredTensor, CompressedModel, fills
 from legonet.config import LegoConfig
 from legonet.errors import ConfigError, FormatError
 from legonet.io.atomic import atomic_path
@@ -62,8 +62,6 @@ from legonet.ops.tiling import make_tiling
 FORMAT_NAME = "legonet"
 FORMAT_VERSION = 2  # the newest version this legonet reads; it writes 1 unless a tensor is a fill
 _FILL_VERSION = 2
-_MAX_FILL = 1 << 22
-_MAX_FILL_TOTAL = 1 << 24
 _BLOBS = ("legonet.meta", "codebooks", "indices", "dense")
 _MAX_NDIM = 16
 
@@ -114,6 +112,7 @@ def serialize(cm: CompressedModel) -> bytes:
         cb_bytes.append(b)
         cb_meta.append([int(cb.shape[0]), int(cb.shape[1]), codebook_dtype, _crc(b)])
     idx_bytes, dense_bytes, entries = [], [], []
+    filled = fills(cm.tensors)
     for name, t in cm.tensors.items():
         if isinstance(t, ClusteredTensor):
             k = cm.codebooks[t.codebook].shape[0]
@@ -126,8 +125,8 @@ def serialize(cm: CompressedModel) -> bytes:
                 dense_bytes.append(sb)
                 entry.append(_crc(sb))
             entries.append(entry)
-        elif (fill := constant_fill(t)) is not None and t.numel() <= _MAX_FILL:
-            entries.append([name, _dtype_name(t.dtype), list(t.shape), "fill", fill])
+        elif name in filled:
+            entries.append([name, _dtype_name(t.dtype), list(t.shape), "fill", filled[name]])
         else:
             b = _raw(t)
             dense_bytes.append(b)
@@ -314,7 +313,7 @@ def deserialize(data: bytes | bytearray | memoryview, *, source: str = "<bytes>"
         if name in tensors:
             raise _fail(source, f"tensor {name!r} appears twice")
         if len(entry) == 5 and crc == "fill" and version >= _FILL_VERSION:
-            tensors[name] = _read_fill(name, dtype, shape, entry[4], _MAX_FILL_TOTAL - filled, source)
+            tensors[name] = _read_fill(name, dtype, shape, entry[4], MAX_FILL_TOTAL - filled, source)
             filled += tensors[name].numel()
         elif len(entry) == 4:
             tensors[name], nbytes = _read_dense(name, dtype, shape, crc, blobs["dense"], dense_off, source, verify)
@@ -401,7 +400,7 @@ def _read_fill(name, dtype, shape, value, room, source) -> torch.Tensor:
     if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
         raise _fail(source, f"fill tensor {name!r} has an invalid value {str(value)[:40]}")
     numel = math.prod(shape)
-    if numel > min(_MAX_FILL, room):  # before anything is allocated
+    if numel > min(MAX_FILL, room):  # before anything is allocated
         raise _fail(source, f"fill tensor {name!r} of {numel} elements exceeds the limit of fills")
     return torch.full(shape, float(value), dtype=dt)
 

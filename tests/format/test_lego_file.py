@@ -392,3 +392,19 @@ def test_fills_have_a_total_limit_and_need_version_2():
     md["version"], meta["version"] = "1", 1
     with pytest.raises(FormatError, match="fields"):
         deserialize(join(md, meta, blobs), source="m.lego")
+
+
+def test_the_writer_keeps_within_the_fill_limits_the_reader_enforces():
+    cm = deserialize(tiny_model_bytes())
+    for i in range(5):  # 5 * 2**22 constant elements: the first four fit the 2**24 a file may hold
+        cm.tensors[f"const{i}"] = torch.ones(1 << 22, dtype=torch.float16)
+    cm.tensors["too_big"] = torch.ones((1 << 22) + 1, dtype=torch.float16)  # over the per-fill limit
+    data = serialize(cm)
+    _, meta, _ = split(data)
+    kinds = {e[0]: len(e) == 5 for e in meta["tensors"]}
+    assert [kinds[f"const{i}"] for i in range(5)] == [True] * 4 + [False]
+    assert kinds["too_big"] is False
+    assert same_model(cm, deserialize(data))
+    assert cm.report().kept_bytes == 2 * ((1 << 22) + (1 << 22) + 1) + sum(
+        t.numel() * t.element_size() for n, t in deserialize(tiny_model_bytes()).tensors.items()
+        if isinstance(t, torch.Tensor))
