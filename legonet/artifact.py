@@ -19,7 +19,6 @@ from legonet.errors import ArchitectureError
 from legonet.ops.quant import dequantize
 from legonet.ops.tiling import Tiling, make_tiling
 
-
 # A fill may hold at most MAX_FILL elements, MAX_FILL_TOTAL in one file: the reader allocates them
 # from a few bytes of metadata, so their size must be bounded (BatchNorm statistics need far less).
 MAX_FILL = 1 << 22

@@ -52,7 +52,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from legonet.artifact import MAX_FILL, MAX_FILL_TOTAL, ClusteredTensor, CompressedModel, fills
+from legonet.artifact import (
+    MAX_FILL,
+    MAX_FILL_TOTAL,
+    ClusteredTensor,
+    CompressedModel,
+    fills,
+)
 from legonet.config import LegoConfig
 from legonet.errors import ConfigError, FormatError
 from legonet.io.atomic import atomic_path
