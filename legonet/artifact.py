@@ -53,12 +53,6 @@ def fills(tensors: Mapping[str, object]) -> dict[str, float]:
     return out
 
 
-def dense_nbytes(t: torch.Tensor) -> int:
-    """Bytes a kept tensor takes in the dense blob of a .lego file, 0 for a constant fill (an
-    estimate for one tensor: :func:`fills` applies the per-file limit)."""
-    return 0 if constant_fill(t) is not None else t.numel() * t.element_size()
-
-
 @dataclass
 class ClusteredTensor:
     """One tensor stored as centroid indices.

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from legonet.artifact import CompressedModel, dense_nbytes
+from legonet.artifact import CompressedModel, fills
 from legonet.compress import (
     Group,
     as_state_dict,
@@ -172,7 +172,10 @@ def compress_to_ratio(
         if not tables[n]:
             raise ConfigError(f"tensor {n!r} {tuple(sd[n].shape)} is too small for any menu setting; exclude it")
     chosen_set = set(names)
-    fixed = sum(dense_nbytes(t.half() if t.is_floating_point() else t) for k, t in sd.items() if k not in chosen_set)
+    # tensors kept as float16, constant ones written as fills (the writer's own rule)
+    kept = {k: t.half() if t.is_floating_point() else t for k, t in sd.items() if k not in chosen_set}
+    filled = fills(kept)
+    fixed = sum(t.numel() * t.element_size() for k, t in kept.items() if k not in filled)
     fixed += sum(2 * sd[n].shape[0] for n in names)  # row gains
     overhead = 1024 + 64 * len(sd)  # container header and metadata, corrected below if too low
     for _attempt in range(4):

@@ -22,7 +22,11 @@ from legonet.calibrate.refine import RefineConfig, RefineResult, refine_codebook
 from legonet.calibrate.stats import input_second_moments
 from legonet.compress import as_state_dict, select_tensors
 from legonet.config import LegoConfig
-from legonet.datafree.fold_norms import batchnorm_eps, fold_batchnorm_statistics
+from legonet.datafree.fold_norms import (
+    batchnorm_eps,
+    fold_batchnorm_statistics,
+    state_key,
+)
 from legonet.errors import ConfigError
 from legonet.report import fp32_bytes
 from legonet.target import DEFAULT_MENU, Choice, compress_to_ratio
@@ -89,8 +93,7 @@ def calibrated_compress(
                                  reserve=reserve)
     # ... but re-estimation needs the trained affine parameters: folding absorbed the old statistics
     for prefix in folded:
-        for part in ("weight", "bias"):
-            key = f"{prefix}.{part}" if prefix else part
+        for key in (state_key(prefix, "weight"), state_key(prefix, "bias")):
             cm.tensors[key] = original[key].to(cm.tensors[key].dtype).clone()
     say(f"re-estimating BatchNorm statistics on {calib.shape[0]} calibration images")
     student = copy.deepcopy(model)  # ``model`` keeps the original weights: the teacher of refinement

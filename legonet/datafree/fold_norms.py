@@ -32,7 +32,8 @@ def batchnorm_eps(model: nn.Module) -> dict[str, float]:
     return out
 
 
-def _key(prefix: str, part: str) -> str:
+def state_key(prefix: str, part: str) -> str:
+    """State-dict name of ``part`` (e.g. ``"weight"``) of the module at ``prefix`` (``""``: the root)."""
     return f"{prefix}.{part}" if prefix else part
 
 
@@ -50,7 +51,7 @@ def fold_batchnorm_statistics(tensors: MutableMapping[str, object], eps: Mapping
     """
     done = []
     for prefix, e in eps.items():
-        keys = [_key(prefix, p) for p in _PARTS]
+        keys = [state_key(prefix, p) for p in _PARTS]
         parts = [tensors.get(k) for k in keys]
         if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in parts):
             continue
