@@ -23,7 +23,7 @@ def test_sweep_until_stops_at_the_first_candidate_within(threshold, n):
 def test_large_k_sweep_settings_cap_kmeans_and_count_as_the_papers_method():
     small, large = ex.sweep_setting(4, 32), ex.sweep_setting(2, ex.LARGE_K)
     assert small == {"block": [4, 4], "clusters": 32}
-    assert large["kmeans"] == ex.LARGE_K_KMEANS
+    assert large["kmeans"] == {**ex.LARGE_K_KMEANS, "max_fit_points": ex.FIT_POINTS_PER_CENTROID * ex.LARGE_K}
     assert ex.is_sweep_setting(small) and ex.is_sweep_setting(large)
     assert not ex.is_sweep_setting({**small, "seed": 1})
     assert not ex.is_sweep_setting({"block": [2, 8], "clusters": 16})
