@@ -83,7 +83,8 @@ def k_range(block: int, ks: Sequence[int] = POW2_K, max_bits_per_weight: float =
     return [k for k in ks if (k - 1).bit_length() / (block * block) <= max_bits_per_weight]
 
 
-def sweep_until(candidates: Sequence[Any], measure: Callable[[Any], dict], within: Callable[[dict], bool]) -> list[dict]:
+def sweep_until(candidates: Sequence[Any], measure: Callable[[Any], dict | None],
+                within: Callable[[dict], bool]) -> list[dict]:
     """Measure candidates in order (cheapest storage first) and stop after the first one ``within``.
 
     Every later candidate stores more bits, so its ratio is lower: it cannot give a higher ratio
@@ -92,6 +93,8 @@ def sweep_until(candidates: Sequence[Any], measure: Callable[[Any], dict], withi
     out = []
     for c in candidates:
         rec = measure(c)
+        if rec is None:  # the candidate could not be measured (see :func:`peers`)
+            continue
         out.append(rec)
         if within(rec):
             break
@@ -216,11 +219,24 @@ def peers(bench: Bench, n_images: int, grid: Sequence[tuple[str, dict]],
     for method, setting in grid:
         fam = repr((method, sorted((k, v) for k, v in setting.items() if k != "bits")))
         families.setdefault(fam, []).append((method, setting))
-    rows = []
+    rows: list[dict] = []
+
+    def attempt(ms: tuple[str, dict]) -> dict | None:
+        # A peer library may reject a setting (coremltools' vector k-means asks for more clusters
+        # than a small layer has vectors): recorded as a failed row, the family goes on.
+        try:
+            return bench.measure(ms[0], ms[1], n_images)
+        except NotMeasured:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure of the peer's own code is a result
+            msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+            bench.log(f"{bench.name} {ms[0]} {ms[1]}: failed ({msg})")
+            rows.append({"model": bench.name, "method": ms[0], "setting": ms[1], "error": msg})
+            return None
+
     for members in families.values():
         try:
-            recs = sweep_until(members, lambda ms: bench.measure(ms[0], ms[1], n_images),
-                               lambda r: stop_within is not None and drop(bench, r) <= stop_within)
+            recs = sweep_until(members, attempt, lambda r: stop_within is not None and drop(bench, r) <= stop_within)
         except NotMeasured:
             n = len(bench.images(n_images))
             keys = [bench.key(m, s, None if n >= len(bench.test) else n) for m, s in members]

@@ -91,8 +91,10 @@ def plot_pareto(records: Sequence[dict], base: dict, path: Path,
     rows = (target_mode or {}).get("rows", [])
     for mode in sorted({r["mode"] for r in rows}):
         pts = sorted((r["file_ratio"], 100 * r["top1"]) for r in rows if r["mode"] == mode)
-        ax.plot(*zip(*pts), marker="o", mfc="none", ls=":", lw=1.2, ms=7,
-                label=f"legonet target mode, {mode} ({target_mode['test_images']} images)")
+        peer = mode.startswith("peer ")  # benchmarks/target_mode.py --peers: same images, for comparison
+        ax.plot(*zip(*pts), marker="s" if peer else "o", mfc="none", ls=":", lw=1.2, ms=7,
+                label=(f"{mode[5:]}" if peer else f"legonet target mode, {mode}")
+                + f" ({target_mode['test_images']} images)")
     if rows and "baseline_top1" in target_mode:
         ax.axhline(100 * target_mode["baseline_top1"], color="grey", ls=":", lw=1,
                    label=f"uncompressed ({target_mode['test_images']} images)")

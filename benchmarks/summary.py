@@ -71,6 +71,10 @@ def points_md(rows: Sequence[dict], label_of) -> list[str]:
     out = ["| model | method | setting | ratio (file) | bits/weight | mean SQNR dB | top-1 % [95 % CI] | drop | images |",
            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
+        if "error" in r:
+            out.append(f"| {r['model']} | {label_of(r)} | `{_setting(r['setting'])}` | failed: {r['error'].replace('|', '/')} "
+                       "| | | | | |")
+            continue
         out.append(f"| {r['model']} | {label_of(r)} | `{_setting(r['setting'])}` | {r['ratio']:.1f}x | "
                    f"{r['bits_per_weight']:.3f} | {r['sqnr_mean_db']:.2f} | {_pct(r.get('top1'))}{_ci(r)} | "
                    f"{r['drop_points']:.2f} | {r.get('n', '')} |")
@@ -84,13 +88,14 @@ def render(tables: dict[str, list[dict]], info: dict, label_of) -> str:
              "fp32 bytes of the whole model over compressed bytes (legonet: the .lego file); accuracy drops "
              "are against the uncompressed model on the same images.", "",
              f"Run: `{json.dumps({k: info[k] for k in ('models', 'experiments', 'quick', 'cached_only', 'fresh') if k in info})}`; "
-             f"wall time {info.get('seconds', 'n/a')} s, {info.get('cpus', '?')} CPUs shared with other jobs "
-             "(stages, CPU time and load averages in run_info.json); "
+             f"wall time {info.get('seconds', 'n/a')} s on {info.get('cpus', '?')} CPUs "
+             "(stages, CPU time and load averages in run_info.json"
+             + (f"; tables rebuilt from the cache {info['tables_rebuilt']}" if info.get("tables_rebuilt") else "") + "); "
              f"compute time of the cached measurements (s): `{json.dumps(info.get('cached_compute_s', {}))}`", "",
              "Sweeps (Figs. 3-4, arrangement, peers, target mode) use a seeded test subset per model (sizes in "
              "the tables' `images` column), each sweep stopping at the first setting within 0.5 points; "
              f"from K={info.get('large_k', 512)} on, the paper's method seeds k-means at random with at most "
-             "20 Lloyd iterations (recorded in the setting).", ""]
+             "20 Lloyd iterations, fitted on at most 256 blocks per centroid (recorded in the setting).", ""]
     sections = [("Headline (claim 1)", "headline", headline_md),
                 ("Top-1 versus K at b=4 (claim 2, Fig. 4)", "fig4", lambda r: points_md(r, label_of)),
                 ("Best ratio per block size within a tolerance (claim 3, Fig. 3)", "fig3", fig3_md),

@@ -12,6 +12,10 @@ Calibration uses ``--calib-images`` (default 1,024, as the CLI) of ``cifar10-cal
 images. Top-1 is measured on ``--test-images`` of ``cifar10-test.npz`` (default: all 10,000) with a
 95 % Wilson interval. Each point is appended to ``benchmarks/results/target_mode_<arch>.json`` as
 soon as it is measured (same mode and ratio: replaced), with the compression wall time.
+
+``--peers METHOD:BITS ...`` (e.g. ``rtn:4 kmeans-layer:4 coreml:4``, the reproduction benchmark's
+peer methods, ``benchmarks/peers.py``) measures peers on the same test images, for a side-by-side at
+matched ratios; their rows have mode ``peer METHOD`` and the ratio their byte count gives.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.peers import PEER_METHODS
 from legonet.artifact import load_weights
 from legonet.calibrate.pipeline import calibrated_compress
 from legonet.calibrate.refine import RefineConfig
@@ -32,6 +37,7 @@ from legonet.data import load_images, to_input
 from legonet.datafree.pipeline import datafree_compress
 from legonet.evaluate import top1, wilson_interval
 from legonet.io.checkpoints import read_state_dict
+from legonet.report import fp32_bytes
 from legonet.zoo import build, get_arch
 
 SHARED = Path(os.environ.get("LEGONET_SHARED", Path(__file__).resolve().parents[2] / "shared"))
@@ -45,11 +51,19 @@ def _point(text: str) -> tuple[str, float]:
     return mode, float(ratio)
 
 
+def _peer(text: str) -> tuple[str, int]:
+    method, _, bits = text.partition(":")
+    if method not in PEER_METHODS or not bits.isdigit():
+        raise argparse.ArgumentTypeError(f"expected METHOD:BITS with METHOD one of {sorted(PEER_METHODS)}, got {text!r}")
+    return method, int(bits)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", required=True)
     ap.add_argument("--weights", required=True)
-    ap.add_argument("--points", type=_point, nargs="+", required=True, help="MODE:RATIO ...")
+    ap.add_argument("--points", type=_point, nargs="*", default=[], help="MODE:RATIO ...")
+    ap.add_argument("--peers", type=_peer, nargs="*", default=[], help="METHOD:BITS ... on the same test images")
     ap.add_argument("--test-images", type=int, default=10000)
     ap.add_argument("--calib-images", type=int, default=1024)
     ap.add_argument("--no-baseline", action="store_true", help="reuse the baseline already in the results file")
@@ -100,6 +114,19 @@ def main() -> None:
             "load_average_before": load, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         }
         rows[:] = [r for r in rows if (r["mode"], r["target_ratio"]) != (mode, ratio)] + [row]
+        out.write_text(json.dumps(doc, indent=1))
+        print(json.dumps(row), flush=True)
+    for method, bits in args.peers:
+        load = os.getloadavg()
+        t0 = time.time()
+        res = PEER_METHODS[method](f32, spec, None, bits=bits)
+        seconds = time.time() - t0
+        acc = accuracy(res.state_dict)
+        row = {"mode": f"peer {method}", "target_ratio": None, "bits": bits, "file_ratio": fp32_bytes(sd) / res.file_bytes,
+               "file_bytes": res.file_bytes, "compress_seconds": round(seconds, 1), "top1": acc,
+               "ci95": wilson_interval(acc, len(test)), "load_average_before": load,
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        rows[:] = [r for r in rows if (r["mode"], r.get("bits")) != (row["mode"], bits)] + [row]
         out.write_text(json.dumps(doc, indent=1))
         print(json.dumps(row), flush=True)
     if not (args.no_baseline and "baseline_top1" in doc):  # measured last: the points come first

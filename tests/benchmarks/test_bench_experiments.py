@@ -89,6 +89,22 @@ def test_fig3_reports_the_smallest_passing_k_per_block_and_tolerance(bench):
             assert all(p["drop_points"] > r["tolerance"] for p in smaller)
 
 
+def test_a_peer_setting_that_fails_is_a_row_and_the_family_goes_on(bench):
+    def picky(sd, arch, calib, *, bits):
+        if bits == 2:
+            raise AssertionError("too many clusters 4 for 3 samples")
+        return bench.methods["rtn"](sd, arch, calib, bits=bits)
+
+    bench.methods["picky"] = picky
+    rows = ex.peers(bench, 64, [("picky", {"bits": 2}), ("picky", {"bits": 8})])
+    assert rows[0] == {"model": "tiny", "method": "picky", "setting": {"bits": 2},
+                       "error": "AssertionError: too many clusters 4 for 3 samples"}
+    assert rows[1]["setting"] == {"bits": 8} and rows[1]["ratio"] > 1
+    from benchmarks.summary import points_md
+
+    assert "failed: AssertionError" in "\n".join(points_md(rows, ex.family))
+
+
 def test_peers_and_best_ratio_within(bench):
     grid = ex.peer_grid(bench, bits=(2, 8), coreml=False)
     assert ("rtn", {"bits": 8}) in grid and ("kmeans-layer", {"bits": 2}) in grid

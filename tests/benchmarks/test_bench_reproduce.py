@@ -57,6 +57,15 @@ def test_pareto_plot_overlays_target_mode_points(tmp_path):
     recs = [{"model": "m", "method": "rtn", "setting": {"bits": b}, "ratio": 32 / b, "top1": t}
             for b, t in ((8, 0.8), (4, 0.7))]
     tm = {"test_images": 10000, "baseline_top1": 0.81,
-          "rows": [{"mode": "data-free", "file_ratio": 6.1, "top1": 0.80}, {"mode": "data-free", "file_ratio": 8.2, "top1": 0.79}]}
+          "rows": [{"mode": "data-free", "file_ratio": 6.1, "top1": 0.80}, {"mode": "data-free", "file_ratio": 8.2, "top1": 0.79},
+                   {"mode": "peer rtn", "bits": 4, "file_ratio": 7.4, "top1": 0.78}]}
     path = plot_pareto(recs, {"top1": 0.8, "n": 100}, tmp_path / "p.png", tm)
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cached_only_rebuild_keeps_the_timed_runs_info(tmp_path):
+    (tmp_path / "run_info.json").write_text(json.dumps({"seconds": 1234.5, "fresh": True, "cpus": 2}))
+    assert main(["--quick", "--cached-only", "--out", str(tmp_path)]) == 0  # empty cache: nothing measured
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    assert info["seconds"] == 1234.5 and info["fresh"] is True and info["tables_rebuilt"]
+    assert "wall time 1234.5 s on 2 CPUs" in (tmp_path / "summary.md").read_text()
