@@ -23,13 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-from benchmarks.peers import PEER_METHODS
 from legonet.artifact import load_weights
 from legonet.calibrate.pipeline import calibrated_compress
 from legonet.calibrate.refine import RefineConfig
@@ -39,6 +39,10 @@ from legonet.evaluate import top1, wilson_interval
 from legonet.io.checkpoints import read_state_dict
 from legonet.report import fp32_bytes
 from legonet.zoo import build, get_arch
+
+if __package__ in (None, ""):  # run as ``python benchmarks/target_mode.py``: the repository root holds ``benchmarks``
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.peers import PEER_METHODS
 
 SHARED = Path(os.environ.get("LEGONET_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 MODES = ("data-free", "calib", "calib+refine")
