@@ -36,15 +36,17 @@ from legonet.ops.quant import choose_row_scales, normalized_blocks
 from legonet.ops.tiling import make_tiling, tile
 from legonet.report import fp32_bytes
 
-# (block, K) settings offered to every tensor: from 1/32 to 8 bits per weight (the scalar 1x1 entries
-# let ratios below ~7x spend more than 4 bits where a tensor needs them). K stays <= 256 so that the
+# (block, K) settings offered to every tensor: from 1/32 to 8 bits per weight. The scalar 1x1
+# entries cover 2 to 8 bits per weight with a tiny codebook: vector entries at the same rate (2x2
+# K=256, 1x2 K=64/256) quantise better but their codebooks cost up to 1 KB, as much as the indices
+# of a small tensor (a 16x16x3x3 convolution, a depthwise filter bank). K stays <= 256 so that the
 # final per-tensor k-means++ fits stay fast.
 DEFAULT_MENU: tuple[tuple[tuple[int, int], int], ...] = (
     ((4, 8), 2), ((4, 8), 4), ((4, 8), 16), ((4, 8), 64), ((4, 8), 256),
     ((4, 4), 4), ((4, 4), 16), ((4, 4), 64), ((4, 4), 256),
     ((2, 2), 4), ((2, 2), 16), ((2, 2), 64), ((2, 2), 256),
     ((1, 2), 16), ((1, 2), 64), ((1, 2), 256),
-    ((1, 1), 32), ((1, 1), 64), ((1, 1), 256),
+    ((1, 1), 4), ((1, 1), 8), ((1, 1), 16), ((1, 1), 32), ((1, 1), 64), ((1, 1), 256),
 )
 _SAMPLE = 4096
 
