@@ -95,7 +95,8 @@ def render(tables: dict[str, list[dict]], info: dict, label_of) -> str:
              "Sweeps (Figs. 3-4, arrangement, peers, target mode) use a seeded test subset per model (sizes in "
              "the tables' `images` column), each sweep stopping at the first setting within 0.5 points; "
              f"from K={info.get('large_k', 512)} on, the paper's method seeds k-means at random with at most "
-             "20 Lloyd iterations, fitted on at most 256 blocks per centroid (recorded in the setting).", ""]
+             f"20 Lloyd iterations, fitted on at most {info.get('fit_points_per_centroid', 256)} blocks per "
+             "centroid (recorded in the setting).", ""]
     sections = [("Headline (claim 1)", "headline", headline_md),
                 ("Top-1 versus K at b=4 (claim 2, Fig. 4)", "fig4", lambda r: points_md(r, label_of)),
                 ("Best ratio per block size within a tolerance (claim 3, Fig. 3)", "fig3", fig3_md),
