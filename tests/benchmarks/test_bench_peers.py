@@ -76,3 +76,14 @@ def test_coreml_palettizer_output_matches_its_byte_count(tiny_sd):
             n_pal += 1
     assert n_pal == out.info["palettized_tensors"] >= 1
     assert out.file_bytes == out.info["index_bytes"] + out.info["table_bytes"] + out.info["kept_bytes"]
+
+
+def test_uniform_rows_keeps_each_rows_extremes_on_an_even_grid():
+    from benchmarks.scalar_grids import uniform_rows
+
+    w = torch.tensor([[0.0, 0.5, -2.0, 1.0], [3.0, -3.0, 0.1, 0.0]])
+    q = uniform_rows(w, 16)
+    assert q.shape == w.shape and torch.equal(q.abs().amax(1), w.abs().amax(1))
+    step = 2 * w.abs().amax(1, keepdim=True) / 15
+    assert torch.allclose((q + w.abs().amax(1, keepdim=True)) / step, ((q + w.abs().amax(1, keepdim=True)) / step).round(), atol=1e-5)
+    assert not bool((q == 0).any())  # 16 levels over [-m, m]: no zero level
