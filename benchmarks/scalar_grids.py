@@ -18,26 +18,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from legonet.artifact import load_weights
 from legonet.data import load_images
 from legonet.datafree.pipeline import datafree_compress
-from legonet.evaluate import top1, wilson_interval
+from legonet.evaluate import wilson_interval
 from legonet.io.checkpoints import read_state_dict
 from legonet.target import compress_to_ratio
-from legonet.zoo import build, get_arch
+from legonet.zoo import build
 
 if __package__ in (None, ""):  # run as ``python benchmarks/scalar_grids.py``: the repository root holds ``benchmarks``
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.peers import rtn_per_channel
+from benchmarks.target_mode import SHARED, state_top1
 
-SHARED = Path(os.environ.get("LEGONET_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 FORCED = (((1, 1), 16),)
 
 
@@ -56,15 +54,12 @@ def main() -> None:
     ap.add_argument("--test-images", type=int, default=10000)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
-    spec = get_arch(args.arch)
     sd = read_state_dict(args.weights)
     test = load_images(SHARED / "data/cifar10-test.npz").subset(args.test_images, 0)
     names = [n for n, t in sd.items() if t.ndim >= 2 and t.is_floating_point()]
 
     def accuracy(state: dict[str, torch.Tensor]) -> float:
-        model = build(args.arch)
-        load_weights(model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-        return top1(model, test, spec.mean, spec.std)
+        return state_top1(args.arch, state, test)
 
     variants = {
         # ratio 2: below what the forced setting reaches, so every tensor gets it

@@ -48,6 +48,14 @@ SHARED = Path(os.environ.get("LEGONET_SHARED", Path(__file__).resolve().parents[
 MODES = ("data-free", "calib", "calib+refine")
 
 
+def state_top1(arch: str, state: dict[str, torch.Tensor], test) -> float:
+    """Top-1 on ``test`` of architecture ``arch`` loaded with ``state`` (cast to float32)."""
+    spec = get_arch(arch)
+    model = build(arch)
+    load_weights(model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return top1(model, test, spec.mean, spec.std)
+
+
 def _point(text: str) -> tuple[str, float]:
     mode, _, ratio = text.partition(":")
     if mode not in MODES:
@@ -86,9 +94,7 @@ def main() -> None:
         doc = {}
 
     def accuracy(state: dict[str, torch.Tensor]) -> float:
-        model = build(args.arch)
-        load_weights(model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-        return top1(model, test, spec.mean, spec.std)
+        return state_top1(args.arch, state, test)
 
     doc.update({"arch": args.arch, "test_images": len(test), "calib_images": len(calib),
                 "torch_threads": torch.get_num_threads()})
