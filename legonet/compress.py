@@ -15,7 +15,7 @@ from legonet.config import LegoConfig
 from legonet.errors import CheckpointError, ConfigError
 from legonet.ops.kmeans import Progress as KMeansProgress
 from legonet.ops.kmeans import assign, kmeans
-from legonet.ops.quant import choose_row_scales, normalized_blocks
+from legonet.ops.quant import choose_row_scales, dequantize, normalized_blocks, unshrink_scales
 from legonet.ops.tiling import make_tiling, tile
 
 Progress = Callable[[str], None]
@@ -169,6 +169,7 @@ class Group:
     names: tuple[str, ...]
     block: tuple[int, int]
     clusters: int
+    scale_stat: str | None = None  # row gain statistic; None: the config's
 
 
 def plan_groups(names: list[str], config: LegoConfig) -> list[Group]:
@@ -237,7 +238,8 @@ def compress_groups(
         for n in group.names:
             if n in cb_of:
                 raise ConfigError(f"tensor {n!r} is planned into two codebooks")
-            scales[n] = choose_row_scales(sd[n]) if config.scales == "row" else None
+            scales[n] = choose_row_scales(sd[n], stat=group.scale_stat or config.scale_stat) \
+                if config.scales == "row" else None
             blocks[n] = normalized_blocks(sd[n], group.block, scales[n])
             weights[n] = _block_weights(element_weights.get(n), sd[n], group.block)
         data = torch.cat([blocks[n] for n in group.names])
@@ -253,6 +255,9 @@ def compress_groups(
             m = blocks[n].shape[0]
             labels[n], cb_of[n], block_of[n] = lab[start : start + m], gi, group.block
             start += m
+            if config.unshrink:
+                approx = dequantize(cb, labels[n].long(), make_tiling(sd[n].shape, group.block), scales[n])
+                scales[n] = unshrink_scales(sd[n], approx, scales[n], element_weights.get(n))
         for n in group.names:  # free the group's blocks before the next group
             del blocks[n]
 

@@ -14,6 +14,7 @@ from legonet.errors import ConfigError
 
 SCOPES = ("model", "layer")
 SCALES = ("none", "row")
+SCALE_STATS = ("rms", "absmax")
 KEPT_DTYPES = ("keep", "float16")
 INITS = ("k-means++", "random")
 CODEBOOK_DTYPES = ("float32", "float16")
@@ -104,6 +105,13 @@ class LegoConfig:
         scales: ``"none"`` (the paper) or ``"row"``: gain-shape clustering, each row of a tensor's 2-D
             view is divided by its RMS before tiling and multiplied back after decoding; the gains are
             stored as float16 (2 bytes per output channel).
+        scale_stat: what a row's gain is before clustering (with ``scales="row"``): ``"rms"`` or
+            ``"absmax"`` (each row's largest magnitude, so every row spans [-1, 1] like int4's grid).
+        unshrink: with ``scales="row"``, after clustering multiply each row's gain by
+            ``|w|^2 / <w, w_hat>`` (weighted by the element weights when given). Centroids are
+            conditional means, so the reconstruction is shorter than the row
+            (``|w_hat|^2 = |w|^2 - |w - w_hat|^2``); with normalisation statistics frozen that
+            shrink compounds layer after layer. The correction costs no byte (the gain is stored anyway).
         codebook_dtype: storage dtype of the codebook(s), ``"float32"`` or ``"float16"``.
         kept_dtype: ``"keep"`` stores unclustered tensors as they are; ``"float16"`` stores floating
             ones (biases, norm parameters, statistics) in float16.
@@ -119,6 +127,8 @@ class LegoConfig:
     exclude: tuple[str, ...] = ()
     seed: int = 0
     scales: str = "none"
+    scale_stat: str = "rms"
+    unshrink: bool = False
     codebook_dtype: str = "float32"
     kept_dtype: str = "keep"
     kmeans: KMeansConfig = field(default_factory=KMeansConfig)
@@ -140,6 +150,12 @@ class LegoConfig:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.scales not in SCALES:
             raise ConfigError(f"scales must be one of {SCALES}, got {self.scales!r}")
+        if self.scale_stat not in SCALE_STATS:
+            raise ConfigError(f"scale_stat must be one of {SCALE_STATS}, got {self.scale_stat!r}")
+        if not isinstance(self.unshrink, bool):
+            raise ConfigError(f"unshrink must be true or false, got {self.unshrink!r}")
+        if self.scales != "row" and (self.scale_stat != "rms" or self.unshrink):
+            raise ConfigError("scale_stat and unshrink apply to row gains only; set scales='row'")
         if not isinstance(self.allow_nonfinite, bool):
             raise ConfigError(f"allow_nonfinite must be true or false, got {self.allow_nonfinite!r}")
         if self.kept_dtype not in KEPT_DTYPES:

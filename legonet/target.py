@@ -1,7 +1,7 @@
 """Target mode: choose a codebook setting per tensor so that the .lego file meets a compression ratio.
 
-Every clustered tensor gets its own codebook (float16) with per-row float16 gains; its block shape and
-K come from a menu. For each tensor and menu entry the distortion is estimated by k-means on a sample
+Every clustered tensor gets its own codebook (float16) with per-row float16 gains; its block shape,
+K and gain statistic (RMS or largest magnitude of each row) come from a menu. For each tensor and menu entry the distortion is estimated by k-means on a sample
 of the tensor's blocks; a Lagrangian search then picks, for every tensor, the entry minimising
 ``distortion + lambda * bytes`` with the smallest ``lambda`` whose total fits the byte budget.
 
@@ -14,6 +14,7 @@ data-free stand-in for per-layer sensitivity that does not favour big layers.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -28,7 +29,7 @@ from legonet.compress import (
     compress_groups,
     select_tensors,
 )
-from legonet.config import LegoConfig
+from legonet.config import SCALE_STATS, LegoConfig
 from legonet.errors import ConfigError
 from legonet.ops.bitpack import bits_for, packed_nbytes
 from legonet.ops.kmeans import assign, kmeans
@@ -59,6 +60,7 @@ class Choice:
     clusters: int
     nbytes: int  # packed indices + float16 codebook
     distortion: float  # relative (weighted) squared error of the normalised weights
+    scale_stat: str = "rms"  # the row gain statistic (see LegoConfig.scale_stat)
 
 
 def _entry_bytes(shape: tuple[int, ...], block: tuple[int, int], k: int) -> int:
@@ -72,23 +74,26 @@ def evaluate_menu(
     element_weights: torch.Tensor | None = None,
     seed: int = 0,
     sample: int = _SAMPLE,
+    scale_stats: tuple[str, ...] = SCALE_STATS,
 ) -> list[Choice]:
     """Estimated distortion and exact bytes of every feasible menu entry for one tensor.
 
     Args:
         weight: ``(rows, ...)`` tensor.
         element_weights: optional weights broadcastable to the 2-D view ``(rows, cols)``.
+        scale_stats: row gain statistics to try with every entry (each gives its own choice).
     """
-    scale = choose_row_scales(weight)
     rows, cols = weight.shape[0], weight[0].numel()
     wfull = None if element_weights is None else torch.broadcast_to(element_weights.float(), (rows, cols)).reshape(weight.shape)
     out = []
     g = torch.Generator().manual_seed(seed)
-    tiled: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}  # menu entries share blocks
-    for block, k in menu:
-        if block not in tiled:
-            tiled[block] = (normalized_blocks(weight, block, scale), None if wfull is None else tile(wfull, block))
-        blocks, bw = tiled[block]
+    tiled: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}  # menu entries share blocks
+    scales = {stat: choose_row_scales(weight, stat=stat) for stat in scale_stats}
+    for (block, k), stat in itertools.product(menu, scale_stats):
+        if (block, stat) not in tiled:
+            tiled[block, stat] = (normalized_blocks(weight, block, scales[stat]),
+                                  None if wfull is None else tile(wfull, block))
+        blocks, bw = tiled[block, stat]
         n = blocks.shape[0]
         if k > n // 2:
             continue
@@ -101,7 +106,8 @@ def evaluate_menu(
         wt = torch.ones_like(xt) if bw is None else bw[test]
         _, d = assign(xt, res.centroids, None if bw is None else wt)
         signal = float((wt * xt * xt).sum())
-        out.append(Choice(block, k, _entry_bytes(tuple(weight.shape), block, k), float(d.sum()) / max(signal, 1e-30)))
+        out.append(Choice(block, k, _entry_bytes(tuple(weight.shape), block, k), float(d.sum()) / max(signal, 1e-30),
+                          stat))
     return out
 
 
@@ -141,6 +147,7 @@ def compress_to_ratio(
     menu=DEFAULT_MENU,
     progress: Callable[[str], None] | None = None,
     reserve: int = 0,
+    sensitivity: Mapping[str, float] | None = None,
 ) -> tuple[CompressedModel, dict[str, Choice]]:
     """Compress so that ``original fp32 bytes / file bytes >= target_ratio``.
 
@@ -148,9 +155,13 @@ def compress_to_ratio(
         model_or_state_dict: module or state dict.
         target_ratio: required whole-file ratio (> 1).
         config: base settings (include/exclude, seed, k-means); scope, scales, codebook and kept
-            dtypes are set by this mode (one float16 codebook per tensor, row gains, float16 kept tensors).
+            dtypes are set by this mode (one float16 codebook per tensor, row gains with the
+            unshrink correction, float16 kept tensors); each tensor's gain statistic comes with its choice.
         element_weights: optional ``{name: (1 or rows, cols)}`` importance weights (calibration).
         reserve: bytes to leave free below the target (for metadata that a later step may lengthen).
+        sensitivity: optional ``{name: s}``: each tensor's distortion is multiplied by ``s`` in the
+            allocation (e.g. :func:`legonet.calibrate.sensitivity.fisher_sensitivity`); default: every
+            tensor counts equally.
     Returns:
         The compressed model and the chosen setting per clustered tensor.
     """
@@ -158,7 +169,7 @@ def compress_to_ratio(
         raise ConfigError(f"target ratio must be a number > 1, got {target_ratio!r}")
     say = progress or (lambda _m: None)
     base = config or LegoConfig()
-    cfg = replace(base, scope="layer", scales="row", codebook_dtype="float16", kept_dtype="float16")
+    cfg = replace(base, scope="layer", scales="row", unshrink=True, codebook_dtype="float16", kept_dtype="float16")
     sd = as_state_dict(model_or_state_dict)
     check_finite(sd, cfg.allow_nonfinite)
     names = select_tensors(sd, cfg)
@@ -173,6 +184,14 @@ def compress_to_ratio(
         tables[n] = evaluate_menu(sd[n], menu, element_weights=element_weights.get(n), seed=cfg.seed + i)
         if not tables[n]:
             raise ConfigError(f"tensor {n!r} {tuple(sd[n].shape)} is too small for any menu setting; exclude it")
+    if sensitivity is not None:
+        missing = [n for n in names if n not in sensitivity]
+        if missing:
+            raise ConfigError(f"no sensitivity given for tensor {missing[0]!r}")
+        # the plan keeps the unweighted distortion (what the reports show); only the search sees s
+        search = {n: [replace(c, distortion=c.distortion * float(sensitivity[n])) for c in t] for n, t in tables.items()}
+    else:
+        search = tables
     chosen_set = set(names)
     # tensors kept as float16, constant ones written as fills (the writer's own rule)
     kept = {k: t.half() if t.is_floating_point() else t for k, t in sd.items() if k not in chosen_set}
@@ -181,8 +200,10 @@ def compress_to_ratio(
     fixed += sum(2 * sd[n].shape[0] for n in names)  # row gains
     overhead = 1024 + 64 * len(sd)  # container header and metadata, corrected below if too low
     for _attempt in range(4):
-        plan = allocate(tables, target_bytes - fixed - overhead)
-        groups = [Group((n,), plan[n].block, plan[n].clusters) for n in names]
+        picked = allocate(search, target_bytes - fixed - overhead)
+        plan = {n: next(c for c in tables[n] if (c.block, c.clusters, c.scale_stat) ==
+                        (picked[n].block, picked[n].clusters, picked[n].scale_stat)) for n in names}
+        groups = [Group((n,), plan[n].block, plan[n].clusters, plan[n].scale_stat) for n in names]
         cm = compress_groups(sd, cfg, groups, element_weights=element_weights, progress=say)
         size = len(cm.to_bytes())
         if size <= target_bytes:

@@ -169,3 +169,24 @@ def test_input_is_never_modified(tiny_model):
     sd = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     legonet.compress(sd, legonet.LegoConfig(block=2, clusters=4, scales="row"))
     assert all(torch.equal(sd[k], v) for k, v in tiny_model.state_dict().items())
+
+
+def test_unshrink_and_absmax_gains_round_trip(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(32, 48, generator=g) * torch.logspace(-1, 1, 32)[:, None]
+    sd = {"w": w}
+    base = legonet.LegoConfig(block=(1, 2), clusters=16, scope="layer", scales="row")
+    plain = legonet.compress(sd, base)
+    fixed = legonet.compress(sd, legonet.LegoConfig.from_dict({**base.to_dict(), "unshrink": True}))
+    # same codebook and indices; only the gains grow, so that <w, w_hat> = |w|^2 row by row
+    assert torch.equal(plain.codebooks[0], fixed.codebooks[0])
+    assert torch.equal(plain.clustered["w"].indices, fixed.clustered["w"].indices)
+    proj = lambda cm: (w * cm.reconstruct("w")).sum(1) / (w * w).sum(1)  # noqa: E731
+    assert (proj(plain) < 0.999).all()
+    assert torch.allclose(proj(fixed), torch.ones(32), atol=2e-3)  # float16 gains
+    absmax = legonet.compress(sd, legonet.LegoConfig(block=(1, 2), clusters=16, scope="layer", scales="row",
+                                                     scale_stat="absmax"))
+    assert float(absmax.codebooks[0].abs().max()) <= 1.0 + 1e-3  # rows normalised into [-1, 1]
+    fixed.save(tmp_path / "u.lego")
+    back = legonet.load(tmp_path / "u.lego")
+    assert back.config.unshrink and torch.equal(back.reconstruct("w"), fixed.reconstruct("w"))

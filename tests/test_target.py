@@ -65,3 +65,25 @@ def test_report_names_the_mixed_codebook_settings():
     assert {s for s, _ in rep.codebook_settings} == expected
     line = dict(rep.summary_lines())["codebooks"]
     assert line.startswith(f"{len(cm.codebooks)}") and rep.codebook_settings[0][0] in line
+
+
+def test_menu_tries_each_gain_statistic_and_the_plan_uses_it():
+    from legonet.ops.quant import choose_row_scales
+    from legonet.target import evaluate_menu
+
+    torch.manual_seed(3)
+    # heavy-tailed rows: the statistics give different normalisations, hence different errors
+    w = torch.distributions.StudentT(2.0).sample((32, 72))
+    table = evaluate_menu(w, (((1, 1), 16), ((2, 2), 16)))
+    assert sorted((c.block, c.scale_stat) for c in table) == [
+        ((1, 1), "absmax"), ((1, 1), "rms"), ((2, 2), "absmax"), ((2, 2), "rms")]
+    assert len({c.distortion for c in table}) == 4
+    only = evaluate_menu(w, (((1, 1), 16),), scale_stats=("rms",))
+    assert [c.scale_stat for c in only] == ["rms"]
+    cm, plan = compress_to_ratio(model_sd(), 8.0, menu=MENU)
+    assert cm.config.unshrink and cm.config.scales == "row"
+    sd = model_sd()
+    for name, choice in plan.items():
+        # the stored gain is the chosen statistic times the unshrink factor (>= 1, small)
+        factor = cm.clustered[name].scale / choose_row_scales(sd[name], stat=choice.scale_stat)
+        assert float(factor.min()) > 0.99 and float(factor.max()) < 1.5

@@ -105,7 +105,8 @@ def _sqnr_json(v: float | None) -> float | str | None:
 
 
 # Config keys added after the first format-1 writer: omitted from the file while at their default.
-_LATER_CONFIG_KEYS = {"allow_nonfinite": False, "scales": "none", "kept_dtype": "keep"}
+_LATER_CONFIG_KEYS = {"allow_nonfinite": False, "scales": "none", "kept_dtype": "keep", "scale_stat": "rms",
+                      "unshrink": False}
 
 
 # -- writing ---------------------------------------------------------------------------------------

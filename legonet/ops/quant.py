@@ -11,21 +11,60 @@ import torch
 from legonet.ops.tiling import Tiling, tile, untile
 
 
-def choose_row_scales(weight: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """Per-row gains for gain-shape clustering: the RMS of each row of the 2-D view.
+def choose_row_scales(weight: torch.Tensor, dtype: torch.dtype = torch.float16, stat: str = "rms") -> torch.Tensor:
+    """Per-row gains for gain-shape clustering: the RMS (or largest magnitude) of each row of the 2-D view.
 
     Args:
         weight: ``(rows, ...)`` tensor.
         dtype: storage dtype the scales are rounded to (the values returned are exactly storable).
+        stat: ``"rms"`` or ``"absmax"``.
     Returns:
         ``(rows,)`` float32, strictly positive (all-zero rows get 1).
     """
     m = weight.reshape(weight.shape[0], -1).float()
-    rms = m.pow(2).mean(1).sqrt()
-    rms = torch.where(rms > 0, rms, torch.ones_like(rms))
+    if stat == "rms":
+        g = m.pow(2).mean(1).sqrt()
+    elif stat == "absmax":
+        g = m.abs().amax(1)
+    else:
+        raise ValueError(f"unknown scale statistic {stat!r}")
+    return _storable(torch.where(g > 0, g, torch.ones_like(g)), dtype)
+
+
+def _storable(gains: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # keep the rounded value positive and finite in the storage dtype
     info = torch.finfo(dtype)
-    return rms.clamp(info.tiny, info.max).to(dtype).float()
+    return gains.clamp(info.tiny, info.max).to(dtype).float()
+
+
+def unshrink_scales(
+    weight: torch.Tensor, approx: torch.Tensor, scale: torch.Tensor, element_weights: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float16,
+) -> torch.Tensor:
+    """Row gains that undo the shrink of clustering: ``scale * <w, w>_h / <w, w_hat>_h`` per row.
+
+    A codebook of conditional means gives ``<w, w_hat> = |w_hat|^2 < |w|^2``: the reconstruction's
+    component along each row is shorter than the row. Scaling the row's gain by the factor above
+    makes that component equal to the row (the noise stays uncorrelated with it, as with rounding).
+
+    Args:
+        weight: ``(rows, ...)`` original tensor.
+        approx: same shape, the reconstruction with gains ``scale``.
+        scale: ``(rows,)`` the gains used for ``approx``.
+        element_weights: optional importance weights broadcastable to the 2-D view ``(rows, cols)``.
+    Returns:
+        ``(rows,)`` float32 gains rounded to ``dtype``. A row whose reconstruction does not point
+        along it (``<w, w_hat> <= 0``, or a factor outside [1/2, 2]) keeps a factor within those
+        bounds: the correction is meant for small shrinks, not to rescue a row the codebook misses.
+    """
+    w = weight.reshape(weight.shape[0], -1).float()
+    a = approx.reshape(w.shape).float()
+    h = torch.ones(()) if element_weights is None else torch.broadcast_to(element_weights.float(), w.shape)
+    num = (h * w * w).sum(1)
+    den = (h * w * a).sum(1)
+    factor = torch.where(den > 0, num / den.clamp(min=torch.finfo(torch.float32).tiny), torch.ones_like(num))
+    factor = torch.where(num > 0, factor.clamp(0.5, 2.0), torch.ones_like(num))
+    return _storable(scale * factor, dtype)
 
 
 def normalized_blocks(weight: torch.Tensor, block: tuple[int, int], scale: torch.Tensor | None) -> torch.Tensor:
