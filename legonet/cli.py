@@ -117,6 +117,11 @@ def main(debug: bool) -> None:  # noqa: ARG001
               help="Keep tensors holding NaN/Inf uncompressed (reported) instead of refusing the model.")
 @click.option("--scales", type=click.Choice(["none", "row"]), default="none", show_default=True,
               help="Per-row float16 gains (gain-shape clustering).")
+@click.option("--scale-stat", type=click.Choice(["rms", "absmax"]), default="rms", show_default=True,
+              help="With --scales row: normalise each row by its RMS or by its largest magnitude.")
+@click.option("--unshrink", is_flag=True,
+              help="With --scales row: rescale each row's gain so that clustering does not shrink the row "
+                   "(target mode always does).")
 @click.option("--target-ratio", type=float, default=None,
               help="Choose per-tensor block/K to meet this whole-file ratio (ignores --block/--clusters/--scope).")
 @click.option("--arch", default=None,
@@ -135,7 +140,7 @@ def main(debug: bool) -> None:  # noqa: ARG001
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for k-means (default: PyTorch's; 1 is often faster on a busy machine).")
 def compress(src, output, block, clusters, scope, seed, include, exclude, codebook_dtype, per_tensor, quiet,
-             allow_nonfinite, scales, target_ratio, arch, calib, calib_images, refine_epochs, threads):
+             allow_nonfinite, scales, scale_stat, unshrink, target_ratio, arch, calib, calib_images, refine_epochs, threads):
     """Compress the checkpoint SRC (.safetensors, *.index.json or .pt) into a .lego file."""
     if threads is not None:
         import torch
@@ -148,7 +153,7 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
 
     config = LegoConfig(block=block, clusters=clusters, scope=scope, seed=seed,
                         include=tuple(include) or ("*",), exclude=tuple(exclude), codebook_dtype=codebook_dtype,
-                        allow_nonfinite=allow_nonfinite, scales=scales)
+                        allow_nonfinite=allow_nonfinite, scales=scales, scale_stat=scale_stat, unshrink=unshrink)
     if calib is not None and (target_ratio is None or arch is None):
         raise click.UsageError("--calib needs --target-ratio and --arch")
     if refine_epochs is not None and calib is None:

@@ -26,6 +26,12 @@ def test_tiny_model_end_to_end(run, tmp_path, tiny_model):
     out = tmp_path / "tiny.lego"
     r = run("compress", src, "-o", out, "--block", "2", "--clusters", "8", "--scope", "layer", "--quiet")
     assert r.exit_code == 0 and out.exists()
+    gains = tmp_path / "gains.lego"
+    r = run("compress", src, "-o", gains, "--block", "2", "--clusters", "8", "--scales", "row",
+            "--scale-stat", "absmax", "--unshrink", "--quiet")
+    assert r.exit_code == 0
+    r = run("info", gains, "--json")
+    assert '"scale_stat": "absmax"' in r.output and '"unshrink": true' in r.output
     r = run("info", out, "--per-tensor")
     assert r.exit_code == 0 and "compression ratio" in r.output and "fc.weight" in r.output
     dense = tmp_path / "dense.safetensors"

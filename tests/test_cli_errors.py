@@ -53,6 +53,7 @@ def files(tmp_path):
     (["compress", "{d}/nan.safetensors", "-o", "{d}/x.lego"], "tensor 'v' holds 1 non-finite value"),
     (["compress", "{d}/m.safetensors", "-o", "{d}/x.lego", "-k", "5000"], "K=5000 is larger than"),
     (["compress", "{d}/m.safetensors", "-o", "{d}/x.lego", "--include", "nope*"], "include pattern 'nope\\*'"),
+    (["compress", "{d}/m.safetensors", "-o", "{d}/x.lego", "--unshrink"], "apply to row gains only"),
     (["eval", "--arch", "resnet20", "--weights", "{d}/cut.lego", "--data", "{d}/x.npz"], "{d}/cut.lego: "),
 ])
 def test_failures_are_one_line(files, args, match):
