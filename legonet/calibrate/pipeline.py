@@ -2,8 +2,7 @@
 then codebook refinement by distillation.
 
 Calibration images (unlabeled) are used for (1) input second moments that weight the clustering
-error of every Conv2d/Linear weight, and a Fisher sensitivity per tensor that weighs its error in the
-byte allocation (:mod:`legonet.calibrate.sensitivity`), (2) re-estimating the running statistics of every BatchNorm
+error of every Conv2d/Linear weight, (2) re-estimating the running statistics of every BatchNorm
 layer of the compressed model and (3) tuning the codebooks, row gains and normalisation affine
 parameters so that the compressed model's outputs match the original's (indices fixed; see
 :mod:`legonet.calibrate.refine`). No other weight is trained and no label is used.
@@ -20,7 +19,6 @@ from torch import nn
 from legonet.artifact import CompressedModel
 from legonet.calibrate.bn import reestimate_batchnorm
 from legonet.calibrate.refine import RefineConfig, RefineResult, refine_codebooks
-from legonet.calibrate.sensitivity import fisher_sensitivity
 from legonet.calibrate.stats import input_second_moments
 from legonet.compress import as_state_dict, select_tensors
 from legonet.config import LegoConfig
@@ -60,7 +58,6 @@ def calibrated_compress(
     refine: RefineConfig | None = _DEFAULT_REFINE,
     batch_size: int = 64,
     fold_norms: bool = True,
-    sensitivity_images: int = 256,
     menu=DEFAULT_MENU,
     progress: Callable[[str], None] | None = None,
     on_refine_step: Callable[[int, int, float], None] | None = None,
@@ -73,9 +70,6 @@ def calibrated_compress(
         calib: ``(N, C, H, W)`` normalised calibration inputs (no labels).
         config: base settings (include/exclude, seed, k-means), as for target mode.
         refine: codebook refinement settings; ``None`` skips refinement.
-        sensitivity_images: how many of the calibration images estimate each tensor's Fisher
-            sensitivity, which weighs its distortion in the byte allocation
-            (:mod:`legonet.calibrate.sensitivity`); 0: every tensor counts equally, as without data.
         fold_norms: store BatchNorm layers in inference form (statistics folded into the affine
             parameters, :mod:`legonet.datafree.fold_norms`), so that their bytes go to the weights.
         on_refine_step: optional ``(step, steps, loss)`` callback during refinement.
@@ -93,18 +87,10 @@ def calibrated_compress(
     names = select_tensors(sd, cfg)
     say(f"input statistics on {calib.shape[0]} calibration images")
     moments = input_second_moments(model, _batches(calib, batch_size), names)
-    sensitivity = None
-    if sensitivity_images > 0:
-        say(f"Fisher sensitivity on {min(sensitivity_images, calib.shape[0])} calibration images")
-        params = dict(model.named_parameters())
-        sensitivity = fisher_sensitivity(model, _batches(calib[:sensitivity_images], batch_size // 4 or 1),
-                                         [n for n in names if n in params], seed=cfg.seed)
-        # a clustered buffer (not a parameter, so no gradient) counts as an average tensor
-        sensitivity.update({n: 1.0 for n in names if n not in params})
     # refinement rewrites each tensor's SQNR in the metadata: room for the longest number per tensor
     reserve = _SQNR_CHARS * len(names) if refine is not None else 0
     cm, plan = compress_to_ratio(sd, target_ratio, config=cfg, element_weights=moments, menu=menu, progress=say,
-                                 reserve=reserve, sensitivity=sensitivity)
+                                 reserve=reserve)
     # ... but re-estimation needs the trained affine parameters: folding absorbed the old statistics
     for prefix in folded:
         for key in (state_key(prefix, "weight"), state_key(prefix, "bias")):
