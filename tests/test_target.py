@@ -87,3 +87,15 @@ def test_menu_tries_each_gain_statistic_and_the_plan_uses_it():
         # the stored gain is the chosen statistic times the unshrink factor (>= 1, small)
         factor = cm.clustered[name].scale / choose_row_scales(sd[name], stat=choice.scale_stat)
         assert float(factor.min()) > 0.99 and float(factor.max()) < 1.5
+
+
+def test_caller_given_sensitivity_moves_bytes_to_the_sensitive_tensor():
+    g = torch.Generator().manual_seed(1)
+    sd = {"a": torch.randn(128, 128, generator=g), "b": torch.randn(128, 128, generator=g)}
+    menu = (((1, 1), 4), ((1, 1), 16), ((1, 1), 256))
+    _, equal = compress_to_ratio(sd, 6.0, menu=menu)
+    _, weighted = compress_to_ratio(sd, 6.0, menu=menu, sensitivity={"a": 100.0, "b": 0.01})
+    assert equal["a"].nbytes == equal["b"].nbytes  # alike tensors, alike shares
+    assert weighted["a"].nbytes > weighted["b"].nbytes
+    with pytest.raises(ConfigError, match="no sensitivity given for tensor 'b'"):
+        compress_to_ratio(sd, 6.0, menu=menu, sensitivity={"a": 1.0})
