@@ -40,6 +40,7 @@ import torch
 from legonet.errors import ConfigError
 from legonet.ops.codebook import snap_uniform_clusters
 from legonet.ops.coreset import lightweight_coreset
+from legonet.ops.kmeans1d import lloyd_1d
 from legonet.ops.nearest import Progress, _sweep, assign, pairwise_sqdist, prepare_rows
 
 # Smallest stage of the growing-sample Lloyd schedule, in rows per centroid and in rows.
@@ -243,6 +244,22 @@ def fit_centroids(
     """
     nf = xf.shape[0]
     dev = xf.device
+    if xf.shape[1] == 1:
+        # scalars: exact Lloyd on the whole fit sample, O(k log n) a pass after one sort
+        if progress is not None:
+            progress("fit", 0, 2)
+        if init == "random":
+            centroids = xf[torch.randperm(nf, generator=generator)[:k].to(dev)].clone()
+        else:
+            init_idx = sample_rows(nf, min(nf, init_points if init_points is not None else max(50 * k, 10_000)),
+                                   generator)
+            xi = xf if init_idx is None else xf[init_idx.to(dev)]
+            wi = weights if (weights is None or init_idx is None) else weights[init_idx.to(dev)]
+            centroids = kmeans_plusplus(xi, k, generator, wi)
+        centroids, total, labels = lloyd_1d(xf, weights, centroids, max_iters, tol)
+        if progress is not None:
+            progress("fit", 2, 2)
+        return snap_uniform_clusters(xf, labels, centroids), total
     m_core = working_points if working_points is not None else max(_CORE_MIN_ROWS, _CORE_ROWS_PER_CENTROID * k)
     coreset = nf > 2 * m_core
     if coreset:

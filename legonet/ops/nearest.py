@@ -197,5 +197,27 @@ def assign(
     Returns:
         labels ``(n,)`` int64 and squared distances ``(n,)`` float32, on ``x.device``.
     """
+    if x.shape[1] == 1 and centroids.shape[0] > 1:
+        return _assign_scalars(x, centroids.to(x.device), weights, progress)
     labels, dists, _, _ = _sweep(x, centroids, weights, accumulate=False, progress=progress)
     return labels, dists
+
+
+def _assign_scalars(x, centroids, weights, progress):
+    """Scalars: the nearest centroid by bisection on the midpoints of the sorted centroids.
+
+    ``O(n log k)`` and exact, instead of an ``n x k`` distance pass (a positive weight scales
+    every distance of its row alike, so it never changes the nearest centroid). A value on a
+    midpoint, or between equal centroids, goes to the lower one in sorted order.
+    """
+    c_sorted, rank = torch.sort(centroids[:, 0].float(), stable=True)
+    mids = (c_sorted[1:] + c_sorted[:-1]) / 2
+    v = x[:, 0].float()
+    near = torch.bucketize(v, mids)
+    labels = rank[near]
+    d = (v - c_sorted[near]).square_()
+    if weights is not None:
+        d = d * weights[:, 0].float()
+    if progress is not None:
+        progress("assign", x.shape[0], x.shape[0])
+    return labels, d
