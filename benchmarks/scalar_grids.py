@@ -2,12 +2,16 @@
 
     python benchmarks/scalar_grids.py --arch resnet56 --weights ../shared/models/resnet56_cifar10.safetensors
 
-Every weight tensor (>= 2 dims) quantized at about 4 bits per weight four ways, top-1 on the test
+Every weight tensor (>= 2 dims) quantized at about 4 bits per weight several ways, top-1 on the test
 set (default all 10,000 images):
 
 * ``legonet-1x1-K16-datafree``: the data-free target pipeline with its menu forced to 1x1 blocks,
-  K=16 (one float16 codebook per tensor on RMS-normalised rows, BatchNorm folding, bias correction);
+  K=16 (one float16 codebook per tensor, row gains as target mode sets them: statistic chosen per
+  tensor, unshrink; BatchNorm folding, bias correction);
 * ``legonet-1x1-K16``: the same setting through ``compress_to_ratio`` alone;
+* ``legonet-1x1-K16-<stat>[-unshrink]``: ``legonet.compress`` with 1x1 blocks, K=16, one codebook per
+  tensor and row gains by ``stat`` (RMS or largest magnitude), with or without the unshrink correction
+  (``LegoConfig.scale_stat``, ``LegoConfig.unshrink``): which of the two changes closes the gap;
 * ``uniform-16-no-zero``: per row, 16 evenly spaced levels over [-max|w|, max|w|] (no zero level);
 * ``int4-rtn``: per row, symmetric round-to-nearest to -7..7 times max|w|/7 (the int4 peer).
 
@@ -24,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from legonet import LegoConfig, compress
 from legonet.data import load_images
 from legonet.datafree.pipeline import datafree_compress
 from legonet.evaluate import wilson_interval
@@ -65,6 +70,11 @@ def main() -> None:
         # ratio 2: below what the forced setting reaches, so every tensor gets it
         "legonet-1x1-K16-datafree": lambda: datafree_compress(build(args.arch), 2.0, sd, menu=FORCED)[0].to_state_dict(),
         "legonet-1x1-K16": lambda: compress_to_ratio(dict(sd), 2.0, menu=FORCED)[0].to_state_dict(),
+        **{f"legonet-1x1-K16-{stat}{'-unshrink' if fix else ''}": (
+            lambda stat=stat, fix=fix: compress(sd, LegoConfig(
+                block=1, clusters=16, scope="layer", scales="row", scale_stat=stat, unshrink=fix,
+                codebook_dtype="float16")).to_state_dict())
+           for stat in ("rms", "absmax") for fix in (False, True)},
         "uniform-16-no-zero": lambda: {**sd, **{n: uniform_rows(sd[n], 16) for n in names}},
         "int4-rtn": lambda: {**sd, **{n: rtn_per_channel(sd[n], 4)[0] for n in names}},
     }
