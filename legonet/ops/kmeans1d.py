@@ -29,7 +29,7 @@ def lloyd_1d(
         (weighted) means of the last assignment, whose labels are returned. A centroid left with no
         (weight of) data moves onto the value farthest from its centroid, as in the general engine.
     """
-    n, k = x.shape[0], centroids.shape[0]
+    n = x.shape[0]
     xs, order = torch.sort(x[:, 0].double(), stable=True)
     ws = None if w is None else w[:, 0].double()[order]
     zero = torch.zeros(1, dtype=torch.float64, device=x.device)
