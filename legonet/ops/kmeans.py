@@ -244,24 +244,10 @@ def fit_centroids(
     """
     nf = xf.shape[0]
     dev = xf.device
-    if xf.shape[1] == 1:
-        # scalars: exact Lloyd on the whole fit sample, O(k log n) a pass after one sort
-        if progress is not None:
-            progress("fit", 0, 2)
-        if init == "random":
-            centroids = xf[torch.randperm(nf, generator=generator)[:k].to(dev)].clone()
-        else:
-            init_idx = sample_rows(nf, min(nf, init_points if init_points is not None else max(50 * k, 10_000)),
-                                   generator)
-            xi = xf if init_idx is None else xf[init_idx.to(dev)]
-            wi = weights if (weights is None or init_idx is None) else weights[init_idx.to(dev)]
-            centroids = kmeans_plusplus(xi, k, generator, wi)
-        centroids, total, labels = lloyd_1d(xf, weights, centroids, max_iters, tol)
-        if progress is not None:
-            progress("fit", 2, 2)
-        return snap_uniform_clusters(xf, labels, centroids), total
+    # scalars: exact Lloyd on the whole fit sample (legonet.ops.kmeans1d), no working set needed
+    scalar = xf.shape[1] == 1
     m_core = working_points if working_points is not None else max(_CORE_MIN_ROWS, _CORE_ROWS_PER_CENTROID * k)
-    coreset = nf > 2 * m_core
+    coreset = not scalar and nf > 2 * m_core
     if coreset:
         idx, mass = lightweight_coreset(xf, m_core, generator, weights)
         xs = xf[idx]
@@ -269,15 +255,15 @@ def fit_centroids(
         if ws is not None:
             # A row weight scales every element weight of the row (argmin unchanged, means weighted).
             ws, mass = ws * mass[:, None], None
-    elif nf > max(_STAGE_ROWS_PER_CENTROID * k, _STAGE_MIN_ROWS):
+    elif not scalar and nf > max(_STAGE_ROWS_PER_CENTROID * k, _STAGE_MIN_ROWS):
         # Stages are prefixes of one shuffle, so each stage holds the previous one.
         order = torch.randperm(nf, generator=generator).to(dev)
         xs, ws, mass = xf[order], None if weights is None else weights[order], None
     else:
         xs, ws, mass = xf, weights, None
     ns = xs.shape[0]
-    sizes = stage_sizes(ns, k)
-    steps = len(sizes) + 1 + (1 if coreset and polish_iters > 0 else 0)
+    sizes = [] if scalar else stage_sizes(ns, k)
+    steps = 2 if scalar else len(sizes) + 1 + (1 if coreset and polish_iters > 0 else 0)
     if progress is not None:
         progress("fit", 0, steps)
     m_init = min(ns, init_points if init_points is not None else max(50 * k, 10_000))
@@ -294,6 +280,11 @@ def fit_centroids(
         centroids = kmeans_plusplus(xi, k, generator, wi)
     if progress is not None:
         progress("fit", 1, steps)
+    if scalar:
+        centroids, total, labels = lloyd_1d(xf, weights, centroids, max_iters, tol)
+        if progress is not None:
+            progress("fit", steps, steps)
+        return snap_uniform_clusters(xf, labels, centroids), total
     total = 0
     for i, size in enumerate(sizes):
         last = i == len(sizes) - 1
