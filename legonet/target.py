@@ -1,9 +1,10 @@
 """Target mode: choose a codebook setting per tensor so that the .lego file meets a compression ratio.
 
 Every clustered tensor gets its own codebook (float16) with per-row float16 gains; its block shape,
-K and gain statistic (RMS or largest magnitude of each row) come from a menu. For each tensor and menu entry the distortion is estimated by k-means on a sample
-of the tensor's blocks; a Lagrangian search then picks, for every tensor, the entry minimising
-``distortion + lambda * bytes`` with the smallest ``lambda`` whose total fits the byte budget.
+K and gain statistic (RMS or largest magnitude of each row) come from a menu. For each tensor and
+menu entry the distortion is estimated by k-means on a sample of the tensor's blocks; a Lagrangian
+search then picks, for every tensor, the entry minimising ``distortion + lambda * bytes`` with the
+smallest ``lambda`` whose total fits the byte budget.
 
 Distortion is the relative error of the normalised weights (each output channel counts equally,
 since a following normalisation layer rescales channels anyway). Given calibration statistics, it is
@@ -160,8 +161,8 @@ def compress_to_ratio(
         element_weights: optional ``{name: (1 or rows, cols)}`` importance weights (calibration).
         reserve: bytes to leave free below the target (for metadata that a later step may lengthen).
         sensitivity: optional ``{name: s}``: each tensor's distortion is multiplied by ``s`` in the
-            allocation (e.g. :func:`legonet.calibrate.sensitivity.fisher_sensitivity`); default: every
-            tensor counts equally.
+            allocation (a caller's per-layer sensitivity measure); default: every tensor counts
+            equally (a Fisher-based measure was tried and dropped, see docs/issue4.md).
     Returns:
         The compressed model and the chosen setting per clustered tensor.
     """
@@ -201,8 +202,7 @@ def compress_to_ratio(
     overhead = 1024 + 64 * len(sd)  # container header and metadata, corrected below if too low
     for _attempt in range(4):
         picked = allocate(search, target_bytes - fixed - overhead)
-        plan = {n: next(c for c in tables[n] if (c.block, c.clusters, c.scale_stat) ==
-                        (picked[n].block, picked[n].clusters, picked[n].scale_stat)) for n in names}
+        plan = {n: tables[n][search[n].index(picked[n])] for n in names}
         groups = [Group((n,), plan[n].block, plan[n].clusters, plan[n].scale_stat) for n in names]
         cm = compress_groups(sd, cfg, groups, element_weights=element_weights, progress=say)
         size = len(cm.to_bytes())
