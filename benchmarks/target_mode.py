@@ -6,8 +6,10 @@
 
 A point is ``MODE:RATIO`` with MODE one of
   data-free      ``datafree_compress``: BatchNorm folding, target mode, bias correction (the CLI with --arch),
-  calib          activation-aware clustering + BatchNorm re-estimation, no refinement,
+  calib          activation-aware clustering + layer-output fit + BatchNorm re-estimation, no refinement,
   calib+refine   the CLI's default with ``--calib``: the above + codebook refinement by distillation.
+``--no-layer-fit`` drops the layer-output fit from the calibrated modes (an ablation; such rows have
+mode ``calib (no layer fit)`` or ``calib+refine (no layer fit)``).
 Calibration uses ``--calib-images`` (default 1,024, as the CLI) of ``cifar10-calib.npz``, never test
 images. Top-1 is measured on ``--test-images`` of ``cifar10-test.npz`` (default: all 10,000) with a
 95 % Wilson interval. Each point is appended to ``benchmarks/results/target_mode_<arch>.json`` as
@@ -78,6 +80,8 @@ def main() -> None:
     ap.add_argument("--peers", type=_peer, nargs="*", default=[], help="METHOD:BITS ... on the same test images")
     ap.add_argument("--test-images", type=int, default=10000)
     ap.add_argument("--calib-images", type=int, default=1024)
+    ap.add_argument("--no-layer-fit", action="store_true",
+                    help="calibrated modes without the layer-output fit (an ablation: the row's mode says so)")
     ap.add_argument("--no-baseline", action="store_true", help="reuse the baseline already in the results file")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
@@ -102,17 +106,21 @@ def main() -> None:
     for mode, ratio in args.points:
         load = os.getloadavg()
         t0 = time.time()
-        refined = None
+        refined = fitted = None
         if mode == "data-free":  # as the CLI with --arch and no --calib: BatchNorm folding, bias correction
             cm, plan = datafree_compress(build(args.arch), ratio, sd)
         else:
             model = build(args.arch)
             load_weights(model, f32)
             refine = RefineConfig() if mode == "calib+refine" else None
-            cm, plan, refined = calibrated_compress(model, ratio, x, refine=refine)
+            options = {"layer_fit": None} if args.no_layer_fit else {}
+            cm, plan, steps = calibrated_compress(model, ratio, x, refine=refine, **options)
+            refined, fitted = steps.refine, steps.layer_fit
         seconds = time.time() - t0
         rep = cm.report()
         acc = accuracy(cm.to_state_dict())
+        if mode != "data-free" and args.no_layer_fit:
+            mode += " (no layer fit)"
         row = {
             "mode": mode, "target_ratio": ratio, "file_ratio": rep.ratio, "file_bytes": rep.file_bytes,
             "bits_per_weight": rep.bits_per_weight, "compress_seconds": round(seconds, 1),
@@ -121,6 +129,9 @@ def main() -> None:
             "refine": None if refined is None else {"steps": refined.steps, "seconds": round(refined.seconds, 1),
                                                     "first_loss": refined.first_loss, "last_loss": refined.last_loss,
                                                     "tuned_parameters": refined.tuned_parameters},
+            "layer_fit": None if fitted is None else {
+                "tensors": fitted.fitted, "seconds": round(fitted.seconds, 1),
+                "output_error_before": fitted.error_before, "output_error_after": fitted.error_after},
             "load_average_before": load, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         }
         rows[:] = [r for r in rows if (r["mode"], r["target_ratio"]) != (mode, ratio)] + [row]

@@ -129,8 +129,9 @@ def main(debug: bool) -> None:  # noqa: ARG001
                    "form (statistics folded into weight/bias, eval outputs unchanged) and, without --calib, "
                    "enables data-free bias correction.")
 @click.option("--calib", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="npz of unlabeled calibration images: enables activation-aware clustering, BatchNorm "
-                   "re-estimation and codebook refinement (with --target-ratio).")
+              help="npz of unlabeled calibration images: enables activation-aware clustering, a least-squares "
+                   "fit of codebooks and row gains to layer outputs, BatchNorm re-estimation and codebook "
+                   "refinement (with --target-ratio).")
 @click.option("--calib-images", type=int, default=1024, show_default=True,
               help="How many calibration images to use (seeded random subset).")
 @click.option("--refine-epochs", type=click.FloatRange(min=0), default=None,

@@ -1,25 +1,29 @@
-"""The calibrated pipeline: activation-aware target-mode clustering, BatchNorm re-estimation,
-then codebook refinement by distillation.
+"""The calibrated pipeline: activation-aware target-mode clustering, a least-squares fit of the
+codebooks to layer outputs, BatchNorm re-estimation, then codebook refinement by distillation.
 
 Calibration images (unlabeled) are used for (1) input second moments that weight the clustering
-error of every Conv2d/Linear weight, (2) re-estimating the running statistics of every BatchNorm
-layer of the compressed model and (3) tuning the codebooks, row gains and normalisation affine
-parameters so that the compressed model's outputs match the original's (indices fixed; see
-:mod:`legonet.calibrate.refine`). No other weight is trained and no label is used.
+error of every Conv2d/Linear weight, (2) full input second-moment matrices to which each codebook
+and its row gains are fitted, layer by layer (indices fixed; :mod:`legonet.calibrate.layer_fit`),
+(3) re-estimating the running statistics of every BatchNorm layer of the compressed model and
+(4) tuning the codebooks, row gains and normalisation affine parameters so that the compressed
+model's outputs match the original's (indices fixed; see :mod:`legonet.calibrate.refine`). No other
+weight is trained and no label is used.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from legonet.artifact import CompressedModel
 from legonet.calibrate.bn import reestimate_batchnorm
+from legonet.calibrate.layer_fit import LayerFitConfig, LayerFitResult, fit_layer_outputs
 from legonet.calibrate.refine import RefineConfig, RefineResult, refine_codebooks
-from legonet.calibrate.stats import input_second_moments
+from legonet.calibrate.stats import input_statistics
 from legonet.compress import as_state_dict, select_tensors
 from legonet.config import LegoConfig
 from legonet.datafree.fold_norms import (
@@ -35,6 +39,7 @@ from legonet.target import DEFAULT_MENU, Choice, compress_to_ratio
 _SQNR_CHARS = 8
 # refinement is on by default (a frozen config, safe to share)
 _DEFAULT_REFINE = RefineConfig()
+_DEFAULT_LAYER_FIT = LayerFitConfig()
 
 
 def _batches(images: torch.Tensor, batch_size: int):
@@ -49,6 +54,14 @@ def calibrated_compress_to_ratio(model: nn.Module, target_ratio: float, calib: t
     return cm, plan
 
 
+@dataclass(frozen=True)
+class CalibratedResult:
+    """What the data-driven steps did: the layer-output fit and refinement (each None if skipped)."""
+
+    layer_fit: LayerFitResult | None
+    refine: RefineResult | None
+
+
 def calibrated_compress(
     model: nn.Module,
     target_ratio: float,
@@ -56,12 +69,13 @@ def calibrated_compress(
     *,
     config: LegoConfig | None = None,
     refine: RefineConfig | None = _DEFAULT_REFINE,
+    layer_fit: LayerFitConfig | None = _DEFAULT_LAYER_FIT,
     batch_size: int = 64,
     fold_norms: bool = True,
     menu=DEFAULT_MENU,
     progress: Callable[[str], None] | None = None,
     on_refine_step: Callable[[int, int, float], None] | None = None,
-) -> tuple[CompressedModel, dict[str, Choice], RefineResult | None]:
+) -> tuple[CompressedModel, dict[str, Choice], CalibratedResult]:
     """Compress ``model`` (with its trained weights loaded) to ``target_ratio`` using ``calib``.
 
     Args:
@@ -70,12 +84,14 @@ def calibrated_compress(
         calib: ``(N, C, H, W)`` normalised calibration inputs (no labels).
         config: base settings (include/exclude, seed, k-means), as for target mode.
         refine: codebook refinement settings; ``None`` skips refinement.
+        layer_fit: settings of the least-squares fit of codebooks and gains to layer outputs;
+            ``None`` skips it.
         fold_norms: store BatchNorm layers in inference form (statistics folded into the affine
             parameters, :mod:`legonet.datafree.fold_norms`), so that their bytes go to the weights.
         on_refine_step: optional ``(step, steps, loss)`` callback during refinement.
     Returns:
-        The compressed model, the setting chosen per clustered tensor, and what refinement did
-        (a :class:`RefineResult`, or None).
+        The compressed model, the setting chosen per clustered tensor, and what the layer fit and
+        refinement did (a :class:`CalibratedResult`).
     """
     say = progress or (lambda _m: None)
     eps = batchnorm_eps(model) if fold_norms else {}
@@ -86,11 +102,16 @@ def calibrated_compress(
     cfg = config or LegoConfig()
     names = select_tensors(sd, cfg)
     say(f"input statistics on {calib.shape[0]} calibration images")
-    moments = input_second_moments(model, _batches(calib, batch_size), names)
+    rows = None if layer_fit is None else layer_fit.rows_per_batch
+    moments, covs = input_statistics(model, _batches(calib, batch_size), names, covariance_rows=rows, seed=cfg.seed)
     # refinement rewrites each tensor's SQNR in the metadata: room for the longest number per tensor
-    reserve = _SQNR_CHARS * len(names) if refine is not None else 0
+    reserve = _SQNR_CHARS * len(names) if refine is not None or layer_fit is not None else 0
     cm, plan = compress_to_ratio(sd, target_ratio, config=cfg, element_weights=moments, menu=menu, progress=say,
                                  reserve=reserve)
+    fit_result = None
+    if layer_fit is not None:
+        fit_result = fit_layer_outputs(cm, original, covs, layer_fit, progress=say)
+        del covs
     # ... but re-estimation needs the trained affine parameters: folding absorbed the old statistics
     for prefix in folded:
         for key in (state_key(prefix, "weight"), state_key(prefix, "bias")):
@@ -104,13 +125,14 @@ def calibrated_compress(
             if isinstance(t, torch.Tensor) and (name.endswith("running_mean") or name.endswith("running_var")):
                 cm.tensors[name] = new[name].to(t.dtype).clone()
     fold_batchnorm_statistics(cm.tensors, eps)
-    result = None
+    refined = None
     if refine is not None:
         say(f"refining codebooks on {calib.shape[0]} calibration images")
-        result = refine_codebooks(model, cm, calib, refine, progress=on_refine_step)
+        refined = refine_codebooks(model, cm, calib, refine, progress=on_refine_step)
+    if fit_result is not None or refined is not None:
         size, target = len(cm.to_bytes()), int(fp32_bytes(sd) / target_ratio)
         if size > target:  # cannot happen with the reserve above; checked so a regression is loud
             raise ConfigError(f"refined file has {size:,} bytes, over the target's {target:,}")
     cm.load_into(model)
-    return cm, plan, result
+    return cm, plan, CalibratedResult(fit_result, refined)
 

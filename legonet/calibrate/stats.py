@@ -21,40 +21,8 @@ def _module_of(model: nn.Module, weight_name: str) -> nn.Module | None:
         return None
 
 
-@torch.no_grad()
-def input_second_moments(model: nn.Module, batches: Iterable[torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
-    """Per-column input second moments of the Conv2d/Linear weights ``names`` of ``model``.
-
-    For a weight viewed as ``(rows, cols)`` (see :mod:`legonet.ops.tiling`), column ``j`` multiplies
-    one input feature; its weight is ``E[x^2]`` of that feature over the calibration batches
-    (for convolutions: of the input channel, over all positions). Weights of other layer types get
-    no entry (their clustering stays unweighted).
-
-    Returns:
-        ``{name: (groups == 1 ? 1 : rows, cols)}`` float32 tensors, normalised to mean 1.
-    """
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    hooks = []
-    for name in names:
-        mod = _module_of(model, name)
-        if not isinstance(mod, (nn.Conv2d, nn.Linear)):
-            continue
-
-        def hook(m, inputs, _out, name=name):
-            x = inputs[0].detach().float()
-            if isinstance(m, nn.Conv2d):
-                s = x.pow(2).sum(dim=(0, 2, 3))
-                n = x.shape[0] * x.shape[2] * x.shape[3]
-            else:
-                x = x.reshape(-1, x.shape[-1])
-                s, n = x.pow(2).sum(0), x.shape[0]
-            sums[name] = sums.get(name, 0) + s
-            counts[name] = counts.get(name, 0) + n
-
-        hooks.append(mod.register_forward_hook(hook))
-    if not hooks:
-        return {}
+def _run(model: nn.Module, batches: Iterable[torch.Tensor], hooks: list) -> None:
+    """Run ``model`` in eval mode over ``batches`` and remove ``hooks`` afterwards, whatever happens."""
     was_training = model.training
     model.eval()
     try:
@@ -68,6 +36,60 @@ def input_second_moments(model: nn.Module, batches: Iterable[torch.Tensor], name
         for h in hooks:
             h.remove()
         model.train(was_training)
+
+
+@torch.no_grad()
+def input_second_moments(model: nn.Module, batches: Iterable[torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+    """Per-column input second moments of the Conv2d/Linear weights ``names`` of ``model``.
+
+    For a weight viewed as ``(rows, cols)`` (see :mod:`legonet.ops.tiling`), column ``j`` multiplies
+    one input feature; its weight is ``E[x^2]`` of that feature over the calibration batches
+    (for convolutions: of the input channel, over all positions). Weights of other layer types get
+    no entry (their clustering stays unweighted).
+
+    Returns:
+        ``{name: (groups == 1 ? 1 : rows, cols)}`` float32 tensors, normalised to mean 1.
+    """
+    return input_statistics(model, batches, names)[0]
+
+
+@torch.no_grad()
+def input_statistics(model: nn.Module, batches: Iterable[torch.Tensor], names: list[str], *,
+                     covariance_rows: int | None = None, seed: int = 0,
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Input second moments (:func:`input_second_moments`) and, with ``covariance_rows``, input
+    second-moment matrices (:func:`input_covariances`), both from one pass over ``batches``.
+
+    Returns:
+        ``(moments, covariances)``; ``covariances`` is empty without ``covariance_rows``.
+    """
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    cov = _CovarianceSums(covariance_rows, seed) if covariance_rows is not None else None
+    with_cov = set(covariance_layers(model, names)) if cov is not None else set()
+    hooks = []
+    for name in names:
+        mod = _module_of(model, name)
+        if not isinstance(mod, (nn.Conv2d, nn.Linear)):
+            continue
+
+        def hook(m, inputs, _out, name=name):
+            x = inputs[0].detach().float()
+            if isinstance(m, nn.Conv2d):
+                s = x.pow(2).sum(dim=(0, 2, 3))
+                n = x.shape[0] * x.shape[2] * x.shape[3]
+            else:
+                x2 = x.reshape(-1, x.shape[-1])
+                s, n = x2.pow(2).sum(0), x2.shape[0]
+            sums[name] = sums.get(name, 0) + s
+            counts[name] = counts.get(name, 0) + n
+            if name in with_cov:
+                cov.add(name, m, x)
+
+        hooks.append(mod.register_forward_hook(hook))
+    if not hooks:
+        return {}, {}
+    _run(model, batches, hooks)
     out = {}
     for name, s in sums.items():
         mod = _module_of(model, name)
@@ -83,4 +105,70 @@ def input_second_moments(model: nn.Module, batches: Iterable[torch.Tensor], name
             w = m[None, :]
         w = w + 1e-8 * float(w.mean())  # never exactly zero: every weight still counts a little
         out[name] = (w / w.mean()).float()
+    return out, ({} if cov is None else cov.result())
+
+
+def _input_rows(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``(positions, cols)`` input vectors of a Conv2d (groups 1) or Linear, columns in the order of
+    the weight's 2-D view (channel, ky, kx)."""
+    x = x.detach().float()
+    if isinstance(mod, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    # Conv2d keeps its padding (whatever the mode, 'same' included) as an explicit pad spec
+    mode = "constant" if mod.padding_mode == "zeros" else mod.padding_mode
+    x = torch.nn.functional.pad(x, mod._reversed_padding_repeated_twice, mode=mode)
+    p = torch.nn.functional.unfold(x, mod.kernel_size, dilation=mod.dilation, stride=mod.stride)  # (N, cols, L)
+    return p.transpose(1, 2).reshape(-1, p.shape[1])
+
+
+def covariance_layers(model: nn.Module, names: list[str]) -> list[str]:
+    """The names among ``names`` whose layer has one input-covariance matrix: Linear and
+    ungrouped Conv2d weights (a grouped convolution's rows see different inputs)."""
+    out = []
+    for name in names:
+        mod = _module_of(model, name)
+        if isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.groups == 1):
+            out.append(name)
     return out
+
+
+class _CovarianceSums:
+    """Running ``sum x x^T`` per layer over at most ``rows`` seeded random input positions a batch."""
+
+    def __init__(self, rows: int, seed: int) -> None:
+        self.rows = rows
+        self.gen = torch.Generator().manual_seed(seed)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, name: str, mod: nn.Module, x: torch.Tensor) -> None:
+        rows = _input_rows(mod, x)
+        if rows.shape[0] > self.rows:
+            rows = rows[torch.randperm(rows.shape[0], generator=self.gen)[: self.rows]]
+        self.sums[name] = self.sums.get(name, 0) + (rows.T @ rows).double()
+        self.counts[name] = self.counts.get(name, 0) + rows.shape[0]
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return {name: (s / self.counts[name]).float() for name, s in self.sums.items()}
+
+
+@torch.no_grad()
+def input_covariances(model: nn.Module, batches: Iterable[torch.Tensor], names: list[str], *,
+                      rows_per_batch: int = 512, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Input second-moment matrices ``H = E[x x^T]`` of the Linear/ungrouped Conv2d weights ``names``.
+
+    For a convolution, ``x`` is one receptive field (``in * kh * kw`` values, the columns of the
+    weight's 2-D view); at most ``rows_per_batch`` of a batch's positions (a seeded random
+    subset) enter the estimate, which keeps the cost at ``rows_per_batch * cols^2`` per layer
+    and batch. Memory: ``4 * cols^2`` bytes per layer (ResNet-50: about 0.6 GB in all).
+
+    Returns:
+        ``{name: (cols, cols)}`` float32 for the names :func:`covariance_layers` accepts.
+    """
+    cov = _CovarianceSums(rows_per_batch, seed)
+    hooks = [_module_of(model, name).register_forward_hook(lambda m, inputs, _out, name=name: cov.add(name, m, inputs[0]))
+             for name in covariance_layers(model, names)]
+    if not hooks:
+        return {}
+    _run(model, batches, hooks)
+    return cov.result()

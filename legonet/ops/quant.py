@@ -28,10 +28,11 @@ def choose_row_scales(weight: torch.Tensor, dtype: torch.dtype = torch.float16, 
         g = m.abs().amax(1)
     else:
         raise ValueError(f"unknown scale statistic {stat!r}")
-    return _storable(torch.where(g > 0, g, torch.ones_like(g)), dtype)
+    return storable_gains(torch.where(g > 0, g, torch.ones_like(g)), dtype)
 
 
-def _storable(gains: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def storable_gains(gains: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """``gains`` rounded to ``dtype`` (returned as float32), kept positive and finite."""
     # keep the rounded value positive and finite in the storage dtype
     info = torch.finfo(dtype)
     return gains.clamp(info.tiny, info.max).to(dtype).float()
@@ -64,7 +65,7 @@ def unshrink_scales(
     den = (h * w * a).sum(1)
     factor = torch.where(den > 0, num / den.clamp(min=torch.finfo(torch.float32).tiny), torch.ones_like(num))
     factor = torch.where(num > 0, factor.clamp(0.5, 2.0), torch.ones_like(num))
-    return _storable(scale * factor, dtype)
+    return storable_gains(scale * factor, dtype)
 
 
 def normalized_blocks(weight: torch.Tensor, block: tuple[int, int], scale: torch.Tensor | None) -> torch.Tensor:

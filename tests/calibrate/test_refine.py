@@ -76,9 +76,9 @@ def test_calibrated_pipeline_refines_by_default():
     model = _net()
     calib = torch.randn(64, 3, 8, 8)
     _, _, res = calibrated_compress(model, 12.0, calib, menu=MENU, refine=RefineConfig(epochs=1, batch_size=32))
-    assert res is not None and res.steps == 2
+    assert res.refine is not None and res.refine.steps == 2
     _, _, none = calibrated_compress(_net(), 12.0, calib, menu=MENU, refine=None)
-    assert none is None
+    assert none.refine is None
 
 
 @pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(lr=0), dict(lr=2.0), dict(loss="l1"),

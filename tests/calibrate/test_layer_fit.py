@@ -1,0 +1,136 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from legonet.calibrate.layer_fit import LayerFitConfig, fit_layer_outputs
+from legonet.calibrate.pipeline import calibrated_compress
+from legonet.calibrate.stats import covariance_layers, input_covariances, input_second_moments, input_statistics
+from legonet.config import LegoConfig
+from legonet.errors import ConfigError
+from legonet.target import compress_to_ratio
+from tests.nets import conv_bn_net
+
+MENU = (((4, 4), 16), ((2, 2), 16), ((1, 2), 64))
+
+
+@pytest.mark.parametrize("conv", [
+    dict(kernel_size=3, padding=1),
+    dict(kernel_size=3, stride=2, padding=1, dilation=1),
+    dict(kernel_size=(3, 2), padding="same", padding_mode="reflect"),
+    dict(kernel_size=3, dilation=2, padding=2, padding_mode="circular"),
+])
+def test_conv_covariance_is_over_receptive_fields_in_weight_column_order(conv):
+    torch.manual_seed(0)
+    m = nn.Conv2d(3, 5, bias=False, **conv)
+    x = torch.randn(4, 3, 7, 7)
+    h = input_covariances(m, [x], ["weight"], rows_per_batch=10**6)["weight"]
+    # E[x x^T] must satisfy E|W x|^2 = mean over outputs of |out|^2 for any W: check with the layer itself
+    w2 = m.weight.reshape(5, -1)
+    with torch.no_grad():
+        out = m(x)
+    torch.testing.assert_close(torch.diagonal(w2 @ h @ w2.T), out.pow(2).mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+
+
+def test_linear_covariance_flattens_tokens_and_subsamples_deterministically():
+    m = nn.Linear(6, 2)
+    x = torch.randn(3, 50, 6)
+    full = input_covariances(m, [x], ["weight"], rows_per_batch=10**6)["weight"]
+    flat = x.reshape(-1, 6)
+    torch.testing.assert_close(full, flat.T @ flat / 150)
+    a = input_covariances(m, [x], ["weight"], rows_per_batch=40, seed=1)["weight"]
+    b = input_covariances(m, [x], ["weight"], rows_per_batch=40, seed=1)["weight"]
+    assert torch.equal(a, b) and not torch.allclose(a, full)
+
+
+def test_one_pass_gives_the_same_moments_and_covariances_as_two():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(),
+                      nn.Linear(4 * 5 * 5, 3))
+    x = [torch.randn(4, 3, 7, 7), torch.randn(4, 3, 7, 7)]
+    names = ["0.weight", "2.weight", "4.weight"]
+    moments, covs = input_statistics(m, x, names, covariance_rows=50, seed=3)
+    assert moments.keys() == input_second_moments(m, x, names).keys()
+    assert all(torch.equal(moments[n], input_second_moments(m, x, names)[n]) for n in moments)
+    alone = input_covariances(m, x, names, rows_per_batch=50, seed=3)
+    assert covs.keys() == alone.keys() == {"0.weight", "4.weight"}
+    assert all(torch.equal(covs[n], alone[n]) for n in covs)
+    assert input_statistics(m, x, names)[1] == {}
+
+
+def test_grouped_convolutions_and_other_layers_get_no_covariance():
+    m = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 8, 1), nn.Flatten(), nn.Embedding(3, 2))
+    assert covariance_layers(m, ["0.weight", "1.weight", "3.weight"]) == ["1.weight"]
+    with pytest.raises(ConfigError, match="no calibration batch"):
+        input_covariances(m[:2], [], ["1.weight"])
+
+
+def _compressed(seed=0):
+    torch.manual_seed(seed)
+    model = conv_bn_net(32)
+    calib = torch.randn(96, 3, 8, 8)
+    names = [n for n, t in model.state_dict().items() if t.ndim >= 2]
+    cm, _ = compress_to_ratio(model, 10.0, config=LegoConfig(seed=seed), menu=MENU)
+    return model, calib, names, cm
+
+
+def test_fit_lowers_the_output_error_keeps_indices_and_the_file_size():
+    model, calib, names, cm = _compressed()
+    covs = input_covariances(model, [calib], names)
+    indices = {n: ct.indices.clone() for n, ct in cm.clustered.items()}
+    size = len(cm.to_bytes())
+    res = fit_layer_outputs(cm, model.state_dict(), covs)
+    assert res.fitted == len(covs) == res.clustered
+    assert res.error_after < 0.9 * res.error_before
+    assert all(torch.equal(indices[n], ct.indices) for n, ct in cm.clustered.items())
+    assert abs(len(cm.to_bytes()) - size) <= 8 * res.fitted  # only the SQNR text may change length
+    for cb in cm.codebooks:  # values stay storable as float16
+        assert torch.equal(cb, cb.half().float())
+    for ct in cm.clustered.values():
+        assert torch.equal(ct.scale, ct.scale.half().float()) and bool((ct.scale > 0).all())
+
+
+def test_tensors_without_covariance_are_left_as_they_are():
+    model, calib, names, cm = _compressed()
+    covs = input_covariances(model, [calib], names)
+    skip = names[0]
+    del covs[skip]
+    before = cm.codebooks[cm.clustered[skip].codebook].clone()
+    res = fit_layer_outputs(cm, model.state_dict(), covs)
+    assert res.fitted == len(names) - 1
+    assert torch.equal(cm.codebooks[cm.clustered[skip].codebook], before)
+
+
+def test_a_covariance_of_the_wrong_size_is_named():
+    model, calib, names, cm = _compressed()
+    covs = input_covariances(model, [calib], names)
+    covs[names[1]] = torch.eye(3)
+    with pytest.raises(ConfigError, match=names[1].replace(".", r"\.")):
+        fit_layer_outputs(cm, model.state_dict(), covs)
+
+
+@pytest.mark.parametrize("bad", [dict(rounds=0), dict(cg_iters=1.5), dict(damp=-0.1), dict(rows_per_batch=True)])
+def test_layer_fit_config_rejects_bad_values(bad):
+    with pytest.raises(ConfigError):
+        LayerFitConfig(**bad)
+
+
+def test_pipeline_fits_layers_by_default_and_brings_the_logits_closer():
+    torch.manual_seed(0)
+    model = conv_bn_net(32)
+    calib, held_out = torch.randn(128, 3, 8, 8), torch.randn(64, 3, 8, 8)
+
+    def logit_error(options):
+        m = copy.deepcopy(model)
+        cm, _, res = calibrated_compress(m, 10.0, calib, menu=MENU, refine=None, **options)
+        student = conv_bn_net(32)
+        cm.load_into(student)
+        with torch.no_grad():
+            return float(F.mse_loss(student.eval()(held_out), model.eval()(held_out))), res
+
+    fitted, res = logit_error({})
+    plain, none = logit_error({"layer_fit": None})
+    assert res.layer_fit is not None and res.layer_fit.fitted > 0 and none.layer_fit is None
+    assert fitted < plain
