@@ -137,7 +137,7 @@ def main(debug: bool) -> None:  # noqa: ARG001
 @click.option("--refine-epochs", type=click.FloatRange(min=0), default=None,
               help="With --calib: passes over the calibration images of codebook refinement by distillation "
                    "(indices fixed; codebooks, row gains and norm affine parameters tuned). 0 turns it off. "
-                   "[default: 6]")
+                   "[default: 5]")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for k-means (default: PyTorch's; 1 is often faster on a busy machine).")
 def compress(src, output, block, clusters, scope, seed, include, exclude, codebook_dtype, per_tensor, quiet,

@@ -9,8 +9,9 @@ smallest ``lambda`` whose total fits the byte budget.
 Distortion is the relative error of the normalised weights (each output channel counts equally,
 since a following normalisation layer rescales channels anyway). Given calibration statistics, it is
 weighted by the second moment of the inputs each weight multiplies, i.e. a proxy for the error of the
-layer's output rather than of its weights. Each tensor's distortion counts equally in the sum: a
-data-free stand-in for per-layer sensitivity that does not favour big layers.
+layer's output rather than of its weights; given full input second-moment matrices it is the relative
+error of the layer's outputs itself, measured on whole sampled rows. Each tensor's distortion counts
+equally in the sum: a stand-in for per-layer sensitivity that does not favour big layers.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from legonet.config import SCALE_STATS, LegoConfig
 from legonet.errors import ConfigError
 from legonet.ops.bitpack import bits_for, packed_nbytes
 from legonet.ops.kmeans import assign, kmeans
+from legonet.ops.output_lsq import gain_fitted_errors
 from legonet.ops.quant import choose_row_scales, normalized_blocks
 from legonet.ops.tiling import make_tiling, tile
 from legonet.report import fp32_bytes
@@ -51,6 +53,7 @@ DEFAULT_MENU: tuple[tuple[tuple[int, int], int], ...] = (
     ((1, 1), 4), ((1, 1), 8), ((1, 1), 16), ((1, 1), 32), ((1, 1), 64), ((1, 1), 256),
 )
 _SAMPLE = 4096
+_OUTPUT_ROWS = 32
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ class Choice:
     block: tuple[int, int]
     clusters: int
     nbytes: int  # packed indices + float16 codebook
-    distortion: float  # relative (weighted) squared error of the normalised weights
+    distortion: float  # relative (weighted) squared error of the normalised weights, or of the outputs
     scale_stat: str = "rms"  # the row gain statistic (see LegoConfig.scale_stat)
 
 
@@ -73,6 +76,7 @@ def evaluate_menu(
     menu=DEFAULT_MENU,
     *,
     element_weights: torch.Tensor | None = None,
+    covariance: torch.Tensor | None = None,
     seed: int = 0,
     sample: int = _SAMPLE,
     scale_stats: tuple[str, ...] = SCALE_STATS,
@@ -82,6 +86,9 @@ def evaluate_menu(
     Args:
         weight: ``(rows, ...)`` tensor.
         element_weights: optional weights broadcastable to the 2-D view ``(rows, cols)``.
+        covariance: optional ``(cols, cols)`` input second-moment matrix: the distortion is then
+            the mean relative *output* error of whole sampled rows, each with its best gain (what
+            :mod:`legonet.calibrate.layer_fit` will fit), instead of the relative weight error.
         scale_stats: row gain statistics to try with every entry (each gives its own choice).
     """
     rows, cols = weight.shape[0], weight[0].numel()
@@ -99,6 +106,9 @@ def evaluate_menu(
         if k > n // 2:
             continue
         fit = torch.randperm(n, generator=g)[:sample] if n > sample else torch.arange(n)
+        if covariance is not None:
+            out.append(_output_choice(weight, blocks, bw, fit, block, k, stat, covariance, seed, sample, g))
+            continue
         test = torch.randperm(n, generator=g)[:sample] if n > sample else torch.arange(n)
         # a quick estimate: random seeding and few iterations rank the settings well enough
         res = kmeans(blocks[fit], k, seed=seed, init="random", max_iters=12, tol=1e-3, max_fit_points=None,
@@ -110,6 +120,24 @@ def evaluate_menu(
         out.append(Choice(block, k, _entry_bytes(tuple(weight.shape), block, k), float(d.sum()) / max(signal, 1e-30),
                           stat))
     return out
+
+
+def _output_choice(weight, blocks, bw, fit, block, k, stat, cov, seed, sample, g) -> Choice:
+    """A :class:`Choice` whose distortion is the mean relative output error of whole block-rows."""
+    til = make_tiling(tuple(weight.shape), block)
+    (br, bc), (gr, gc) = block, til.grid
+    res = kmeans(blocks[fit], k, seed=seed, init="random", max_iters=12, tol=1e-3, max_fit_points=None,
+                 weights=None if bw is None else bw[fit])
+    # about ``sample`` blocks, but whole rows and at least _OUTPUT_ROWS of them: a mean over a few rows is noisy
+    picked = torch.randperm(gr, generator=g)[: min(gr, max(sample // gc, -(-_OUTPUT_ROWS // br)))]
+    test = (picked[:, None] * gc + torch.arange(gc)).reshape(-1)
+    labels, _ = assign(blocks[test], res.centroids, None if bw is None else bw[test])
+    q = res.centroids[labels].reshape(-1, gc, br, bc).permute(0, 2, 1, 3).reshape(-1, gc * bc)[:, : til.cols]
+    rows = (picked[:, None] * br + torch.arange(br)).reshape(-1)
+    real = rows < til.rows
+    w = weight.reshape(til.rows, til.cols).float()[rows[real]]
+    err = gain_fitted_errors(w, q[real], cov.float())
+    return Choice(block, k, _entry_bytes(tuple(weight.shape), block, k), float(err.mean()), stat)
 
 
 def allocate(tables: Mapping[str, list[Choice]], budget: int) -> dict[str, Choice]:
@@ -145,6 +173,7 @@ def compress_to_ratio(
     *,
     config: LegoConfig | None = None,
     element_weights: Mapping[str, torch.Tensor] | None = None,
+    covariances: Mapping[str, torch.Tensor] | None = None,
     menu=DEFAULT_MENU,
     progress: Callable[[str], None] | None = None,
     reserve: int = 0,
@@ -159,6 +188,8 @@ def compress_to_ratio(
             dtypes are set by this mode (one float16 codebook per tensor, row gains with the
             unshrink correction, float16 kept tensors); each tensor's gain statistic comes with its choice.
         element_weights: optional ``{name: (1 or rows, cols)}`` importance weights (calibration).
+        covariances: optional ``{name: (cols, cols)}`` input second-moment matrices (calibration):
+            those tensors' menu entries are ranked by relative output error (see :func:`evaluate_menu`).
         reserve: bytes to leave free below the target (for metadata that a later step may lengthen).
         sensitivity: optional ``{name: s}``: each tensor's distortion is multiplied by ``s`` in the
             allocation (a caller's per-layer sensitivity measure); default: every tensor counts
@@ -182,7 +213,8 @@ def compress_to_ratio(
     tables = {}
     for i, n in enumerate(names):
         say(f"estimating settings {i + 1}/{len(names)}: {n}")
-        tables[n] = evaluate_menu(sd[n], menu, element_weights=element_weights.get(n), seed=cfg.seed + i)
+        tables[n] = evaluate_menu(sd[n], menu, element_weights=element_weights.get(n),
+                                  covariance=(covariances or {}).get(n), seed=cfg.seed + i)
         if not tables[n]:
             raise ConfigError(f"tensor {n!r} {tuple(sd[n].shape)} is too small for any menu setting; exclude it")
     if sensitivity is not None:

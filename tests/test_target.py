@@ -99,3 +99,37 @@ def test_caller_given_sensitivity_moves_bytes_to_the_sensitive_tensor():
     assert weighted["a"].nbytes > weighted["b"].nbytes
     with pytest.raises(ConfigError, match="no sensitivity given for tensor 'b'"):
         compress_to_ratio(sd, 6.0, menu=menu, sensitivity={"a": 1.0})
+
+
+def test_output_ranking_ignores_errors_the_inputs_never_see():
+    from legonet.target import evaluate_menu
+
+    torch.manual_seed(0)
+    w = torch.randn(32, 64)
+    menu = (((1, 4), 4), ((1, 4), 64))
+    cov = torch.zeros(64, 64)
+    cov[:4, :4] = torch.eye(4)  # only the first 4 inputs are ever non-zero
+    weights_only = evaluate_menu(w, menu, scale_stats=("rms",))
+    outputs = evaluate_menu(w, menu, covariance=cov, scale_stats=("rms",))
+    assert [(c.block, c.clusters, c.nbytes) for c in outputs] == [(c.block, c.clusters, c.nbytes) for c in weights_only]
+    assert all(0 <= c.distortion <= 1 for c in outputs)
+    # with identity inputs the output error is the weight error (after each row's best gain)
+    same = evaluate_menu(w, menu, covariance=torch.eye(64), scale_stats=("rms",))
+    assert same[1].distortion < same[0].distortion
+    assert same[1].distortion == pytest.approx(weights_only[1].distortion, rel=0.5)
+    assert outputs[0].distortion != pytest.approx(same[0].distortion, rel=0.05)
+
+
+def test_gain_fitted_errors_are_scale_free_and_bounded():
+    from legonet.ops.output_lsq import gain_fitted_errors
+
+    torch.manual_seed(0)
+    w, h = torch.randn(5, 8), torch.eye(8)
+    assert torch.allclose(gain_fitted_errors(w, 3 * w, h), torch.zeros(5), atol=1e-6)
+    assert torch.equal(gain_fitted_errors(w, -w, h), torch.ones(5))  # no positive gain helps
+    ortho = torch.zeros(5, 8)
+    ortho[:, 0] = 1.0
+    w2 = w.clone()
+    w2[:, 0] = 0.0
+    assert torch.allclose(gain_fitted_errors(w2, ortho, h), torch.ones(5))
+    assert torch.equal(gain_fitted_errors(torch.zeros(5, 8), w, h), torch.zeros(5))

@@ -106,8 +106,9 @@ def calibrated_compress(
     moments, covs = input_statistics(model, _batches(calib, batch_size), names, covariance_rows=rows, seed=cfg.seed)
     # refinement rewrites each tensor's SQNR in the metadata: room for the longest number per tensor
     reserve = _SQNR_CHARS * len(names) if refine is not None or layer_fit is not None else 0
-    cm, plan = compress_to_ratio(sd, target_ratio, config=cfg, element_weights=moments, menu=menu, progress=say,
-                                 reserve=reserve)
+    ranked = covs if layer_fit is not None and layer_fit.output_allocation else None
+    cm, plan = compress_to_ratio(sd, target_ratio, config=cfg, element_weights=moments, covariances=ranked, menu=menu,
+                                 progress=say, reserve=reserve)
     fit_result = None
     if layer_fit is not None:
         fit_result = fit_layer_outputs(cm, original, covs, layer_fit, progress=say)

@@ -54,7 +54,7 @@ class RefineConfig:
         seed: order of the batches and flips.
     """
 
-    epochs: float = 6.0
+    epochs: float = 5.0
     batch_size: int = 64
     lr: float = 3e-3
     loss: str = "kl"

@@ -127,3 +127,23 @@ def fit_codebook(codebook: torch.Tensor, members: Sequence[Member], iters: int =
     before = sum(output_error(m, codebook)[0] for m in members)
     after = sum(output_error(m, fitted)[0] for m in members)
     return fitted if after < before else codebook
+
+
+def gain_fitted_errors(weight: torch.Tensor, approx: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """``(rows,)`` relative output error of each row of ``approx`` after its best positive gain.
+
+    ``1 - <w, q>_H^2 / (<q, q>_H <w, w>_H)`` for ``<w, q>_H > 0``, else 1 (the best positive gain is
+    then 0); rows of ``weight`` with no output energy get 0. Scale-free in both arguments.
+
+    Args:
+        weight: ``(rows, cols)`` original rows.
+        approx: ``(rows, cols)`` reconstructed rows, any gains.
+        cov: ``(cols, cols)`` input second moments.
+    """
+    qh = approx @ cov
+    wq = (qh * weight).sum(1)
+    qq = (qh * approx).sum(1)
+    ww = ((weight @ cov) * weight).sum(1)
+    tiny = torch.finfo(torch.float32).tiny
+    explained = torch.where((wq > 0) & (qq > 0), wq.square() / (qq * ww).clamp(min=tiny), torch.zeros_like(wq))
+    return torch.where(ww > 0, (1 - explained).clamp(0, 1), torch.zeros_like(ww))
