@@ -80,6 +80,8 @@ def main() -> None:
     ap.add_argument("--peers", type=_peer, nargs="*", default=[], help="METHOD:BITS ... on the same test images")
     ap.add_argument("--test-images", type=int, default=10000)
     ap.add_argument("--calib-images", type=int, default=1024)
+    ap.add_argument("--refine-epochs", type=float, default=None,
+                    help="passes of refinement (default: RefineConfig's); the row records the steps taken")
     ap.add_argument("--no-layer-fit", action="store_true",
                     help="calibrated modes without the layer-output fit (an ablation: the row's mode says so)")
     ap.add_argument("--no-baseline", action="store_true", help="reuse the baseline already in the results file")
@@ -112,7 +114,9 @@ def main() -> None:
         else:
             model = build(args.arch)
             load_weights(model, f32)
-            refine = RefineConfig() if mode == "calib+refine" else None
+            refine = None
+            if mode == "calib+refine":
+                refine = RefineConfig() if args.refine_epochs is None else RefineConfig(epochs=args.refine_epochs)
             options = {"layer_fit": None} if args.no_layer_fit else {}
             cm, plan, steps = calibrated_compress(model, ratio, x, refine=refine, **options)
             refined, fitted = steps.refine, steps.layer_fit

@@ -104,7 +104,7 @@ def calibrated_compress(
     say(f"input statistics on {calib.shape[0]} calibration images")
     rows = None if layer_fit is None else layer_fit.rows_per_batch
     moments, covs = input_statistics(model, _batches(calib, batch_size), names, covariance_rows=rows, seed=cfg.seed)
-    # refinement rewrites each tensor's SQNR in the metadata: room for the longest number per tensor
+    # the layer fit and refinement rewrite each tensor's SQNR in the metadata: room for the longest number per tensor
     reserve = _SQNR_CHARS * len(names) if refine is not None or layer_fit is not None else 0
     ranked = covs if layer_fit is not None and layer_fit.output_allocation else None
     cm, plan = compress_to_ratio(sd, target_ratio, config=cfg, element_weights=moments, covariances=ranked, menu=menu,

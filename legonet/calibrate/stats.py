@@ -166,7 +166,8 @@ def input_covariances(model: nn.Module, batches: Iterable[torch.Tensor], names: 
         ``{name: (cols, cols)}`` float32 for the names :func:`covariance_layers` accepts.
     """
     cov = _CovarianceSums(rows_per_batch, seed)
-    hooks = [_module_of(model, name).register_forward_hook(lambda m, inputs, _out, name=name: cov.add(name, m, inputs[0]))
+    hooks = [_module_of(model, name).register_forward_hook(
+                 lambda m, inputs, _out, name=name: cov.add(name, m, inputs[0]))
              for name in covariance_layers(model, names)]
     if not hooks:
         return {}
