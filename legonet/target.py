@@ -106,13 +106,13 @@ def evaluate_menu(
         if k > n // 2:
             continue
         fit = torch.randperm(n, generator=g)[:sample] if n > sample else torch.arange(n)
-        if covariance is not None:
-            out.append(_output_choice(weight, blocks, bw, fit, block, k, stat, covariance, seed, sample, g))
-            continue
-        test = torch.randperm(n, generator=g)[:sample] if n > sample else torch.arange(n)
         # a quick estimate: random seeding and few iterations rank the settings well enough
         res = kmeans(blocks[fit], k, seed=seed, init="random", max_iters=12, tol=1e-3, max_fit_points=None,
                      weights=None if bw is None else bw[fit])
+        if covariance is not None:
+            out.append(_output_choice(weight, blocks, bw, res.centroids, block, k, stat, covariance, sample, g))
+            continue
+        test = torch.randperm(n, generator=g)[:sample] if n > sample else torch.arange(n)
         xt = blocks[test]
         wt = torch.ones_like(xt) if bw is None else bw[test]
         _, d = assign(xt, res.centroids, None if bw is None else wt)
@@ -122,17 +122,15 @@ def evaluate_menu(
     return out
 
 
-def _output_choice(weight, blocks, bw, fit, block, k, stat, cov, seed, sample, g) -> Choice:
+def _output_choice(weight, blocks, bw, centroids, block, k, stat, cov, sample, g) -> Choice:
     """A :class:`Choice` whose distortion is the mean relative output error of whole block-rows."""
     til = make_tiling(tuple(weight.shape), block)
     (br, bc), (gr, gc) = block, til.grid
-    res = kmeans(blocks[fit], k, seed=seed, init="random", max_iters=12, tol=1e-3, max_fit_points=None,
-                 weights=None if bw is None else bw[fit])
     # about ``sample`` blocks, but whole rows and at least _OUTPUT_ROWS of them: a mean over a few rows is noisy
     picked = torch.randperm(gr, generator=g)[: min(gr, max(sample // gc, -(-_OUTPUT_ROWS // br)))]
     test = (picked[:, None] * gc + torch.arange(gc)).reshape(-1)
-    labels, _ = assign(blocks[test], res.centroids, None if bw is None else bw[test])
-    q = res.centroids[labels].reshape(-1, gc, br, bc).permute(0, 2, 1, 3).reshape(-1, gc * bc)[:, : til.cols]
+    labels, _ = assign(blocks[test], centroids, None if bw is None else bw[test])
+    q = centroids[labels].reshape(-1, gc, br, bc).permute(0, 2, 1, 3).reshape(-1, gc * bc)[:, : til.cols]
     rows = (picked[:, None] * br + torch.arange(br)).reshape(-1)
     real = rows < til.rows
     w = weight.reshape(til.rows, til.cols).float()[rows[real]]
