@@ -82,6 +82,8 @@ def main() -> None:
     ap.add_argument("--calib-images", type=int, default=1024)
     ap.add_argument("--refine-epochs", type=float, default=None,
                     help="passes of refinement (default: RefineConfig's); the row records the steps taken")
+    ap.add_argument("--feature-weight", type=float, default=None,
+                    help="weight of refinement's feature term (default: RefineConfig's); the row records it")
     ap.add_argument("--no-layer-fit", action="store_true",
                     help="calibrated modes without the layer-output fit (an ablation: the row's mode says so)")
     ap.add_argument("--no-baseline", action="store_true", help="reuse the baseline already in the results file")
@@ -116,7 +118,8 @@ def main() -> None:
             load_weights(model, f32)
             refine = None
             if mode == "calib+refine":
-                refine = RefineConfig() if args.refine_epochs is None else RefineConfig(epochs=args.refine_epochs)
+                chosen = {"epochs": args.refine_epochs, "feature_weight": args.feature_weight}
+                refine = RefineConfig(**{k: v for k, v in chosen.items() if v is not None})
             options = {"layer_fit": None} if args.no_layer_fit else {}
             cm, plan, steps = calibrated_compress(model, ratio, x, refine=refine, **options)
             refined, fitted = steps.refine, steps.layer_fit
@@ -132,7 +135,9 @@ def main() -> None:
             "top1": acc, "ci95": wilson_interval(acc, len(test)),
             "refine": None if refined is None else {"steps": refined.steps, "seconds": round(refined.seconds, 1),
                                                     "first_loss": refined.first_loss, "last_loss": refined.last_loss,
-                                                    "tuned_parameters": refined.tuned_parameters},
+                                                    "tuned_parameters": refined.tuned_parameters,
+                                                    "feature_weight": refine.feature_weight,
+                                                    "feature_layer": refined.feature_layer},
             "layer_fit": None if fitted is None else {
                 "tensors": fitted.fitted, "seconds": round(fitted.seconds, 1),
                 "output_error_before": fitted.error_before, "output_error_after": fitted.error_after},

@@ -6,7 +6,7 @@ error of every Conv2d/Linear weight, (2) full input second-moment matrices to wh
 and its row gains are fitted, layer by layer (indices fixed; :mod:`legonet.calibrate.layer_fit`),
 (3) re-estimating the running statistics of every BatchNorm layer of the compressed model and
 (4) tuning the codebooks, row gains and normalisation affine parameters so that the compressed
-model's outputs match the original's (indices fixed; see :mod:`legonet.calibrate.refine`). No other
+model's outputs, and the features its last Linear layer receives, match the original's (indices fixed; see :mod:`legonet.calibrate.refine`). No other
 weight is trained and no label is used.
 """
 
@@ -22,7 +22,7 @@ from torch import nn
 from legonet.artifact import CompressedModel
 from legonet.calibrate.bn import reestimate_batchnorm
 from legonet.calibrate.layer_fit import LayerFitConfig, LayerFitResult, fit_layer_outputs
-from legonet.calibrate.refine import RefineConfig, RefineResult, refine_codebooks
+from legonet.calibrate.refine import RefineConfig, RefineResult, feature_layer, refine_codebooks
 from legonet.calibrate.stats import input_statistics
 from legonet.compress import as_state_dict, select_tensors
 from legonet.config import LegoConfig
@@ -128,7 +128,9 @@ def calibrated_compress(
     fold_batchnorm_statistics(cm.tensors, eps)
     refined = None
     if refine is not None:
-        say(f"refining codebooks on {calib.shape[0]} calibration images")
+        tapped = feature_layer(model) if refine.feature_weight > 0 else None
+        matched = "logits" if tapped is None else f"logits and the features entering '{tapped}'"
+        say(f"refining codebooks on {calib.shape[0]} calibration images ({matched})")
         refined = refine_codebooks(model, cm, calib, refine, progress=on_refine_step)
     if fit_result is not None or refined is not None:
         size, target = len(cm.to_bytes()), int(fp32_bytes(sd) / target_ratio)

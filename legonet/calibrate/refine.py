@@ -3,7 +3,10 @@
 After clustering, every weight is ``codebook[index] * row_gain``. With the indices frozen the
 reconstruction is a differentiable function of the codebooks and gains, so a few passes of Adam
 over unlabeled calibration images can pull the compressed network's logits back towards the
-original network's (knowledge distillation, teacher = the uncompressed model).
+original network's (knowledge distillation, teacher = the uncompressed model). With
+``feature_weight`` the features entering the last Linear layer are matched too: a classifier's ten
+logits per image leave a hundred thousand tuned numbers free to fit the calibration images alone
+(ResNet-50 at 64x: KL 0.02 on them, 0.14 on held-out images); the features constrain them far more.
 
 What is tuned, and nothing else: the codebooks (float32 during tuning, rounded to their storage
 dtype at the end), the per-row gains of gain-shape clustering, and the affine parameters (weight,
@@ -49,6 +52,11 @@ class RefineConfig:
             by default: with the few steps a time budget allows the loss is still falling at the
             end, and decaying the rate stops it early (ResNet-50 64x, 64 steps: final loss 0.59
             with cosine against 0.24 constant).
+        feature_weight: weight of a second distillation term, the relative squared error of the
+            features the model's last Linear layer receives (``|f_s - f_t|^2 / |f_t|^2`` over the
+            batch). A classifier's logits give a handful of numbers per image; its features give
+            hundreds, which keeps the tuned codebooks from fitting the calibration images alone.
+            Models without a Linear layer are refined on the logits only (the result says so).
         flip: also show horizontally flipped images (inputs ``(N, C, H, W)`` only).
         tune_norms: also tune the affine parameters of normalisation layers.
         seed: order of the batches and flips.
@@ -59,6 +67,7 @@ class RefineConfig:
     lr: float = 3e-3
     loss: str = "kl"
     schedule: str = "constant"
+    feature_weight: float = 10.0
     flip: bool = True
     tune_norms: bool = True
     seed: int = 0
@@ -70,6 +79,8 @@ class RefineConfig:
             raise ConfigError(f"refine batch_size must be a positive integer, got {self.batch_size!r}")
         if not isinstance(self.lr, (int, float)) or not 0 < self.lr < 1:
             raise ConfigError(f"refine lr must be in (0, 1), got {self.lr!r}")
+        if not isinstance(self.feature_weight, (int, float)) or not 0 <= self.feature_weight < 1e6:
+            raise ConfigError(f"refine feature_weight must be in [0, 1e6), got {self.feature_weight!r}")
         if self.loss not in LOSSES:
             raise ConfigError(f"refine loss must be one of {LOSSES}, got {self.loss!r}")
         if self.schedule not in SCHEDULES:
@@ -78,13 +89,15 @@ class RefineConfig:
 
 @dataclass(frozen=True)
 class RefineResult:
-    """What refinement did: steps taken, loss at the start and the end, wall time, parameters tuned."""
+    """What refinement did: steps taken, loss at the start and the end, wall time, parameters tuned,
+    and the layer whose input features were matched (None: logits only)."""
 
     steps: int
     first_loss: float
     last_loss: float
     seconds: float
     tuned_parameters: int
+    feature_layer: str | None = None
 
 
 def lr_factor(step: int, steps: int, schedule: str) -> float:
@@ -157,11 +170,13 @@ def refine_codebooks(
     n = calib.shape[0]
     steps = max(1, math.ceil(cfg.epochs * n / cfg.batch_size))
     flips = cfg.flip and calib.ndim == 4
+    tapped = feature_layer(teacher) if cfg.feature_weight > 0 else None
+    taps = _FeatureTaps(teacher, student, tapped)
     # Teacher outputs computed once (for each image and its mirror) when the run sees every image
     # more than once and the outputs are small (classifier logits); otherwise per step.
     cached = None
     if steps * cfg.batch_size > (2 if flips else 1) * n:
-        cached = _teacher_outputs(teacher, calib, cfg.batch_size, flips)
+        cached = _teacher_outputs(teacher, calib, cfg.batch_size, flips, taps)
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(n, generator=gen)
     pos = 0
@@ -178,12 +193,17 @@ def refine_codebooks(
             if flips:
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
             if cached is not None:
-                target = cached[flip.long(), idx]
+                target = cached[0][flip.long(), idx]
+                target_features = None if cached[1] is None else cached[1][flip.long(), idx]
             else:
                 with torch.no_grad():
                     target = teacher(x)
+                target_features = taps.teacher
             out = functional_call(student, weights(), (x,), strict=False)
             loss = _distill_loss(out, target, cfg.loss)
+            if target_features is not None:
+                loss = loss + cfg.feature_weight * (taps.student - target_features).pow(2).sum() \
+                    / target_features.pow(2).sum().clamp(min=torch.finfo(torch.float32).tiny)
             if not torch.isfinite(loss):
                 raise ConfigError(f"refinement diverged at step {step + 1} (loss {float(loss)}); lower the lr")
             opt.zero_grad(set_to_none=True)
@@ -200,24 +220,58 @@ def refine_codebooks(
             if progress:
                 progress(step + 1, steps, last)
     finally:
+        taps.remove()
         teacher.train(teacher_was_training)
 
     _write_back(cm, codebooks, gains, norm_params, teacher.state_dict())
-    return RefineResult(steps, first, last, time.perf_counter() - t0, n_tuned)
+    return RefineResult(steps, first, last, time.perf_counter() - t0, n_tuned, tapped)
 
 
 _CACHE_ELEMENTS = 1 << 26
 
 
+def feature_layer(model: nn.Module) -> str | None:
+    """Name of the model's last Linear module (for a classifier: its head), or None."""
+    linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return linear[-1] if linear else None
+
+
+class _FeatureTaps:
+    """Forward pre-hooks that keep the latest input of the layer ``name`` in the teacher and the
+    student (``self.teacher``, ``self.student``); inert when ``name`` is None."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, name: str | None) -> None:
+        self.teacher = self.student = None
+        self._hooks = [] if name is None else [
+            teacher.get_submodule(name).register_forward_pre_hook(lambda _m, i: setattr(self, "teacher", i[0])),
+            student.get_submodule(name).register_forward_pre_hook(lambda _m, i: setattr(self, "student", i[0])),
+        ]
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+
+
 @torch.no_grad()
-def _teacher_outputs(teacher: nn.Module, calib: torch.Tensor, batch_size: int, flips: bool) -> torch.Tensor | None:
-    """``(2 if flips else 1, N, ...)`` teacher outputs, or None if they would exceed the cache size."""
+def _teacher_outputs(teacher: nn.Module, calib: torch.Tensor, batch_size: int, flips: bool,
+                     taps: _FeatureTaps) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(2 if flips else 1, N, ...)`` teacher outputs and (with ``taps``) features, or None if
+    they would exceed the cache size."""
     views = (calib, calib.flip(-1)) if flips else (calib,)
     first = teacher(calib[:1])
-    if len(views) * calib.shape[0] * first.numel() > _CACHE_ELEMENTS:
+    per_image = first.numel() + (0 if taps.teacher is None else taps.teacher.numel())
+    if len(views) * calib.shape[0] * per_image > _CACHE_ELEMENTS:
         return None
-    return torch.stack([torch.cat([teacher(v[s : s + batch_size]) for s in range(0, v.shape[0], batch_size)])
-                        for v in views])
+    outs, feats = [], []
+    for v in views:
+        for s in range(0, v.shape[0], batch_size):
+            outs.append(teacher(v[s : s + batch_size]))
+            feats.append(taps.teacher)
+    shape = (len(views), calib.shape[0])
+    logits = torch.cat(outs).reshape(*shape, *first.shape[1:])
+    if taps.teacher is None:
+        return logits, None
+    return logits, torch.cat(feats).reshape(*shape, *feats[0].shape[1:])
 
 
 def _rms(t: torch.Tensor) -> float:

@@ -108,17 +108,35 @@ def input_statistics(model: nn.Module, batches: Iterable[torch.Tensor], names: l
     return out, ({} if cov is None else cov.result())
 
 
-def _input_rows(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _input_rows(mod: nn.Module, x: torch.Tensor, gen: torch.Generator | None = None,
+                limit: int | None = None) -> torch.Tensor:
     """``(positions, cols)`` input vectors of a Conv2d (groups 1) or Linear, columns in the order of
-    the weight's 2-D view (channel, ky, kx)."""
+    the weight's 2-D view (channel, ky, kx); with ``limit``, a random subset of at most ``limit``
+    of them (drawn with ``gen``), in the order of the draw."""
     x = x.detach().float()
     if isinstance(mod, nn.Linear):
-        return x.reshape(-1, x.shape[-1])
+        rows = x.reshape(-1, x.shape[-1])
+        return rows if limit is None or rows.shape[0] <= limit else rows[_draw(rows.shape[0], limit, gen)]
     # Conv2d keeps its padding (whatever the mode, 'same' included) as an explicit pad spec
     mode = "constant" if mod.padding_mode == "zeros" else mod.padding_mode
     x = torch.nn.functional.pad(x, mod._reversed_padding_repeated_twice, mode=mode)
-    p = torch.nn.functional.unfold(x, mod.kernel_size, dilation=mod.dilation, stride=mod.stride)  # (N, cols, L)
-    return p.transpose(1, 2).reshape(-1, p.shape[1])
+    if mod.dilation != (1, 1):
+        p = torch.nn.functional.unfold(x, mod.kernel_size, dilation=mod.dilation, stride=mod.stride)  # (N, cols, L)
+        rows = p.transpose(1, 2).reshape(-1, p.shape[1])
+        return rows if limit is None or rows.shape[0] <= limit else rows[_draw(rows.shape[0], limit, gen)]
+    # a strided view (N, C, OH, OW, kh, kw) of every receptive field, no copy: only the drawn
+    # positions are gathered (unfolding a whole batch first would copy kh*kw times the input)
+    (kh, kw), (sh, sw) = mod.kernel_size, mod.stride
+    view = x.unfold(2, kh, sh).unfold(3, kw, sw)
+    n, c, oh, ow = view.shape[:4]
+    total = n * oh * ow
+    pick = torch.arange(total) if limit is None or total <= limit else _draw(total, limit, gen)
+    img, pos = pick // (oh * ow), pick % (oh * ow)
+    return view[img, :, pos // ow, pos % ow].reshape(pick.shape[0], c * kh * kw)
+
+
+def _draw(total: int, limit: int, gen: torch.Generator | None) -> torch.Tensor:
+    return torch.randperm(total, generator=gen)[:limit]
 
 
 def covariance_layers(model: nn.Module, names: list[str]) -> list[str]:
@@ -142,9 +160,7 @@ class _CovarianceSums:
         self.counts: dict[str, int] = {}
 
     def add(self, name: str, mod: nn.Module, x: torch.Tensor) -> None:
-        rows = _input_rows(mod, x)
-        if rows.shape[0] > self.rows:
-            rows = rows[torch.randperm(rows.shape[0], generator=self.gen)[: self.rows]]
+        rows = _input_rows(mod, x, self.gen, self.rows)
         self.sums[name] = self.sums.get(name, 0) + (rows.T @ rows).double()
         self.counts[name] = self.counts.get(name, 0) + rows.shape[0]
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from legonet.calibrate.layer_fit import LayerFitConfig, fit_layer_outputs
 from legonet.calibrate.pipeline import calibrated_compress
-from legonet.calibrate.stats import covariance_layers, input_covariances, input_second_moments, input_statistics
+from legonet.calibrate.stats import _input_rows, covariance_layers, input_covariances, input_second_moments, input_statistics
 from legonet.config import LegoConfig
 from legonet.errors import ConfigError
 from legonet.target import compress_to_ratio
@@ -32,6 +32,27 @@ def test_conv_covariance_is_over_receptive_fields_in_weight_column_order(conv):
     with torch.no_grad():
         out = m(x)
     torch.testing.assert_close(torch.diagonal(w2 @ h @ w2.T), out.pow(2).mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("conv", [
+    dict(kernel_size=3, stride=2, padding=1),
+    dict(kernel_size=(1, 3), padding=(0, 2), padding_mode="reflect"),
+    dict(kernel_size=3, dilation=2, padding=2),
+])
+def test_subsampled_conv_rows_are_distinct_receptive_fields_drawn_by_the_seed(conv):
+    torch.manual_seed(0)
+    m = nn.Conv2d(3, 2, bias=False, **conv)
+    x = torch.randn(2, 3, 8, 9)
+    every = _input_rows(m, x)  # (positions, cols): checked against the layer's output above
+    with torch.no_grad():
+        out = m(x)
+    assert every.shape == (out.shape[0] * out.shape[2] * out.shape[3], 3 * m.kernel_size[0] * m.kernel_size[1])
+    drawn = _input_rows(m, x, torch.Generator().manual_seed(4), 7)
+    again = _input_rows(m, x, torch.Generator().manual_seed(4), 7)
+    assert drawn.shape == (7, every.shape[1]) and torch.equal(drawn, again)
+    match = torch.cdist(drawn, every).argmin(1)
+    torch.testing.assert_close(drawn, every[match])
+    assert len(set(match.tolist())) == 7
 
 
 def test_linear_covariance_flattens_tokens_and_subsamples_deterministically():

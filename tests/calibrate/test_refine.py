@@ -82,7 +82,7 @@ def test_calibrated_pipeline_refines_by_default():
 
 
 @pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(lr=0), dict(lr=2.0), dict(loss="l1"),
-                                 dict(schedule="linear")])
+                                 dict(schedule="linear"), dict(feature_weight=-1.0), dict(feature_weight="1")])
 def test_refine_config_rejects_bad_values(bad):
     with pytest.raises(ConfigError):
         RefineConfig(**bad)
@@ -117,3 +117,38 @@ def test_the_schedule_changes_the_refined_codebooks():
         refine_codebooks(model, cm, calib, RefineConfig(epochs=4, batch_size=32, lr=1e-2, schedule=schedule))
         refined[schedule] = cm.codebooks
     assert any(not torch.equal(a, b) for a, b in zip(refined["constant"], refined["cosine"]))
+
+
+def _feature_error(model, cm, x) -> float:
+    """Relative squared error of the classifier's input features (those of ``model[-1]``)."""
+    student = cm.load_into(_net()).eval()
+    with torch.no_grad():
+        t, s = model[:-1](x), student[:-1](x)
+    return float((s - t).pow(2).sum() / t.pow(2).sum())
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_feature_term_matches_the_classifier_input(cached):
+    model = _net()
+    calib, held_out = torch.randn(128, 3, 8, 8), torch.randn(64, 3, 8, 8)
+    runs = {}
+    for weight in (0.0, 10.0):
+        cm, _ = compress_to_ratio(model, 12.0, menu=MENU)
+        before = _feature_error(model, cm, held_out)
+        # 4 passes are cached teacher outputs, 1 pass (with flips: every image at most once) is per step
+        cfg = RefineConfig(epochs=4 if cached else 1, batch_size=16, lr=1e-2, feature_weight=weight)
+        res = refine_codebooks(model, cm, calib, cfg)
+        runs[weight] = (res, before, _feature_error(model, cm, held_out))
+    plain, features = runs[0.0], runs[10.0]
+    assert plain[0].feature_layer is None and features[0].feature_layer == "7"  # the Linear head
+    assert features[0].first_loss > plain[0].first_loss  # the feature term adds to the loss
+    assert features[2] < features[1] and features[2] < plain[2]
+
+
+def test_feature_term_without_a_linear_layer_refines_on_the_logits():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 10, 6), nn.Flatten()).eval()
+    cm, _ = compress_to_ratio(model, 8.0, menu=MENU)
+    res = refine_codebooks(model, cm, torch.randn(32, 3, 8, 8), RefineConfig(epochs=1, batch_size=16,
+                                                                             feature_weight=1.0))
+    assert res.feature_layer is None and res.last_loss == res.last_loss
