@@ -138,10 +138,14 @@ def main(debug: bool) -> None:  # noqa: ARG001
               help="With --calib: passes over the calibration images of codebook refinement by distillation "
                    "(indices fixed; codebooks, row gains and norm affine parameters tuned). 0 turns it off. "
                    "[default: 5]")
+@click.option("--refine-feature-weight", type=click.FloatRange(min=0), default=None,
+              help="With --calib: weight of refinement's second term, the relative squared error of the "
+                   "features entering the model's last Linear layer (0: logits only). [default: 10]")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for k-means (default: PyTorch's; 1 is often faster on a busy machine).")
 def compress(src, output, block, clusters, scope, seed, include, exclude, codebook_dtype, per_tensor, quiet,
-             allow_nonfinite, scales, scale_stat, unshrink, target_ratio, arch, calib, calib_images, refine_epochs, threads):
+             allow_nonfinite, scales, scale_stat, unshrink, target_ratio, arch, calib, calib_images, refine_epochs,
+             refine_feature_weight, threads):
     """Compress the checkpoint SRC (.safetensors, *.index.json or .pt) into a .lego file."""
     if threads is not None:
         import torch
@@ -157,8 +161,9 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
                         allow_nonfinite=allow_nonfinite, scales=scales, scale_stat=scale_stat, unshrink=unshrink)
     if calib is not None and (target_ratio is None or arch is None):
         raise click.UsageError("--calib needs --target-ratio and --arch")
-    if refine_epochs is not None and calib is None:
-        raise click.UsageError("--refine-epochs needs --calib")
+    for flag, value in (("--refine-epochs", refine_epochs), ("--refine-feature-weight", refine_feature_weight)):
+        if value is not None and calib is None:
+            raise click.UsageError(f"{flag} needs --calib")
     from legonet.io.atomic import check_writable
     from legonet.progress import progress_bars
 
@@ -178,7 +183,8 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
                 cm = do_compress(sd, config, bars=bars)
         else:
             with _console().status("target mode", spinner="dots") if not quiet else _null() as status:
-                cm = _compress_to_ratio(sd, config, target_ratio, arch, calib, calib_images, seed, refine_epochs,
+                cm = _compress_to_ratio(sd, config, target_ratio, arch, calib, calib_images, seed,
+                                        (refine_epochs, refine_feature_weight),
                                         status.update if status is not None else None)
         nbytes = cm.save(output)
     if not quiet:
@@ -194,7 +200,7 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
         click.echo(f"wrote {output}")
 
 
-def _compress_to_ratio(sd, config, target_ratio, arch, calib, calib_images, seed, refine_epochs, progress):
+def _compress_to_ratio(sd, config, target_ratio, arch, calib, calib_images, seed, refinement, progress):
     from legonet.target import compress_to_ratio
 
     if calib is None:
@@ -216,8 +222,9 @@ def _compress_to_ratio(sd, config, target_ratio, arch, calib, calib_images, seed
     x = to_input(images.x, spec.mean, spec.std)
     from legonet.calibrate.refine import RefineConfig
 
-    refine = RefineConfig(seed=seed) if refine_epochs is None else \
-        None if refine_epochs == 0 else RefineConfig(epochs=refine_epochs, seed=seed)
+    epochs, feature_weight = refinement
+    chosen = {"epochs": epochs, "feature_weight": feature_weight}
+    refine = None if epochs == 0 else RefineConfig(seed=seed, **{k: v for k, v in chosen.items() if v is not None})
 
     def on_step(step: int, steps: int, loss: float) -> None:
         if progress is not None:

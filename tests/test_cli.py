@@ -117,3 +117,19 @@ def test_calibrated_target_mode_refines(run, tmp_path, resnet20_path, images_pat
     assert fp32 / out.stat().st_size >= 12
     r = run("compress", resnet20_path, "-o", out, "--target-ratio", "12", "--refine-epochs", "1")
     assert r.exit_code == 2 and "--refine-epochs needs --calib" in r.output
+
+
+def test_refine_feature_weight_reaches_refinement_and_needs_calib(run, tmp_path, resnet20_path, images_path):
+    out = tmp_path / "r20.lego"
+    common = ("compress", resnet20_path, "-o", out, "--target-ratio", "12")
+    calibrated = ("--arch", "resnet20", "--calib", images_path, "--calib-images", "32", "--refine-epochs", "1")
+    files = []
+    for weight in ("0", "10"):
+        r = run(*common, *calibrated, "--refine-feature-weight", weight, "--quiet")
+        assert r.exit_code == 0, r.output
+        files.append(out.read_bytes())
+    assert files[0] != files[1]  # the feature term changes what refinement tunes
+    r = run(*common, "--refine-feature-weight", "1")
+    assert r.exit_code == 2 and "--refine-feature-weight needs --calib" in r.output
+    r = run(*common, *calibrated, "--refine-feature-weight", "-1")
+    assert r.exit_code == 2 and "-1" in r.output
