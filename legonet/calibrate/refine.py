@@ -182,6 +182,10 @@ def refine_codebooks(
     pos = 0
     first = last = float("nan")
     t0 = time.perf_counter()
+    # oneDNN's convolution weight gradients sum across threads in a varying order unless asked not
+    # to: without this, two runs of the same command give different codebooks (scoped, restored)
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         for step in range(steps):
             if pos >= n:
@@ -220,6 +224,7 @@ def refine_codebooks(
             if progress:
                 progress(step + 1, steps, last)
     finally:
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         taps.remove()
         teacher.train(teacher_was_training)
 

@@ -152,3 +152,13 @@ def test_feature_term_without_a_linear_layer_refines_on_the_logits():
     res = refine_codebooks(model, cm, torch.randn(32, 3, 8, 8), RefineConfig(epochs=1, batch_size=16,
                                                                              feature_weight=1.0))
     assert res.feature_layer is None and res.last_loss == res.last_loss
+
+
+def test_refinement_restores_the_deterministic_algorithms_setting():
+    # refinement asks for deterministic kernels while it runs (oneDNN weight gradients), then
+    # hands the process-wide setting back as it found it
+    model = _net()
+    cm, _ = compress_to_ratio(model, 12.0, menu=MENU)
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    refine_codebooks(model, cm, torch.randn(16, 3, 8, 8), RefineConfig(epochs=1, batch_size=16))
+    assert (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) == before
