@@ -182,8 +182,8 @@ def refine_codebooks(
     pos = 0
     first = last = float("nan")
     t0 = time.perf_counter()
-    # oneDNN's convolution weight gradients sum across threads in a varying order unless asked not
-    # to: without this, two runs of the same command give different codebooks (scoped, restored)
+    # without deterministic kernels two processes refined ResNet-20 to different codebooks (the
+    # gradients of convolutions are not bit-reproducible otherwise); scoped, the setting restored
     deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:

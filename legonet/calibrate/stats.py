@@ -115,15 +115,13 @@ def _input_rows(mod: nn.Module, x: torch.Tensor, gen: torch.Generator | None = N
     of them (drawn with ``gen``), in the order of the draw."""
     x = x.detach().float()
     if isinstance(mod, nn.Linear):
-        rows = x.reshape(-1, x.shape[-1])
-        return rows if limit is None or rows.shape[0] <= limit else rows[_draw(rows.shape[0], limit, gen)]
+        return _subset(x.reshape(-1, x.shape[-1]), limit, gen)
     # Conv2d keeps its padding (whatever the mode, 'same' included) as an explicit pad spec
     mode = "constant" if mod.padding_mode == "zeros" else mod.padding_mode
     x = torch.nn.functional.pad(x, mod._reversed_padding_repeated_twice, mode=mode)
     if mod.dilation != (1, 1):
         p = torch.nn.functional.unfold(x, mod.kernel_size, dilation=mod.dilation, stride=mod.stride)  # (N, cols, L)
-        rows = p.transpose(1, 2).reshape(-1, p.shape[1])
-        return rows if limit is None or rows.shape[0] <= limit else rows[_draw(rows.shape[0], limit, gen)]
+        return _subset(p.transpose(1, 2).reshape(-1, p.shape[1]), limit, gen)
     # a strided view (N, C, OH, OW, kh, kw) of every receptive field, no copy: only the drawn
     # positions are gathered (unfolding a whole batch first would copy kh*kw times the input)
     (kh, kw), (sh, sw) = mod.kernel_size, mod.stride
@@ -137,6 +135,10 @@ def _input_rows(mod: nn.Module, x: torch.Tensor, gen: torch.Generator | None = N
 
 def _draw(total: int, limit: int, gen: torch.Generator | None) -> torch.Tensor:
     return torch.randperm(total, generator=gen)[:limit]
+
+
+def _subset(rows: torch.Tensor, limit: int | None, gen: torch.Generator | None) -> torch.Tensor:
+    return rows if limit is None or rows.shape[0] <= limit else rows[_draw(rows.shape[0], limit, gen)]
 
 
 def covariance_layers(model: nn.Module, names: list[str]) -> list[str]:
