@@ -171,22 +171,22 @@ def refine_codebooks(
     steps = max(1, math.ceil(cfg.epochs * n / cfg.batch_size))
     flips = cfg.flip and calib.ndim == 4
     tapped = feature_layer(teacher) if cfg.feature_weight > 0 else None
-    taps = _FeatureTaps(teacher, student, tapped)
-    # Teacher outputs computed once (for each image and its mirror) when the run sees every image
-    # more than once and the outputs are small (classifier logits); otherwise per step.
-    cached = None
-    if steps * cfg.batch_size > (2 if flips else 1) * n:
-        cached = _teacher_outputs(teacher, calib, cfg.batch_size, flips, taps)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(n, generator=gen)
-    pos = 0
-    first = last = float("nan")
-    t0 = time.perf_counter()
     # without deterministic kernels two processes refined ResNet-20 to different codebooks (the
     # gradients of convolutions are not bit-reproducible otherwise); scoped, the setting restored
     deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
+    taps = _FeatureTaps(teacher, student, tapped)  # removed in ``finally``: the teacher is the caller's model
     try:
+        # Teacher outputs computed once (for each image and its mirror) when the run sees every image
+        # more than once and the outputs are small (classifier logits); otherwise per step.
+        cached = None
+        if steps * cfg.batch_size > (2 if flips else 1) * n:
+            cached = _teacher_outputs(teacher, calib, cfg.batch_size, flips, taps)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        order = torch.randperm(n, generator=gen)
+        pos = 0
+        first = last = float("nan")
+        t0 = time.perf_counter()
         for step in range(steps):
             if pos >= n:
                 order, pos = torch.randperm(n, generator=gen), 0

@@ -141,6 +141,7 @@ def test_feature_term_matches_the_classifier_input(cached):
         runs[weight] = (res, before, _feature_error(model, cm, held_out))
     plain, features = runs[0.0], runs[10.0]
     assert plain[0].feature_layer is None and features[0].feature_layer == "7"  # the Linear head
+    assert not model[-1]._forward_pre_hooks  # the caller's model keeps no hook
     assert features[0].first_loss > plain[0].first_loss  # the feature term adds to the loss
     assert features[2] < features[1] and features[2] < plain[2]
 
