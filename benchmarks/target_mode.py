@@ -9,7 +9,8 @@ A point is ``MODE:RATIO`` with MODE one of
   calib          activation-aware clustering + layer-output fit + BatchNorm re-estimation, no refinement,
   calib+refine   the CLI's default with ``--calib``: the above + codebook refinement by distillation.
 ``--no-layer-fit`` drops the layer-output fit from the calibrated modes (an ablation; such rows have
-mode ``calib (no layer fit)`` or ``calib+refine (no layer fit)``).
+mode ``calib (no layer fit)`` or ``calib+refine (no layer fit)``); ``--no-reassign`` keeps the fit
+but not its error-feedback reassignment of indices (rows ``... (no reassign)``).
 Calibration uses ``--calib-images`` (default 1,024, as the CLI) of ``cifar10-calib.npz``, never test
 images. Top-1 is measured on ``--test-images`` of ``cifar10-test.npz`` (default: all 10,000) with a
 95 % Wilson interval. Each point is appended to ``benchmarks/results/target_mode_<arch>.json`` as
@@ -33,6 +34,7 @@ from pathlib import Path
 import torch
 
 from legonet.artifact import load_weights
+from legonet.calibrate.layer_fit import LayerFitConfig
 from legonet.calibrate.pipeline import calibrated_compress
 from legonet.calibrate.refine import RefineConfig
 from legonet.data import load_images, to_input
@@ -86,6 +88,8 @@ def main() -> None:
                     help="weight of refinement's feature term (default: RefineConfig's); the row records it")
     ap.add_argument("--no-layer-fit", action="store_true",
                     help="calibrated modes without the layer-output fit (an ablation: the row's mode says so)")
+    ap.add_argument("--no-reassign", action="store_true",
+                    help="layer-output fit keeping the indices clustering chose (an ablation: the row's mode says so)")
     ap.add_argument("--no-baseline", action="store_true", help="reuse the baseline already in the results file")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
@@ -121,6 +125,8 @@ def main() -> None:
                 chosen = {"epochs": args.refine_epochs, "feature_weight": args.feature_weight}
                 refine = RefineConfig(**{k: v for k, v in chosen.items() if v is not None})
             options = {"layer_fit": None} if args.no_layer_fit else {}
+            if args.no_reassign and not args.no_layer_fit:
+                options = {"layer_fit": LayerFitConfig(reassign=False)}
             cm, plan, steps = calibrated_compress(model, ratio, x, refine=refine, **options)
             refined, fitted = steps.refine, steps.layer_fit
         seconds = time.time() - t0
@@ -128,6 +134,8 @@ def main() -> None:
         acc = accuracy(cm.to_state_dict())
         if mode != "data-free" and args.no_layer_fit:
             mode += " (no layer fit)"
+        elif mode != "data-free" and args.no_reassign:
+            mode += " (no reassign)"
         row = {
             "mode": mode, "target_ratio": ratio, "file_ratio": rep.ratio, "file_bytes": rep.file_bytes,
             "bits_per_weight": rep.bits_per_weight, "compress_seconds": round(seconds, 1),
@@ -139,7 +147,7 @@ def main() -> None:
                                                     "feature_weight": refine.feature_weight,
                                                     "feature_layer": refined.feature_layer},
             "layer_fit": None if fitted is None else {
-                "tensors": fitted.fitted, "seconds": round(fitted.seconds, 1),
+                "tensors": fitted.fitted, "seconds": round(fitted.seconds, 1), "reassign": not args.no_reassign,
                 "output_error_before": fitted.error_before, "output_error_after": fitted.error_after},
             "load_average_before": load, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         }

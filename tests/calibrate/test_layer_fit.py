@@ -10,6 +10,7 @@ from legonet.calibrate.pipeline import calibrated_compress
 from legonet.calibrate.stats import _input_rows, covariance_layers, input_covariances, input_second_moments, input_statistics
 from legonet.config import LegoConfig
 from legonet.errors import ConfigError
+from legonet.format.lego_file import deserialize
 from legonet.target import compress_to_ratio
 from tests.nets import conv_bn_net
 
@@ -102,7 +103,7 @@ def test_fit_lowers_the_output_error_keeps_indices_and_the_file_size():
     covs = input_covariances(model, [calib], names)
     indices = {n: ct.indices.clone() for n, ct in cm.clustered.items()}
     size = len(cm.to_bytes())
-    res = fit_layer_outputs(cm, model.state_dict(), covs)
+    res = fit_layer_outputs(cm, model.state_dict(), covs, LayerFitConfig(reassign=False))
     assert res.fitted == len(covs) == res.clustered
     assert res.error_after < 0.9 * res.error_before
     assert all(torch.equal(indices[n], ct.indices) for n, ct in cm.clustered.items())
@@ -111,6 +112,24 @@ def test_fit_lowers_the_output_error_keeps_indices_and_the_file_size():
         assert torch.equal(cb, cb.half().float())
     for ct in cm.clustered.values():
         assert torch.equal(ct.scale, ct.scale.half().float()) and bool((ct.scale > 0).all())
+
+
+def test_reassigning_indices_with_error_feedback_lowers_the_error_further():
+    model, calib, names, cm = _compressed()
+    covs = input_covariances(model, [calib], names)
+    kept = copy.deepcopy(cm)
+    size = len(cm.to_bytes())
+    fixed = fit_layer_outputs(kept, model.state_dict(), covs, LayerFitConfig(reassign=False))
+    moved = fit_layer_outputs(cm, model.state_dict(), covs)
+    assert moved.error_before == pytest.approx(fixed.error_before)
+    assert moved.error_after < 0.9 * fixed.error_after
+    changed = [n for n, ct in cm.clustered.items() if not torch.equal(ct.indices, kept.clustered[n].indices)]
+    assert changed
+    for n in changed:  # the new indices are what the file stores and what the model computes with
+        assert cm.clustered[n].indices.dtype == kept.clustered[n].indices.dtype
+    assert abs(len(cm.to_bytes()) - size) <= 8 * moved.fitted
+    assert torch.equal(deserialize(cm.to_bytes()).clustered[changed[0]].indices,
+                       cm.clustered[changed[0]].indices)
 
 
 def test_tensors_without_covariance_are_left_as_they_are():
