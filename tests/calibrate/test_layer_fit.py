@@ -138,9 +138,20 @@ def test_tensors_without_covariance_are_left_as_they_are():
     skip = names[0]
     del covs[skip]
     before = cm.codebooks[cm.clustered[skip].codebook].clone()
+    indices = cm.clustered[skip].indices.clone()
     res = fit_layer_outputs(cm, model.state_dict(), covs)
     assert res.fitted == len(names) - 1
     assert torch.equal(cm.codebooks[cm.clustered[skip].codebook], before)
+    assert torch.equal(cm.clustered[skip].indices, indices)
+
+
+def test_a_singular_covariance_without_damping_is_named():
+    model, calib, names, cm = _compressed()
+    covs = input_covariances(model, [calib], names)
+    cols = covs[names[1]].shape[0]
+    covs[names[1]] = torch.zeros(cols, cols)  # an input that is always zero
+    with pytest.raises(ConfigError, match=names[1].replace(".", r"\.") + ".*singular"):
+        fit_layer_outputs(cm, model.state_dict(), covs, LayerFitConfig(damp=0.0))
 
 
 def test_a_covariance_of_the_wrong_size_is_named():
