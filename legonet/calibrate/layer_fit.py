@@ -85,9 +85,9 @@ def damped(cov: torch.Tensor, damp: float) -> torch.Tensor:
     return cov + (damp * mean if mean > 0 else damp) * torch.eye(cov.shape[0], dtype=cov.dtype)
 
 
-def _reassigned(name: str, member: Member, codebook: torch.Tensor) -> Member:
-    """``member`` with the indices error feedback chooses for ``codebook`` and its gains."""
-    rho = row_weights(member.weight, member.cov)
+def _reassigned(name: str, member: Member, codebook: torch.Tensor, rho: torch.Tensor) -> Member:
+    """``member`` with the indices error feedback chooses for ``codebook`` and its gains (rows
+    weighted by ``rho``, :func:`legonet.ops.output_lsq.row_weights`)."""
     try:
         indices = assign_with_error_feedback(member.weight, member.cov, codebook, member.tiling, member.gains, rho)
     except torch.linalg.LinAlgError as e:  # only without damping: some input direction never excited
@@ -137,9 +137,11 @@ def fit_layer_outputs(
             members[n] = Member(w, damped(cov, cfg.damp), ct.indices.long(), ct.tiling, gains)
         codebook = cm.codebooks[cb_id]
         start = [output_error(m, codebook) for m in members.values()]
+        # weight and H do not change between rounds: each row's weight is computed once
+        rhos = {n: row_weights(m.weight, m.cov) for n, m in members.items()} if cfg.reassign else {}
         for _ in range(cfg.rounds):
             if cfg.reassign:
-                members = {n: _reassigned(n, m, codebook) for n, m in members.items()}
+                members = {n: _reassigned(n, m, codebook, rhos[n]) for n, m in members.items()}
             codebook = stored_codebook(fit_codebook(codebook, list(members.values()), cfg.cg_iters), cm.config)
             for n, m in members.items():
                 if clustered[n].scale is not None:
