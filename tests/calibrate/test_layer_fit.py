@@ -162,7 +162,8 @@ def test_a_covariance_of_the_wrong_size_is_named():
         fit_layer_outputs(cm, model.state_dict(), covs)
 
 
-@pytest.mark.parametrize("bad", [dict(rounds=0), dict(cg_iters=1.5), dict(damp=-0.1), dict(rows_per_batch=True)])
+@pytest.mark.parametrize("bad", [dict(rounds=0), dict(cg_iters=1.5), dict(damp=-0.1), dict(rows_per_batch=True),
+                                 dict(reassign="yes")])
 def test_layer_fit_config_rejects_bad_values(bad):
     with pytest.raises(ConfigError):
         LayerFitConfig(**bad)
