@@ -14,10 +14,13 @@ def _correlated_cov(cols: int, seed: int = 0) -> torch.Tensor:
     return h + 0.01 * h.diagonal().mean() * torch.eye(cols)
 
 
-def _nearest(w, codebook, tiling):
-    """Nearest centroid over the real (unpadded) elements of each block."""
+def _nearest(w, codebook, tiling, col_weights=None):
+    """Nearest centroid over the real (unpadded) elements of each block, each column's squared error
+    weighted by ``col_weights`` (default 1)."""
+    h = torch.ones(tiling.cols) if col_weights is None else col_weights
     blocks, mask = tile(w, tiling.block), padding_mask(tiling).float()
-    d = ((blocks[:, None, :] - codebook[None]) ** 2 * mask[:, None, :]).sum(-1)
+    weight = tile(torch.ones(tiling.rows, tiling.cols) * h, tiling.block) * mask
+    d = ((blocks[:, None, :] - codebook[None]) ** 2 * weight[:, None, :]).sum(-1)
     return d.argmin(1)
 
 
@@ -30,12 +33,8 @@ def test_without_correlation_it_is_the_nearest_centroid_of_the_real_elements(row
     codebook = torch.randn(k, block[0] * block[1], generator=g)
     diag = torch.diag(torch.rand(cols, generator=g) + 0.5)  # uncorrelated inputs: no error to push
     got = assign_with_error_feedback(w, diag, codebook, t, row_weights=None)
-    # a diagonal H weights each column; the nearest centroid under those column weights
-    blocks = tile(w * diag.diagonal().sqrt(), block)
-    scaled = tile(torch.ones(rows, cols) * diag.diagonal().sqrt(), block)
-    mask = padding_mask(t).float()
-    d = ((blocks[:, None, :] - codebook[None] * scaled[:, None, :]) ** 2 * mask[:, None, :]).sum(-1)
-    assert torch.equal(got, d.argmin(1))
+    # a diagonal H weights each column: the nearest centroid under those column weights
+    assert torch.equal(got, _nearest(w, codebook, t, diag.diagonal()))
     assert got.dtype == torch.int64 and got.shape == (t.num_blocks,)
 
 
