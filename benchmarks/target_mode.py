@@ -86,6 +86,8 @@ def main() -> None:
                     help="passes of refinement (default: RefineConfig's); the row records the steps taken")
     ap.add_argument("--feature-weight", type=float, default=None,
                     help="weight of refinement's feature term (default: RefineConfig's); the row records it")
+    ap.add_argument("--feature-gate", choices=("explained", "none"), default=None,
+                    help="gate of refinement's feature term (default: RefineConfig's); the row records it")
     ap.add_argument("--no-layer-fit", action="store_true",
                     help="calibrated modes without the layer-output fit (an ablation: the row's mode says so)")
     ap.add_argument("--no-reassign", action="store_true",
@@ -122,7 +124,8 @@ def main() -> None:
             load_weights(model, f32)
             refine = None
             if mode == "calib+refine":
-                chosen = {"epochs": args.refine_epochs, "feature_weight": args.feature_weight}
+                chosen = {"epochs": args.refine_epochs, "feature_weight": args.feature_weight,
+                          "feature_gate": args.feature_gate}
                 refine = RefineConfig(**{k: v for k, v in chosen.items() if v is not None})
             options = {"layer_fit": None} if args.no_layer_fit else {}
             if args.no_reassign and not args.no_layer_fit:
@@ -145,6 +148,7 @@ def main() -> None:
                                                     "first_loss": refined.first_loss, "last_loss": refined.last_loss,
                                                     "tuned_parameters": refined.tuned_parameters,
                                                     "feature_weight": refine.feature_weight,
+                                                    "feature_gate": refine.feature_gate,
                                                     "feature_layer": refined.feature_layer},
             "layer_fit": None if fitted is None else {
                 "tensors": fitted.fitted, "seconds": round(fitted.seconds, 1), "reassign": not args.no_reassign,

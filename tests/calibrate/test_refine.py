@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from legonet.calibrate.pipeline import calibrated_compress
-from legonet.calibrate.refine import RefineConfig, lr_factor, refine_codebooks
+from legonet.calibrate.refine import RefineConfig, feature_loss, lr_factor, refine_codebooks
 from legonet.config import LegoConfig
 from legonet.errors import ConfigError
 from legonet.target import compress_to_ratio
@@ -82,7 +82,8 @@ def test_calibrated_pipeline_refines_by_default():
 
 
 @pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(lr=0), dict(lr=2.0), dict(loss="l1"),
-                                 dict(schedule="linear"), dict(feature_weight=-1.0), dict(feature_weight="1")])
+                                 dict(schedule="linear"), dict(feature_weight=-1.0), dict(feature_weight="1"),
+                                 dict(feature_gate="soft")])
 def test_refine_config_rejects_bad_values(bad):
     with pytest.raises(ConfigError):
         RefineConfig(**bad)
@@ -144,6 +145,29 @@ def test_feature_term_matches_the_classifier_input(cached):
     assert not model[-1]._forward_pre_hooks  # the caller's model keeps no hook
     assert features[0].first_loss > plain[0].first_loss  # the feature term adds to the loss
     assert features[2] < features[1] and features[2] < plain[2]
+
+
+def test_feature_gate_scales_the_term_by_the_explained_share():
+    teacher = torch.randn(8, 32)
+    # no gate: weight x relative error
+    s = (0.5 * teacher).requires_grad_(True)
+    assert float(feature_loss(s, teacher, 10.0, "none").detach()) == pytest.approx(10.0 * 0.25, rel=1e-5)
+    # explained: weight x (1 - 0.25) x 0.25, and the factor carries no gradient
+    loss = feature_loss(s, teacher, 10.0, "explained")
+    assert float(loss.detach()) == pytest.approx(10.0 * 0.75 * 0.25, rel=1e-5)
+    loss.backward()
+    plain = (0.5 * teacher).requires_grad_(True)
+    (7.5 * (plain - teacher).pow(2).sum() / teacher.pow(2).sum()).backward()
+    assert torch.allclose(s.grad, plain.grad)
+    # features no closer than zeros (relative error >= 1): the term is off
+    for far in (torch.zeros_like(teacher), -teacher, 3 * teacher):
+        far = far.clone().requires_grad_(True)
+        off = feature_loss(far, teacher, 10.0, "explained")
+        assert float(off.detach()) == 0.0
+        off.backward()
+        assert not far.grad.abs().any()
+    # an exact match: the full weight (and a zero term)
+    assert float(feature_loss(teacher.clone(), teacher, 10.0, "explained")) == 0.0
 
 
 def test_feature_term_without_a_linear_layer_refines_on_the_logits():
