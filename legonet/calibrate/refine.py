@@ -7,6 +7,8 @@ original network's (knowledge distillation, teacher = the uncompressed model). W
 ``feature_weight`` the features entering the last Linear layer are matched too: a classifier's ten
 logits per image leave a hundred thousand tuned numbers free to fit the calibration images alone
 (ResNet-50 at 64x: KL 0.02 on them, 0.14 on held-out images); the features constrain them far more.
+Where the compressed features are too far off to be matched (further from the original's than
+zeros are), ``feature_gate`` switches that term off until they come closer.
 
 What is tuned, and nothing else: the codebooks (float32 during tuning, rounded to their storage
 dtype at the end), the per-row gains of gain-shape clustering, and the affine parameters (weight,
