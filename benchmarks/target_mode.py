@@ -36,7 +36,7 @@ import torch
 from legonet.artifact import load_weights
 from legonet.calibrate.layer_fit import LayerFitConfig
 from legonet.calibrate.pipeline import calibrated_compress
-from legonet.calibrate.refine import RefineConfig
+from legonet.calibrate.refine import FEATURE_GATES, RefineConfig
 from legonet.data import load_images, to_input
 from legonet.datafree.pipeline import datafree_compress
 from legonet.evaluate import top1, wilson_interval
@@ -86,7 +86,7 @@ def main() -> None:
                     help="passes of refinement (default: RefineConfig's); the row records the steps taken")
     ap.add_argument("--feature-weight", type=float, default=None,
                     help="weight of refinement's feature term (default: RefineConfig's); the row records it")
-    ap.add_argument("--feature-gate", choices=("explained", "none"), default=None,
+    ap.add_argument("--feature-gate", choices=FEATURE_GATES, default=None,
                     help="gate of refinement's feature term (default: RefineConfig's); the row records it")
     ap.add_argument("--no-layer-fit", action="store_true",
                     help="calibrated modes without the layer-output fit (an ablation: the row's mode says so)")
