@@ -192,7 +192,8 @@ def refine_codebooks(
 
     n = calib.shape[0]
     steps = max(1, math.ceil(cfg.epochs * n / cfg.batch_size))
-    flips = cfg.flip and calib.ndim == 4
+    images = calib.ndim == 4
+    flips = cfg.flip and images
     tapped = feature_layer(teacher) if cfg.feature_weight > 0 else None
     # without deterministic kernels two processes refined ResNet-20 to different codebooks (the
     # gradients of convolutions are not bit-reproducible otherwise); scoped, the setting restored
@@ -219,6 +220,8 @@ def refine_codebooks(
             flip = torch.rand(x.shape[0], generator=gen) < 0.5 if flips else torch.zeros(x.shape[0], dtype=torch.bool)
             if flips:
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            if images:  # oneDNN's convolutions run ~20 % faster on channels-last inputs (ResNet-50, CPU)
+                x = x.contiguous(memory_format=torch.channels_last)
             if cached is not None:
                 target = cached[0][flip.long(), idx]
                 target_features = None if cached[1] is None else cached[1][flip.long(), idx]
@@ -292,7 +295,8 @@ def _teacher_outputs(teacher: nn.Module, calib: torch.Tensor, batch_size: int, f
     outs, feats = [], []
     for v in views:
         for s in range(0, v.shape[0], batch_size):
-            outs.append(teacher(v[s : s + batch_size]))
+            b = v[s : s + batch_size]
+            outs.append(teacher(b.contiguous(memory_format=torch.channels_last) if b.ndim == 4 else b))
             feats.append(taps.teacher)
     shape = (len(views), calib.shape[0])
     logits = torch.cat(outs).reshape(*shape, *first.shape[1:])
