@@ -192,8 +192,7 @@ def refine_codebooks(
 
     n = calib.shape[0]
     steps = max(1, math.ceil(cfg.epochs * n / cfg.batch_size))
-    images = calib.ndim == 4
-    flips = cfg.flip and images
+    flips = cfg.flip and calib.ndim == 4
     tapped = feature_layer(teacher) if cfg.feature_weight > 0 else None
     # without deterministic kernels two processes refined ResNet-20 to different codebooks (the
     # gradients of convolutions are not bit-reproducible otherwise); scoped, the setting restored
@@ -220,8 +219,7 @@ def refine_codebooks(
             flip = torch.rand(x.shape[0], generator=gen) < 0.5 if flips else torch.zeros(x.shape[0], dtype=torch.bool)
             if flips:
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            if images:  # oneDNN's convolutions run ~20 % faster on channels-last inputs (ResNet-50, CPU)
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = _fast_layout(x)
             if cached is not None:
                 target = cached[0][flip.long(), idx]
                 target_features = None if cached[1] is None else cached[1][flip.long(), idx]
@@ -295,14 +293,20 @@ def _teacher_outputs(teacher: nn.Module, calib: torch.Tensor, batch_size: int, f
     outs, feats = [], []
     for v in views:
         for s in range(0, v.shape[0], batch_size):
-            b = v[s : s + batch_size]
-            outs.append(teacher(b.contiguous(memory_format=torch.channels_last) if b.ndim == 4 else b))
+            outs.append(teacher(_fast_layout(v[s : s + batch_size])))
             feats.append(taps.teacher)
     shape = (len(views), calib.shape[0])
     logits = torch.cat(outs).reshape(*shape, *first.shape[1:])
     if taps.teacher is None:
         return logits, None
     return logits, torch.cat(feats).reshape(*shape, *feats[0].shape[1:])
+
+
+def _fast_layout(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in channels-last layout if it is a batch of images ``(N, C, H, W)``, else as it is:
+    oneDNN's convolutions run faster on it (ResNet-50 forward + backward on 64 images, CPU: 4.95 ->
+    3.92 s); the values are the same."""
+    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
 
 
 def _rms(t: torch.Tensor) -> float:
