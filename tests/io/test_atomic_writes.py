@@ -128,7 +128,7 @@ def test_decompress_killed_before_rename_keeps_earlier_file(tmp_path):
 
 
 def test_compress_killed_at_an_arbitrary_moment(tmp_path):
-    """No hook: a compression taking a few seconds, killed part-way through, whatever it is doing."""
+    """No hook: a compression taking tens of seconds, killed part-way through, whatever it is doing."""
     src, out = _checkpoint(tmp_path / "big.safetensors", n=1448), tmp_path / "big.lego"
     out.write_bytes(b"earlier")
     # K=1024 on 0.5 M blocks takes tens of seconds (K=256 finished in 3.4 s on a fast machine, and
