@@ -30,7 +30,10 @@ from legonet.config import LegoConfig
 from legonet.datafree.fold_norms import (
     batchnorm_eps,
     fold_batchnorm_statistics,
+    fold_planned_scales,
+    scale_pairs,
     state_key,
+    unit_scales,
 )
 from legonet.errors import ConfigError
 from legonet.report import fp32_bytes
@@ -102,14 +105,19 @@ def calibrated_compress(
     folded = fold_batchnorm_statistics(sd, eps)
     cfg = config or LegoConfig()
     names = select_tensors(sd, cfg)
+    pairs = scale_pairs(model, names) if fold_norms else {}
     say(f"input statistics on {calib.shape[0]} calibration images")
     rows = None if layer_fit is None else layer_fit.rows_per_batch
     moments, covs = input_statistics(model, _batches(calib, batch_size), names, covariance_rows=rows, seed=cfg.seed)
     # the layer fit and refinement rewrite each tensor's SQNR in the metadata: room for the longest number per tensor
     reserve = _SQNR_CHARS * len(names) if refine is not None or layer_fit is not None else 0
     ranked = covs if layer_fit is not None and layer_fit.output_allocation else None
-    cm, plan = compress_to_ratio(sd, target_ratio, config=cfg, element_weights=moments, covariances=ranked, menu=menu,
-                                 progress=say, reserve=reserve)
+    # planned with the BatchNorm scales the file will not store (they end in the row gains) ...
+    cm, plan = compress_to_ratio(unit_scales(sd, pairs), target_ratio, config=cfg, element_weights=moments,
+                                 covariances=ranked, menu=menu, progress=say, reserve=reserve)
+    for bn in pairs:  # ... which are needed until then
+        key = state_key(bn, "weight")
+        cm.tensors[key] = sd[key].to(cm.tensors[key].dtype).clone()
     fit_result = None
     if layer_fit is not None:
         fit_result = fit_layer_outputs(cm, original, covs, layer_fit, progress=say)
@@ -133,10 +141,11 @@ def calibrated_compress(
         matched = "logits" if tapped is None else f"logits and the features entering '{tapped}'"
         say(f"refining codebooks on {calib.shape[0]} calibration images ({matched})")
         refined = refine_codebooks(model, cm, calib, refine, progress=on_refine_step)
-    if fit_result is not None or refined is not None:
-        size, target = len(cm.to_bytes()), int(fp32_bytes(sd) / target_ratio)
-        if size > target:  # cannot happen with the reserve above; checked so a regression is loud
-            raise ConfigError(f"refined file has {size:,} bytes, over the target's {target:,}")
+    if pairs:
+        say(f"BatchNorm scales moved into the row gains of {len(fold_planned_scales(cm, pairs))} layers")
+    size, target = len(cm.to_bytes()), int(fp32_bytes(sd) / target_ratio)
+    if size > target:  # cannot happen with the reserve above; checked so a regression is loud
+        raise ConfigError(f"compressed file has {size:,} bytes, over the target's {target:,}")
     cm.load_into(model)
     return cm, plan, CalibratedResult(fit_result, refined)
 

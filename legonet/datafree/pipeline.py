@@ -9,10 +9,17 @@ import torch
 from torch import nn
 
 from legonet.artifact import CompressedModel
-from legonet.compress import as_state_dict
+from legonet.compress import as_state_dict, select_tensors
 from legonet.config import LegoConfig
 from legonet.datafree.bias_correction import correct_compressed
-from legonet.datafree.fold_norms import batchnorm_eps, fold_batchnorm_statistics
+from legonet.datafree.fold_norms import (
+    batchnorm_eps,
+    fold_batchnorm_statistics,
+    fold_planned_scales,
+    scale_pairs,
+    state_key,
+    unit_scales,
+)
 from legonet.target import DEFAULT_MENU, Choice, compress_to_ratio
 
 
@@ -32,7 +39,9 @@ def datafree_compress(
     for the clustered weights, see :mod:`legonet.datafree.fold_norms`), per-tensor settings chosen to
     meet ``target_ratio`` (:func:`legonet.target.compress_to_ratio`), then the mean shift each
     clustered layer causes cancelled from the stored BatchNorm parameters
-    (:mod:`legonet.datafree.bias_correction`) and the corrected statistics folded again.
+    (:mod:`legonet.datafree.bias_correction`), the corrected statistics folded again, and each
+    BatchNorm's scale moved into the row gains of the layer before it (``fold_norms``; the budget is
+    planned for that file).
 
     Args:
         model: the architecture; its weights are used unless ``state_dict`` is given.
@@ -45,8 +54,14 @@ def datafree_compress(
     eps = batchnorm_eps(model) if fold_norms else {}
     sd = dict(original)
     fold_batchnorm_statistics(sd, eps)
-    cm, plan = compress_to_ratio(sd, target_ratio, config=config, menu=menu, progress=say)
+    pairs = scale_pairs(model, select_tensors(sd, config or LegoConfig())) if fold_norms else {}
+    cm, plan = compress_to_ratio(unit_scales(sd, pairs), target_ratio, config=config, menu=menu, progress=say)
+    for bn in pairs:  # planned without them (they end in the row gains), needed until then
+        key = state_key(bn, "weight")
+        cm.tensors[key] = sd[key].to(cm.tensors[key].dtype).clone()
     say("data-free bias correction")
     correct_compressed(cm, model, original)  # moments from the trained statistics, shifts added to cm's
     fold_batchnorm_statistics(cm.tensors, eps)
+    if pairs:
+        say(f"BatchNorm scales moved into the row gains of {len(fold_planned_scales(cm, pairs))} layers")
     return cm, plan

@@ -51,10 +51,12 @@ def test_calibrated_pipeline_runs_and_updates_bn(tmp_path):
     menu = (((4, 4), 16), ((2, 2), 16), ((1, 2), 64))
     kept, _ = calibrated_compress_to_ratio(copy.deepcopy(m), 8.0, calib, menu=menu, fold_norms=False, refine=None)
     assert not torch.equal(kept.tensors["4.running_mean"].float(), before)
-    # folded (the default): the re-estimated statistics live in the affine parameters
+    # folded (the default): the re-estimated statistics live in the bias and, for the scale, in the
+    # row gains of the convolution before
     cm, plan = calibrated_compress_to_ratio(m, 8.0, calib, menu=menu)
     assert not cm.tensors["4.running_mean"].any()
-    assert not torch.equal(cm.tensors["4.weight"].float(), torch.ones(32))
+    assert torch.equal(cm.tensors["4.weight"].float(), torch.ones(32))
+    assert not torch.equal(cm.tensors["4.bias"].float(), kept.tensors["4.bias"].float())
     assert set(plan) == set(cm.clustered)
     fp32 = sum(4 * t.numel() if t.is_floating_point() else t.numel() * t.element_size() for t in m.state_dict().values())
     assert fp32 / cm.save(tmp_path / "c.lego") >= 8.0

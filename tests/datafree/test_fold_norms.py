@@ -4,7 +4,16 @@ from torch import nn
 
 from legonet.calibrate.pipeline import calibrated_compress
 from legonet.calibrate.refine import RefineConfig
+from legonet.compress import compress
+from legonet.config import LegoConfig
 from legonet.datafree import batchnorm_eps, fold_batchnorm_statistics
+from legonet.datafree.fold_norms import (
+    fold_norm_scales_into_gains,
+    fold_planned_scales,
+    norms_after_layers,
+    unit_scales,
+)
+from legonet.errors import ConfigError
 from legonet.datafree.pipeline import datafree_compress
 from legonet.format import serialize
 from legonet.io.checkpoints import read_state_dict
@@ -89,3 +98,95 @@ def test_calibrated_pipeline_gives_the_outputs_of_the_unfolded_pipeline():
         calibrated_compress(model, 4.0, calib, menu=(((2, 2), 16),), refine=None, fold_norms=fold)
         outs.append(model(x))
     torch.testing.assert_close(outs[1], outs[0], rtol=2e-3, atol=2e-3)
+
+
+class _Fork(nn.Module):
+    """A convolution whose output feeds a BatchNorm and a second branch: its scale cannot move."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn_a = nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8)
+        self.b, self.bn_b = nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.bn_b(self.b(self.bn_a(y))) + y
+
+
+class _Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn(self.c(x)) if float(x.sum()) > 0 else x  # data-dependent control flow
+
+
+def test_pairs_are_norms_fed_by_one_layer_only():
+    assert norms_after_layers(_net()) == {"1": "0", "4": "3"}
+    assert norms_after_layers(_Fork()) == {"bn_b": "b"}  # ``a`` also feeds the addition
+    assert norms_after_layers(_Untraceable()) == {}
+    assert norms_after_layers(build("resnet20"))["layer1.0.bn1"] == "layer1.0.conv1"
+
+
+def _folded_compressed(model):
+    sd = dict(model.state_dict())
+    fold_batchnorm_statistics(sd, batchnorm_eps(model))
+    cm = compress(sd, LegoConfig(scope="layer", block=(2, 2), clusters=16, scales="row", codebook_dtype="float16",
+                                 include=("0.weight", "3.weight")))
+    return cm
+
+
+def test_folding_scales_into_gains_keeps_the_outputs_and_stores_unit_scales():
+    model = _net()
+    with torch.no_grad():
+        model[4].weight[:3] *= -1  # negative scales move as negative gains
+    cm = _folded_compressed(model)
+    x = torch.randn(8, 3, 8, 8)
+    before = _net()
+    cm.load_into(before)
+    ref = before(x)
+    gains = cm.tensors["3.weight"].scale.clone()
+    assert fold_norm_scales_into_gains(cm, {"1": "0", "4": "3"}) == ["1", "4"]
+    for bn in ("1", "4"):
+        assert torch.equal(cm.tensors[f"{bn}.weight"], torch.ones(16))
+    assert bool((cm.tensors["3.weight"].scale[:3] < 0).all()) and bool((gains > 0).all())
+    after = _net()
+    cm.load_into(after)
+    torch.testing.assert_close(after(x), ref, rtol=2e-3, atol=2e-3)  # float16 rounding of the products
+    # the unit scales are written as fills: the file shrinks by 2 bytes per channel, less the fill entries
+    assert sum(e[3] == "fill" for e in _entries(cm)) == 6
+
+
+def test_pairs_that_cannot_fold_are_left_and_reported():
+    model = _net()
+    cm = _folded_compressed(model)
+    cm.tensors["4.running_mean"] = torch.full((16,), 0.1)  # not in inference form
+    cm.tensors["1.weight"] = cm.tensors["1.weight"].clone()
+    assert fold_norm_scales_into_gains(cm, {"1": "0", "4": "3"}) == ["1"]
+    assert not torch.equal(cm.tensors["4.weight"], torch.ones(16))
+    with pytest.raises(ConfigError, match="BatchNorm '4'.*'3'"):
+        fold_planned_scales(cm, {"4": "3"})
+    plain = compress(dict(model.state_dict()), LegoConfig(block=2, clusters=16, include=("0.weight",)))
+    assert fold_norm_scales_into_gains(plain, {"1": "0"}) == []  # no row gains to carry the scale
+    big = _folded_compressed(model)
+    big.tensors["1.weight"] = torch.full((16,), 1e30)
+    assert fold_norm_scales_into_gains(big, {"1": "0"}) == []  # beyond float16
+
+
+def test_unit_scales_is_a_planning_copy():
+    sd = dict(_net().state_dict())
+    planned = unit_scales(sd, {"1": "0"})
+    assert torch.equal(planned["1.weight"], torch.ones(16)) and not torch.equal(sd["1.weight"], torch.ones(16))
+    assert planned["4.weight"] is sd["4.weight"]
+
+
+def test_pipelines_store_every_batchnorm_scale_in_the_gains(resnet20_path):
+    model = build("resnet20")
+    sd = read_state_dict(resnet20_path)
+    cm, _ = datafree_compress(model, 8.0, sd)
+    assert cm.report().ratio >= 8.0
+    norms = [k for k in sd if k.endswith("bn1.weight") or k.endswith("bn2.weight")]
+    assert norms and all(torch.equal(cm.tensors[k].float(), torch.ones_like(cm.tensors[k].float())) for k in norms)
+    fills = {e[0] for e in _entries(cm) if e[3] == "fill"}
+    assert set(norms) <= fills
