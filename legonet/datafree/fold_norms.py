@@ -15,7 +15,8 @@ negative (a negative BatchNorm scale).
 
 What changes: training-mode behaviour. A decompressed model's running statistics are no longer the
 trained ones (0 and ``1 - eps``), which matters only if it is fine-tuned with BatchNorm in train mode;
-``weight`` then starts at ``s`` instead of the trained scale.
+``weight`` then starts at ``s`` instead of the trained scale (at 1 after the second step, with ``s``
+in the preceding layer's weights).
 """
 
 from __future__ import annotations
