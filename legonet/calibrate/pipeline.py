@@ -31,6 +31,7 @@ from legonet.datafree.fold_norms import (
     batchnorm_eps,
     fold_batchnorm_statistics,
     fold_planned_scales,
+    restore_scales,
     scale_pairs,
     state_key,
     unit_scales,
@@ -115,9 +116,7 @@ def calibrated_compress(
     # planned with the BatchNorm scales the file will not store (they end in the row gains) ...
     cm, plan = compress_to_ratio(unit_scales(sd, pairs), target_ratio, config=cfg, element_weights=moments,
                                  covariances=ranked, menu=menu, progress=say, reserve=reserve)
-    for bn in pairs:  # ... which are needed until then
-        key = state_key(bn, "weight")
-        cm.tensors[key] = sd[key].to(cm.tensors[key].dtype).clone()
+    restore_scales(cm, sd, pairs)  # ... which are needed until then
     fit_result = None
     if layer_fit is not None:
         fit_result = fit_layer_outputs(cm, original, covs, layer_fit, progress=say)

@@ -150,6 +150,15 @@ def unit_scales(tensors: Mapping[str, object], pairs: Mapping[str, str]) -> dict
     return out
 
 
+def restore_scales(cm, tensors: Mapping[str, torch.Tensor], pairs: Mapping[str, str]) -> None:
+    """Put the BatchNorm scales of ``pairs`` back into ``cm`` from ``tensors`` after a budget was
+    planned without them (:func:`unit_scales`): the network needs them until
+    :func:`fold_planned_scales` moves them into the row gains."""
+    for bn in pairs:
+        key = state_key(bn, "weight")
+        cm.tensors[key] = tensors[key].to(cm.tensors[key].dtype).clone()
+
+
 def scale_pairs(model: nn.Module, clustered: list[str]) -> dict[str, str]:
     """:func:`norms_after_layers` restricted to layers whose weight is among ``clustered``."""
     chosen = set(clustered)
@@ -164,7 +173,7 @@ def fold_planned_scales(cm, pairs: Mapping[str, str]) -> list[str]:
         ConfigError: naming the first BatchNorm that could not be folded.
     """
     done = fold_norm_scales_into_gains(cm, pairs)
-    missed = [bn for bn in pairs if bn not in set(done)]
+    missed = [bn for bn in pairs if bn not in done]
     if missed:
         raise ConfigError(f"the scale of BatchNorm {missed[0]!r} could not move into the row gains of "
                           f"{pairs[missed[0]]!r} (not clustered with gains, not in inference form, or beyond "

@@ -16,8 +16,8 @@ from legonet.datafree.fold_norms import (
     batchnorm_eps,
     fold_batchnorm_statistics,
     fold_planned_scales,
+    restore_scales,
     scale_pairs,
-    state_key,
     unit_scales,
 )
 from legonet.target import DEFAULT_MENU, Choice, compress_to_ratio
@@ -56,9 +56,7 @@ def datafree_compress(
     fold_batchnorm_statistics(sd, eps)
     pairs = scale_pairs(model, select_tensors(sd, config or LegoConfig())) if fold_norms else {}
     cm, plan = compress_to_ratio(unit_scales(sd, pairs), target_ratio, config=config, menu=menu, progress=say)
-    for bn in pairs:  # planned without them (they end in the row gains), needed until then
-        key = state_key(bn, "weight")
-        cm.tensors[key] = sd[key].to(cm.tensors[key].dtype).clone()
+    restore_scales(cm, sd, pairs)  # planned without them (they end in the row gains), needed until then
     say("data-free bias correction")
     correct_compressed(cm, model, original)  # moments from the trained statistics, shifts added to cm's
     fold_batchnorm_statistics(cm.tensors, eps)
