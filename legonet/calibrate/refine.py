@@ -239,8 +239,8 @@ def refine_codebooks(
             for g, lr in zip(opt.param_groups, base_lrs):
                 g["lr"] = lr * f
             opt.step()
-            for g in gains.values():  # gains stay positive and storable
-                g.data.clamp_(min=torch.finfo(torch.float16).tiny)
+            for g in gains.values():
+                g.data.copy_(_storable_magnitude(g.data))
             last = float(loss.detach())
             if step == 0:
                 first = last
@@ -309,6 +309,15 @@ def _fast_layout(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
 
 
+def _storable_magnitude(gains: torch.Tensor) -> torch.Tensor:
+    """``gains`` with each magnitude at least float16's smallest normal number, signs kept (0 counts as
+    positive). Gains are negative where a negative BatchNorm scale was folded into them
+    (:func:`legonet.datafree.fold_norms.fold_norm_scales_into_gains`): clamping them to be positive
+    would flip those channels."""
+    sign = torch.where(gains < 0, -1.0, 1.0).to(gains.dtype)
+    return sign * gains.abs().clamp(min=torch.finfo(torch.float16).tiny)
+
+
 def _rms(t: torch.Tensor) -> float:
     r = float(t.detach().pow(2).mean().sqrt())
     return r if r > 0 else 1.0
@@ -334,7 +343,7 @@ def _write_back(cm: CompressedModel, codebooks, gains, norm_params, original: di
         cm.codebooks[i] = cb.detach().to(store).float()
     for name, g in gains.items():
         ct = cm.tensors[name]
-        ct.scale = g.detach().clamp(min=torch.finfo(torch.float16).tiny).to(torch.float16).float()
+        ct.scale = _storable_magnitude(g.detach()).to(torch.float16).float()
     for name, p in norm_params.items():
         old = cm.tensors[name]
         cm.tensors[name] = p.detach().to(old.dtype).clone()

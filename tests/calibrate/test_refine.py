@@ -58,6 +58,30 @@ def test_refinement_is_deterministic():
     assert runs[0] == runs[1]
 
 
+def test_negative_gains_keep_their_sign():
+    # A folded negative BatchNorm scale makes a negative row gain; refining such a model must keep
+    # the sign (clamping the gain positive would silence or flip those channels).
+    model = _net()
+    calib, held_out = torch.randn(128, 3, 8, 8), torch.randn(64, 3, 8, 8)
+    cm, _ = compress_to_ratio(model, 12.0, menu=MENU)
+    flipped = torch.arange(32) % 2 == 0
+    sign = torch.where(flipped, -1.0, 1.0)
+    # the same function: channels of the first convolution negated, and the BatchNorm's running mean
+    # and scale with them, in the teacher and in the compressed model alike
+    state = model.state_dict()
+    state["0.weight"] = state["0.weight"] * sign[:, None, None, None]
+    cm.tensors["0.weight"].scale = cm.tensors["0.weight"].scale * sign
+    for key in ("1.weight", "1.running_mean"):
+        state[key] = state[key] * sign
+        cm.tensors[key] = cm.tensors[key] * sign.to(cm.tensors[key].dtype)
+    model.load_state_dict(state)
+    before = _kl(model, cm, held_out)
+    refine_codebooks(model, cm, calib, RefineConfig(epochs=4, batch_size=32, lr=1e-2))
+    gains = cm.tensors["0.weight"].scale
+    assert bool((gains[flipped] < 0).all()) and bool((gains[~flipped] > 0).all())
+    assert _kl(model, cm, held_out) < 0.7 * before
+
+
 def test_norm_parameters_are_tuned_only_when_asked():
     model = _net()
     calib = torch.randn(64, 3, 8, 8)
