@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from legonet.artifact import CompressedModel
+from legonet.artifact import CompressedModel, constant_fill
 from legonet.compress import sqnr_db
 from legonet.errors import ConfigError
 from legonet.ops.quant import dequantize
@@ -324,14 +324,19 @@ def _rms(t: torch.Tensor) -> float:
 
 
 def _norm_parameters(student: nn.Module, cm: CompressedModel) -> dict[str, nn.Parameter]:
-    """``{state-dict name: parameter}`` of the affine weights/biases of normalisation layers kept dense."""
+    """``{state-dict name: parameter}`` of the affine weights/biases of normalisation layers kept dense.
+
+    A parameter whose stored tensor is one constant (a "fill", e.g. a BatchNorm scale moved into the
+    row gains) is left out: tuned, it would be stored element by element and the file would grow.
+    """
     out = {}
     for mod_name, mod in student.named_modules():
         if not isinstance(mod, _NORMS):
             continue
         for pname, p in mod.named_parameters(recurse=False):
             full = f"{mod_name}.{pname}" if mod_name else pname
-            if isinstance(cm.tensors.get(full), torch.Tensor):
+            stored = cm.tensors.get(full)
+            if isinstance(stored, torch.Tensor) and constant_fill(stored) is None:
                 out[full] = p
     return out
 

@@ -6,6 +6,7 @@ from torch import nn
 from legonet.calibrate.pipeline import calibrated_compress
 from legonet.calibrate.refine import RefineConfig, feature_loss, lr_factor, refine_codebooks
 from legonet.config import LegoConfig
+from legonet.datafree.pipeline import datafree_compress
 from legonet.errors import ConfigError
 from legonet.target import compress_to_ratio
 from tests.nets import conv_bn_net
@@ -58,27 +59,25 @@ def test_refinement_is_deterministic():
     assert runs[0] == runs[1]
 
 
-def test_negative_gains_keep_their_sign():
-    # A folded negative BatchNorm scale makes a negative row gain; refining such a model must keep
-    # the sign (clamping the gain positive would silence or flip those channels).
+def test_refining_a_file_with_the_norm_scales_in_its_gains(tmp_path):
+    # data-free target mode moves every BatchNorm scale into the row gains (a negative scale makes a
+    # negative gain) and stores the scales as the constant 1; refining such a model must keep the
+    # signs (clamping the gains positive flips channels) and the constants (tuned, they would be
+    # stored element by element: the file would grow)
     model = _net()
-    calib, held_out = torch.randn(128, 3, 8, 8), torch.randn(64, 3, 8, 8)
-    cm, _ = compress_to_ratio(model, 12.0, menu=MENU)
-    flipped = torch.arange(32) % 2 == 0
-    sign = torch.where(flipped, -1.0, 1.0)
-    # the same function: channels of the first convolution negated, and the BatchNorm's running mean
-    # and scale with them, in the teacher and in the compressed model alike
     state = model.state_dict()
-    state["0.weight"] = state["0.weight"] * sign[:, None, None, None]
-    cm.tensors["0.weight"].scale = cm.tensors["0.weight"].scale * sign
-    for key in ("1.weight", "1.running_mean"):
-        state[key] = state[key] * sign
-        cm.tensors[key] = cm.tensors[key] * sign.to(cm.tensors[key].dtype)
+    state["1.weight"] = state["1.weight"] * torch.where(torch.arange(32) % 2 == 0, -1.0, 1.0)
     model.load_state_dict(state)
-    before = _kl(model, cm, held_out)
+    calib, held_out = torch.randn(128, 3, 8, 8), torch.randn(64, 3, 8, 8)
+    cm, _ = datafree_compress(model, 12.0, menu=MENU)
+    negative = cm.tensors["0.weight"].scale < 0
+    assert int(negative.sum()) == 16 and bool((cm.tensors["1.weight"] == 1).all())
+    size, before = cm.save(tmp_path / "before.lego"), _kl(model, cm, held_out)
+    bias = cm.tensors["1.bias"].clone()
     refine_codebooks(model, cm, calib, RefineConfig(epochs=4, batch_size=32, lr=1e-2))
-    gains = cm.tensors["0.weight"].scale
-    assert bool((gains[flipped] < 0).all()) and bool((gains[~flipped] > 0).all())
+    assert torch.equal(cm.tensors["0.weight"].scale < 0, negative)
+    assert bool((cm.tensors["1.weight"] == 1).all()) and not torch.equal(cm.tensors["1.bias"], bias)
+    assert abs(cm.save(tmp_path / "after.lego") - size) <= 8 * len(cm.clustered)
     assert _kl(model, cm, held_out) < 0.7 * before
 
 
