@@ -133,3 +133,36 @@ def test_gain_fitted_errors_are_scale_free_and_bounded():
     w2[:, 0] = 0.0
     assert torch.allclose(gain_fitted_errors(w2, ortho, h), torch.ones(5))
     assert torch.equal(gain_fitted_errors(torch.zeros(5, 8), w, h), torch.zeros(5))
+
+
+def test_kernel_aligned_settings_are_offered_to_spatial_convolutions_only():
+    from legonet.target import DEFAULT_MENU, KERNEL_MENU, menu_for
+
+    conv = menu_for((64, 32, 3, 3))
+    assert conv[: len(DEFAULT_MENU)] == list(DEFAULT_MENU)
+    assert conv[len(DEFAULT_MENU):] == [((r, n * 9), k) for (r, n), k in KERNEL_MENU]
+    assert menu_for((64, 32, 1, 1)) == list(DEFAULT_MENU)  # a 1x1 kernel: nothing to align to
+    assert menu_for((64, 32)) == list(DEFAULT_MENU)
+    assert menu_for((64, 32, 3, 3), kernel_menu=()) == list(DEFAULT_MENU)
+    # a kernel of 2 makes (1, 2) blocks, already on the menu: offered once
+    both = menu_for((8, 4, 1, 2), menu=(((1, 2), 64),), kernel_menu=(((1, 1), 64), ((1, 1), 8)))
+    assert both == [((1, 2), 64), ((1, 2), 8)]
+
+
+def test_kernel_aligned_blocks_win_where_kernels_repeat_a_few_patterns():
+    from legonet.target import evaluate_menu
+
+    # every 3x3 kernel is one of 8 patterns or its negative: a few whole-kernel centroids almost
+    # suffice (the row gains scale the patterns a little differently per row), while square blocks
+    # straddle kernels and see many more combinations
+    g = torch.Generator().manual_seed(0)
+    patterns = torch.randn(8, 9, generator=g)
+    pick = torch.randint(0, 8, (64 * 32,), generator=g)
+    sign = torch.where(torch.rand(64 * 32, generator=g) < 0.5, -1.0, 1.0)
+    w = (patterns[pick] * sign[:, None]).reshape(64, 32, 3, 3)
+    menu = (((1, 9), 16), ((4, 4), 256))
+    aligned, square = evaluate_menu(w, menu, scale_stats=("rms",))
+    assert aligned.nbytes < square.nbytes / 5 and aligned.distortion < square.distortion / 5
+    cm, plan = compress_to_ratio({"w": w}, 16.0, menu=(((4, 4), 16), ((4, 4), 256)))
+    assert plan["w"].block == (1, 9)
+    assert float((cm.reconstruct("w") - w).pow(2).sum() / w.pow(2).sum()) < 0.01

@@ -38,7 +38,7 @@ from legonet.datafree.fold_norms import (
 )
 from legonet.errors import ConfigError
 from legonet.report import fp32_bytes
-from legonet.target import DEFAULT_MENU, Choice, compress_to_ratio
+from legonet.target import DEFAULT_MENU, KERNEL_MENU, Choice, compress_to_ratio
 
 # characters of the longest SQNR field ("-123.456") the file may hold
 _SQNR_CHARS = 8
@@ -78,6 +78,7 @@ def calibrated_compress(
     batch_size: int = 64,
     fold_norms: bool = True,
     menu=DEFAULT_MENU,
+    kernel_menu=KERNEL_MENU,
     progress: Callable[[str], None] | None = None,
     on_refine_step: Callable[[int, int, float], None] | None = None,
 ) -> tuple[CompressedModel, dict[str, Choice], CalibratedResult]:
@@ -115,7 +116,8 @@ def calibrated_compress(
     ranked = covs if layer_fit is not None and layer_fit.output_allocation else None
     # planned with the BatchNorm scales the file will not store (they end in the row gains) ...
     cm, plan = compress_to_ratio(unit_scales(sd, pairs), target_ratio, config=cfg, element_weights=moments,
-                                 covariances=ranked, menu=menu, progress=say, reserve=reserve)
+                                 covariances=ranked, menu=menu, kernel_menu=kernel_menu, progress=say,
+                                 reserve=reserve)
     restore_scales(cm, sd, pairs)  # ... which are needed until then
     fit_result = None
     if layer_fit is not None:

@@ -20,7 +20,7 @@ from legonet.datafree.fold_norms import (
     scale_pairs,
     unit_scales,
 )
-from legonet.target import DEFAULT_MENU, Choice, compress_to_ratio
+from legonet.target import DEFAULT_MENU, KERNEL_MENU, Choice, compress_to_ratio
 
 
 def datafree_compress(
@@ -31,6 +31,7 @@ def datafree_compress(
     config: LegoConfig | None = None,
     fold_norms: bool = True,
     menu=DEFAULT_MENU,
+    kernel_menu=KERNEL_MENU,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[CompressedModel, dict[str, Choice]]:
     """Target mode + data-free repairs that need the architecture (no images).
@@ -55,7 +56,8 @@ def datafree_compress(
     sd = dict(original)
     fold_batchnorm_statistics(sd, eps)
     pairs = scale_pairs(model, select_tensors(sd, config or LegoConfig())) if fold_norms else {}
-    cm, plan = compress_to_ratio(unit_scales(sd, pairs), target_ratio, config=config, menu=menu, progress=say)
+    cm, plan = compress_to_ratio(unit_scales(sd, pairs), target_ratio, config=config, menu=menu,
+                                 kernel_menu=kernel_menu, progress=say)
     restore_scales(cm, sd, pairs)  # planned without them (they end in the row gains), needed until then
     say("data-free bias correction")
     correct_compressed(cm, model, original)  # moments from the trained statistics, shifts added to cm's
