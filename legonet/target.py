@@ -1,7 +1,8 @@
 """Target mode: choose a codebook setting per tensor so that the .lego file meets a compression ratio.
 
 Every clustered tensor gets its own codebook (float16) with per-row float16 gains; its block shape,
-K and gain statistic (RMS or largest magnitude of each row) come from a menu. For each tensor and
+K and gain statistic (RMS or largest magnitude of each row) come from a menu (convolutions with a
+spatial kernel are also offered blocks of whole kernels, :data:`KERNEL_MENU`). For each tensor and
 menu entry the distortion is estimated by k-means on a sample of the tensor's blocks; a Lagrangian
 search then picks, for every tensor, the entry minimising ``distortion + lambda * bytes`` with the
 smallest ``lambda`` whose total fits the byte budget.

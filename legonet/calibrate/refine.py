@@ -11,8 +11,9 @@ Where the compressed features are too far off to be matched (further from the or
 zeros are), ``feature_gate`` switches that term off until they come closer.
 
 What is tuned, and nothing else: the codebooks (float32 during tuning, rounded to their storage
-dtype at the end), the per-row gains of gain-shape clustering, and the affine parameters (weight,
-bias) of the normalisation layers. Indices, every other weight, biases of Conv/Linear layers and
+dtype at the end), the per-row gains of gain-shape clustering (signs kept: a BatchNorm scale moved
+into a gain may make it negative), and the affine parameters (weight, bias) of the normalisation
+layers stored densely. Indices, every other weight, biases of Conv/Linear layers and
 the BatchNorm running statistics stay as they are. The file size does not change.
 """
 
@@ -69,7 +70,9 @@ class RefineConfig:
             KL 0.137 -> 0.075), at 128x it starts above 1.5 and a fixed weight of 10 drowned the
             logits (63.6 % with weight 0, 28.9 % with 10).
         flip: also show horizontally flipped images (inputs ``(N, C, H, W)`` only).
-        tune_norms: also tune the affine parameters of normalisation layers.
+        tune_norms: also tune the affine parameters of normalisation layers (except those stored as
+            one constant, e.g. BatchNorm scales already moved into the row gains: tuned, they
+            would be stored element by element).
         seed: order of the batches and flips.
     """
 
