@@ -33,7 +33,7 @@ from torch.func import functional_call
 from legonet.artifact import CompressedModel, constant_fill
 from legonet.compress import sqnr_db
 from legonet.errors import ConfigError
-from legonet.ops.quant import dequantize
+from legonet.ops.quant import dequantize, storable_gains
 
 LOSSES = ("kl", "mse")
 SCHEDULES = ("cosine", "constant")
@@ -243,7 +243,7 @@ def refine_codebooks(
                 g["lr"] = lr * f
             opt.step()
             for g in gains.values():
-                g.data.copy_(_storable_magnitude(g.data))
+                g.data.copy_(_off_zero(g.data))
             last = float(loss.detach())
             if step == 0:
                 first = last
@@ -312,9 +312,10 @@ def _fast_layout(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
 
 
-def _storable_magnitude(gains: torch.Tensor) -> torch.Tensor:
+def _off_zero(gains: torch.Tensor) -> torch.Tensor:
     """``gains`` with each magnitude at least float16's smallest normal number, signs kept (0 counts as
-    positive). Gains are negative where a negative BatchNorm scale was folded into them
+    positive), not rounded (that happens once, in :func:`_write_back`). Gains are negative where a
+    negative BatchNorm scale was folded into them
     (:func:`legonet.datafree.fold_norms.fold_norm_scales_into_gains`): clamping them to be positive
     would flip those channels."""
     sign = torch.where(gains < 0, -1.0, 1.0).to(gains.dtype)
@@ -351,7 +352,7 @@ def _write_back(cm: CompressedModel, codebooks, gains, norm_params, original: di
         cm.codebooks[i] = cb.detach().to(store).float()
     for name, g in gains.items():
         ct = cm.tensors[name]
-        ct.scale = _storable_magnitude(g.detach()).to(torch.float16).float()
+        ct.scale = storable_gains(g.detach(), keep_sign=True)
     for name, p in norm_params.items():
         old = cm.tensors[name]
         cm.tensors[name] = p.detach().to(old.dtype).clone()

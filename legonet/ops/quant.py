@@ -31,10 +31,14 @@ def choose_row_scales(weight: torch.Tensor, dtype: torch.dtype = torch.float16, 
     return storable_gains(torch.where(g > 0, g, torch.ones_like(g)), dtype)
 
 
-def storable_gains(gains: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """``gains`` rounded to ``dtype`` (returned as float32), kept positive and finite."""
-    # keep the rounded value positive and finite in the storage dtype
+def storable_gains(gains: torch.Tensor, dtype: torch.dtype = torch.float16, *, keep_sign: bool = False) -> torch.Tensor:
+    """``gains`` rounded to ``dtype`` (returned as float32), finite, and positive, or with
+    ``keep_sign`` of the same sign (0 counts as positive) and nonzero magnitude: a BatchNorm scale
+    moved into the gains may make them negative (:mod:`legonet.datafree.fold_norms`)."""
+    # keep the rounded value nonzero and finite in the storage dtype
     info = torch.finfo(dtype)
+    if keep_sign:
+        return torch.where(gains < 0, -1.0, 1.0) * gains.abs().clamp(info.tiny, info.max).to(dtype).float()
     return gains.clamp(info.tiny, info.max).to(dtype).float()
 
 

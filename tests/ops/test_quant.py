@@ -42,3 +42,15 @@ def test_unshrink_leaves_degenerate_rows_bounded():
     s = unshrink_scales(w, approx, torch.full((4,), 2.0), dtype=torch.float32)
     # a row pointing the wrong way keeps its gain; a factor above 2 is capped; zero and exact rows keep theirs
     assert s.tolist() == [2.0, 4.0, 2.0, 2.0]
+
+
+def test_storable_gains_round_and_keep_sign_when_asked():
+    from legonet.ops.quant import storable_gains
+
+    g = torch.tensor([-2.0, -1e-12, 0.0, 1e-12, 0.1, 1e9])
+    tiny, big = torch.finfo(torch.float16).tiny, torch.finfo(torch.float16).max
+    positive = storable_gains(g)
+    assert positive.tolist() == [tiny, tiny, tiny, tiny, torch.tensor(0.1).half().item(), big]
+    signed = storable_gains(g, keep_sign=True)
+    assert signed.tolist() == [-2.0, -tiny, tiny, tiny, torch.tensor(0.1).half().item(), big]
+    assert torch.equal(signed, signed.half().float())
