@@ -31,7 +31,9 @@ def choose_row_scales(weight: torch.Tensor, dtype: torch.dtype = torch.float16, 
     return storable_gains(torch.where(g > 0, g, torch.ones_like(g)), dtype)
 
 
-def storable_gains(gains: torch.Tensor, dtype: torch.dtype = torch.float16, *, keep_sign: bool = False) -> torch.Tensor:
+def storable_gains(
+    gains: torch.Tensor, dtype: torch.dtype = torch.float16, *, keep_sign: bool = False
+) -> torch.Tensor:
     """``gains`` rounded to ``dtype`` (returned as float32), finite, and positive, or with
     ``keep_sign`` of the same sign (0 counts as positive) and nonzero magnitude: a BatchNorm scale
     moved into the gains may make them negative (:mod:`legonet.datafree.fold_norms`)."""
