@@ -35,7 +35,7 @@ import torch
 
 from legonet.artifact import load_weights
 from legonet.calibrate.layer_fit import LayerFitConfig
-from legonet.calibrate.pipeline import calibrated_compress
+from legonet.calibrate.pipeline import NORM_STATISTICS, calibrated_compress
 from legonet.calibrate.refine import FEATURE_GATES, RefineConfig
 from legonet.data import load_images, to_input
 from legonet.datafree.pipeline import datafree_compress
@@ -92,6 +92,8 @@ def main() -> None:
                     help="calibrated modes without the layer-output fit (an ablation: the row's mode says so)")
     ap.add_argument("--no-reassign", action="store_true",
                     help="layer-output fit keeping the indices clustering chose (an ablation: the row's mode says so)")
+    ap.add_argument("--norm-statistics", choices=NORM_STATISTICS, default="relative",
+                    help="BatchNorm re-estimation of the calibrated modes (the row records it)")
     ap.add_argument("--no-baseline", action="store_true", help="reuse the baseline already in the results file")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
@@ -130,7 +132,8 @@ def main() -> None:
             options = {"layer_fit": None} if args.no_layer_fit else {}
             if args.no_reassign and not args.no_layer_fit:
                 options = {"layer_fit": LayerFitConfig(reassign=False)}
-            cm, plan, steps = calibrated_compress(model, ratio, x, refine=refine, **options)
+            cm, plan, steps = calibrated_compress(model, ratio, x, refine=refine,
+                                                  norm_statistics=args.norm_statistics, **options)
             refined, fitted = steps.refine, steps.layer_fit
         seconds = time.time() - t0
         rep = cm.report()
@@ -144,6 +147,7 @@ def main() -> None:
             "bits_per_weight": rep.bits_per_weight, "compress_seconds": round(seconds, 1),
             "settings": Counter(f"{c.block[0]}x{c.block[1]} K={c.clusters}" for c in plan.values()).most_common(),
             "top1": acc, "ci95": wilson_interval(acc, len(test)),
+            "norm_statistics": None if mode == "data-free" else args.norm_statistics,
             "refine": None if refined is None else {"steps": refined.steps, "seconds": round(refined.seconds, 1),
                                                     "first_loss": refined.first_loss, "last_loss": refined.last_loss,
                                                     "tuned_parameters": refined.tuned_parameters,

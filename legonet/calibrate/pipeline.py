@@ -45,6 +45,7 @@ _SQNR_CHARS = 8
 # refinement is on by default (a frozen config, safe to share)
 _DEFAULT_REFINE = RefineConfig()
 _DEFAULT_LAYER_FIT = LayerFitConfig()
+NORM_STATISTICS = ("relative", "replace")
 
 
 def _batches(images: torch.Tensor, batch_size: int):
@@ -77,6 +78,7 @@ def calibrated_compress(
     layer_fit: LayerFitConfig | None = _DEFAULT_LAYER_FIT,
     batch_size: int = 64,
     fold_norms: bool = True,
+    norm_statistics: str = "relative",
     menu=DEFAULT_MENU,
     kernel_menu=KERNEL_MENU,
     progress: Callable[[str], None] | None = None,
@@ -94,11 +96,17 @@ def calibrated_compress(
             ``None`` skips it.
         fold_norms: store BatchNorm layers in inference form (statistics folded into the affine
             parameters, :mod:`legonet.datafree.fold_norms`), so that their bytes go to the weights.
+        norm_statistics: how BatchNorm running statistics are re-estimated on ``calib``:
+            ``"relative"`` (default) moves the model's stored statistics by the change compression
+            makes to them on the calibration images; ``"replace"`` replaces them by the calibration
+            images' (see :func:`legonet.calibrate.bn.reestimate_batchnorm`).
         on_refine_step: optional ``(step, steps, loss)`` callback during refinement.
     Returns:
         The compressed model, the setting chosen per clustered tensor, and what the layer fit and
         refinement did (a :class:`CalibratedResult`).
     """
+    if norm_statistics not in NORM_STATISTICS:
+        raise ConfigError(f"norm_statistics must be one of {NORM_STATISTICS}, got {norm_statistics!r}")
     say = progress or (lambda _m: None)
     eps = batchnorm_eps(model) if fold_norms else {}
     original = as_state_dict(model)
@@ -130,7 +138,8 @@ def calibrated_compress(
     say(f"re-estimating BatchNorm statistics on {calib.shape[0]} calibration images")
     student = copy.deepcopy(model)  # ``model`` keeps the original weights: the teacher of refinement
     cm.load_into(student)
-    if reestimate_batchnorm(student, _batches(calib, batch_size)):
+    reference = model if norm_statistics == "relative" else None
+    if reestimate_batchnorm(student, lambda: _batches(calib, batch_size), reference=reference):
         new = student.state_dict()
         for name, t in list(cm.tensors.items()):
             if isinstance(t, torch.Tensor) and (name.endswith("running_mean") or name.endswith("running_var")):

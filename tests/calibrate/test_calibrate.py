@@ -1,11 +1,13 @@
 import copy
 
+import pytest
 import torch
 from torch import nn
 
 from legonet.calibrate.bn import reestimate_batchnorm
 from legonet.calibrate.pipeline import calibrated_compress_to_ratio
 from legonet.calibrate.stats import input_second_moments
+from legonet.errors import ConfigError
 
 
 def test_bn_reestimation_matches_the_data():
@@ -60,3 +62,56 @@ def test_calibrated_pipeline_runs_and_updates_bn(tmp_path):
     assert set(plan) == set(cm.clustered)
     fp32 = sum(4 * t.numel() if t.is_floating_point() else t.numel() * t.element_size() for t in m.state_dict().values())
     assert fp32 / cm.save(tmp_path / "c.lego") >= 8.0
+
+
+def _conv_bn(seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2))
+    for bn in (m[1], m[4]):  # statistics unlike any the calibration images give (as training's would be)
+        bn.running_mean.uniform_(-3, 3)
+        bn.running_var.uniform_(0.5, 4)
+    return m.eval()
+
+
+def test_relative_reestimation_keeps_an_unchanged_models_statistics():
+    original = _conv_bn(0)
+    student = copy.deepcopy(original)
+    x = torch.randn(64, 3, 5, 5)
+    reestimate_batchnorm(student, lambda: [x[:32], x[32:]], reference=original)
+    for s, o in ((student[1], original[1]), (student[4], original[4])):
+        torch.testing.assert_close(s.running_mean, o.running_mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(s.running_var, o.running_var, rtol=1e-4, atol=1e-5)
+    replaced = copy.deepcopy(original)
+    reestimate_batchnorm(replaced, [x[:32], x[32:]])
+    assert not torch.allclose(replaced[1].running_mean, original[1].running_mean, atol=1e-2)
+
+
+def test_relative_reestimation_follows_an_affine_change_of_a_layers_output():
+    original = _conv_bn(1)
+    student = copy.deepcopy(original)
+    with torch.no_grad():  # the first convolution's output becomes 2 y + 1 (per channel, exactly)
+        student[0].weight.mul_(2)
+        student[0].bias.mul_(2).add_(1)
+    x = torch.randn(64, 3, 5, 5) * 2 + 1
+    reestimate_batchnorm(student, lambda: [x[:32], x[32:]], reference=original)
+    torch.testing.assert_close(student[1].running_mean, 2 * original[1].running_mean + 1, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(student[1].running_var, 4 * original[1].running_var, rtol=1e-4, atol=1e-4)
+    # the second BatchNorm sees the same inputs as the original's (the first one undoes the change)
+    torch.testing.assert_close(student[4].running_mean, original[4].running_mean, rtol=1e-3, atol=1e-3)
+    assert not student.training and not original.training and student[1].momentum == 0.1
+
+
+def test_relative_reestimation_rejects_a_reference_of_another_shape_and_one_pass_batches():
+    original, student = _conv_bn(0), _conv_bn(0)
+    x = torch.randn(8, 3, 5, 5)
+    with pytest.raises(ConfigError, match="callable"):
+        reestimate_batchnorm(student, [x], reference=original)
+    other = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 3, 1), nn.BatchNorm2d(3))
+    with pytest.raises(ConfigError, match="'4'"):
+        reestimate_batchnorm(student, lambda: [x], reference=other)
+
+
+def test_calibrated_pipeline_rejects_an_unknown_norm_statistics_mode():
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8))
+    with pytest.raises(ConfigError, match="norm_statistics"):
+        calibrated_compress_to_ratio(m, 4.0, torch.randn(4, 3, 8, 8), norm_statistics="fresh")
