@@ -141,11 +141,15 @@ def main(debug: bool) -> None:  # noqa: ARG001
 @click.option("--refine-feature-weight", type=click.FloatRange(min=0), default=None,
               help="With --calib: weight of refinement's second term, the relative squared error of the "
                    "features entering the model's last Linear layer (0: logits only). [default: 10]")
+@click.option("--norm-statistics", type=click.Choice(["relative", "replace"]), default=None,
+              help="With --calib: how BatchNorm statistics are re-estimated on the calibration images: "
+                   "'relative' moves the model's stored statistics by the change compression makes to "
+                   "them; 'replace' replaces them by the calibration images' own. [default: relative]")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for k-means (default: PyTorch's; 1 is often faster on a busy machine).")
 def compress(src, output, block, clusters, scope, seed, include, exclude, codebook_dtype, per_tensor, quiet,
              allow_nonfinite, scales, scale_stat, unshrink, target_ratio, arch, calib, calib_images, refine_epochs,
-             refine_feature_weight, threads):
+             refine_feature_weight, norm_statistics, threads):
     """Compress the checkpoint SRC (.safetensors, *.index.json or .pt) into a .lego file."""
     if threads is not None:
         import torch
@@ -161,7 +165,8 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
                         allow_nonfinite=allow_nonfinite, scales=scales, scale_stat=scale_stat, unshrink=unshrink)
     if calib is not None and (target_ratio is None or arch is None):
         raise click.UsageError("--calib needs --target-ratio and --arch")
-    for flag, value in (("--refine-epochs", refine_epochs), ("--refine-feature-weight", refine_feature_weight)):
+    for flag, value in (("--refine-epochs", refine_epochs), ("--refine-feature-weight", refine_feature_weight),
+                        ("--norm-statistics", norm_statistics)):
         if value is not None and calib is None:
             raise click.UsageError(f"{flag} needs --calib")
     from legonet.io.atomic import check_writable
@@ -184,7 +189,7 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
         else:
             with _console().status("target mode", spinner="dots") if not quiet else _null() as status:
                 cm = _compress_to_ratio(sd, config, target_ratio, arch, calib, calib_images, seed,
-                                        (refine_epochs, refine_feature_weight),
+                                        (refine_epochs, refine_feature_weight), norm_statistics,
                                         status.update if status is not None else None)
         nbytes = cm.save(output)
     if not quiet:
@@ -200,7 +205,8 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
         click.echo(f"wrote {output}")
 
 
-def _compress_to_ratio(sd, config, target_ratio, arch, calib, calib_images, seed, refinement, progress):
+def _compress_to_ratio(sd, config, target_ratio, arch, calib, calib_images, seed, refinement, norm_statistics,
+                       progress):
     from legonet.target import compress_to_ratio
 
     if calib is None:
@@ -231,8 +237,9 @@ def _compress_to_ratio(sd, config, target_ratio, arch, calib, calib_images, seed
             progress(f"refining codebooks on {x.shape[0]} calibration images: step {step}/{steps}, "
                      f"distillation loss {loss:.4f}")
 
+    options = {} if norm_statistics is None else {"norm_statistics": norm_statistics}
     cm, _plan = calibrated_compress_to_ratio(model, target_ratio, x, config=config, refine=refine,
-                                             progress=progress, on_refine_step=on_step)
+                                             progress=progress, on_refine_step=on_step, **options)
     return cm
 
 

@@ -133,3 +133,20 @@ def test_refine_feature_weight_reaches_refinement_and_needs_calib(run, tmp_path,
     assert r.exit_code == 2 and "--refine-feature-weight needs --calib" in r.output
     r = run(*common, *calibrated, "--refine-feature-weight", "-1")
     assert r.exit_code == 2 and "-1" in r.output
+
+
+def test_norm_statistics_reach_the_pipeline_and_need_calib(run, tmp_path, resnet20_path, images_path):
+    out = tmp_path / "r20.lego"
+    common = ("compress", resnet20_path, "-o", out, "--target-ratio", "12")
+    calibrated = ("--arch", "resnet20", "--calib", images_path, "--calib-images", "32", "--refine-epochs", "0")
+    files = {}
+    for mode in ("relative", "replace", None):
+        r = run(*common, *calibrated, *(() if mode is None else ("--norm-statistics", mode)), "--quiet")
+        assert r.exit_code == 0, r.output
+        files[mode] = out.read_bytes()
+    assert files["relative"] != files["replace"]  # the folded BatchNorm biases differ
+    assert files[None] == files["relative"]  # the default
+    r = run(*common, "--norm-statistics", "replace")
+    assert r.exit_code == 2 and "--norm-statistics needs --calib" in r.output
+    r = run(*common, *calibrated, "--norm-statistics", "fresh")
+    assert r.exit_code == 2 and "fresh" in r.output

@@ -5,7 +5,8 @@ Calibration images (unlabeled) are used for (1) input second moments that weight
 error of every Conv2d/Linear weight, (2) full input second-moment matrices under which each layer's
 block indices are chosen again with error feedback and its codebook and row gains are fitted to
 the layer's outputs (:mod:`legonet.calibrate.layer_fit`),
-(3) re-estimating the running statistics of every BatchNorm layer of the compressed model and
+(3) re-estimating the running statistics of every BatchNorm layer of the compressed model (by
+default relative to the original model's: only the change compression makes is applied) and
 (4) tuning the codebooks, row gains and normalisation affine parameters so that the compressed
 model's outputs, and the features its last Linear layer receives, match the original's (indices fixed; see :mod:`legonet.calibrate.refine`). No other
 weight is trained and no label is used.
