@@ -35,8 +35,9 @@ import torch
 
 from legonet.artifact import load_weights
 from legonet.calibrate.layer_fit import LayerFitConfig
-from legonet.calibrate.pipeline import NORM_STATISTICS, calibrated_compress
+from legonet.calibrate.pipeline import calibrated_compress
 from legonet.calibrate.refine import FEATURE_GATES, RefineConfig
+from legonet.config import NORM_STATISTICS
 from legonet.data import load_images, to_input
 from legonet.datafree.pipeline import datafree_compress
 from legonet.evaluate import top1, wilson_interval

@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from legonet.artifact import load_weights
+from legonet.config import NORM_STATISTICS
 from legonet.errors import LegoError
 
 
@@ -141,7 +142,7 @@ def main(debug: bool) -> None:  # noqa: ARG001
 @click.option("--refine-feature-weight", type=click.FloatRange(min=0), default=None,
               help="With --calib: weight of refinement's second term, the relative squared error of the "
                    "features entering the model's last Linear layer (0: logits only). [default: 10]")
-@click.option("--norm-statistics", type=click.Choice(["relative", "replace"]), default=None,
+@click.option("--norm-statistics", type=click.Choice(NORM_STATISTICS), default=None,
               help="With --calib: how BatchNorm statistics are re-estimated on the calibration images: "
                    "'relative' moves the model's stored statistics by the change compression makes to "
                    "them; 'replace' replaces them by the calibration images' own. [default: relative]")

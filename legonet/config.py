@@ -15,6 +15,8 @@ from legonet.errors import ConfigError
 SCOPES = ("model", "layer")
 SCALES = ("none", "row")
 SCALE_STATS = ("rms", "absmax")
+# how the calibrated pipeline re-estimates BatchNorm statistics (legonet.calibrate.bn)
+NORM_STATISTICS = ("relative", "replace")
 KEPT_DTYPES = ("keep", "float16")
 INITS = ("k-means++", "random")
 CODEBOOK_DTYPES = ("float32", "float16")

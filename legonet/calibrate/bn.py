@@ -86,11 +86,11 @@ def reestimate_batchnorm(model: nn.Module, batches: Callable[[], Iterable[torch.
         if ref is None or ref.running_mean.shape != m.running_mean.shape:
             raise ConfigError(f"reestimate_batchnorm: the reference has no BatchNorm '{name}' of "
                              f"{tuple(m.running_mean.shape)} channels")
-    stored = {name: (ref_norms[name].running_mean.clone(), ref_norms[name].running_var.clone()) for name in norms}
     original = _measure(copy.deepcopy(reference), batches(), on_batch)  # the caller's model keeps its statistics
     compressed = _measure(model, batches(), on_batch)
     for name, m in norms.items():
-        (mean_o, var_o), (mean_c, var_c), (mean_r, var_r) = original[name], compressed[name], stored[name]
+        (mean_o, var_o), (mean_c, var_c) = original[name], compressed[name]
+        mean_r, var_r = ref_norms[name].running_mean, ref_norms[name].running_var
         # a channel the original never drives (var_o ~ 0) keeps the scale 1: its ratio is noise
         tiny = torch.finfo(var_o.dtype).eps * var_o.abs().max().clamp(min=1.0)
         a = torch.where(var_o > tiny, (var_c / var_o.clamp(min=tiny)).sqrt(), torch.ones_like(var_o))

@@ -27,7 +27,7 @@ from legonet.calibrate.layer_fit import LayerFitConfig, LayerFitResult, fit_laye
 from legonet.calibrate.refine import RefineConfig, RefineResult, feature_layer, refine_codebooks
 from legonet.calibrate.stats import input_statistics
 from legonet.compress import as_state_dict, select_tensors
-from legonet.config import LegoConfig
+from legonet.config import NORM_STATISTICS, LegoConfig
 from legonet.datafree.fold_norms import (
     batchnorm_eps,
     fold_batchnorm_statistics,
@@ -46,7 +46,6 @@ _SQNR_CHARS = 8
 # refinement is on by default (a frozen config, safe to share)
 _DEFAULT_REFINE = RefineConfig()
 _DEFAULT_LAYER_FIT = LayerFitConfig()
-NORM_STATISTICS = ("relative", "replace")
 
 
 def _batches(images: torch.Tensor, batch_size: int):
