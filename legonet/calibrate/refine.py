@@ -33,7 +33,7 @@ from torch.func import functional_call
 from legonet.artifact import CompressedModel, constant_fill
 from legonet.compress import sqnr_db
 from legonet.errors import ConfigError
-from legonet.ops.quant import dequantize, storable_gains
+from legonet.ops.quant import clamp_magnitude, dequantize, storable_gains
 
 LOSSES = ("kl", "mse")
 SCHEDULES = ("cosine", "constant")
@@ -243,7 +243,8 @@ def refine_codebooks(
                 g["lr"] = lr * f
             opt.step()
             for g in gains.values():
-                g.data.copy_(_off_zero(g.data))
+                # magnitudes kept off zero, not rounded: that happens once, in ``_write_back``
+                g.data.copy_(clamp_magnitude(g.data, torch.finfo(torch.float16).tiny))
             last = float(loss.detach())
             if step == 0:
                 first = last
@@ -310,16 +311,6 @@ def _fast_layout(x: torch.Tensor) -> torch.Tensor:
     oneDNN's convolutions run faster on it (ResNet-50 forward + backward on 64 images, CPU: 4.95 ->
     3.92 s); the values are the same."""
     return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
-
-
-def _off_zero(gains: torch.Tensor) -> torch.Tensor:
-    """``gains`` with each magnitude at least float16's smallest normal number, signs kept (0 counts as
-    positive), not rounded (that happens once, in :func:`_write_back`). Gains are negative where a
-    negative BatchNorm scale was folded into them
-    (:func:`legonet.datafree.fold_norms.fold_norm_scales_into_gains`): clamping them to be positive
-    would flip those channels."""
-    sign = torch.where(gains < 0, -1.0, 1.0).to(gains.dtype)
-    return sign * gains.abs().clamp(min=torch.finfo(torch.float16).tiny)
 
 
 def _rms(t: torch.Tensor) -> float:

@@ -6,6 +6,8 @@ codebook) is separate from mapping weights to indices and indices back to weight
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from legonet.ops.tiling import Tiling, tile, untile
@@ -31,6 +33,13 @@ def choose_row_scales(weight: torch.Tensor, dtype: torch.dtype = torch.float16, 
     return storable_gains(torch.where(g > 0, g, torch.ones_like(g)), dtype)
 
 
+def clamp_magnitude(gains: torch.Tensor, low: float, high: float = math.inf) -> torch.Tensor:
+    """``gains`` with each magnitude clamped to ``[low, high]`` and its sign kept (0 counts as
+    positive): a BatchNorm scale moved into the gains may make them negative
+    (:mod:`legonet.datafree.fold_norms`), and clamping their values would flip those channels."""
+    return torch.where(gains < 0, -1.0, 1.0).to(gains.dtype) * gains.abs().clamp(low, high)
+
+
 def storable_gains(
     gains: torch.Tensor, dtype: torch.dtype = torch.float16, *, keep_sign: bool = False
 ) -> torch.Tensor:
@@ -40,7 +49,7 @@ def storable_gains(
     # keep the rounded value nonzero and finite in the storage dtype
     info = torch.finfo(dtype)
     if keep_sign:
-        return torch.where(gains < 0, -1.0, 1.0) * gains.abs().clamp(info.tiny, info.max).to(dtype).float()
+        return clamp_magnitude(gains, info.tiny, info.max).to(dtype).float()
     return gains.clamp(info.tiny, info.max).to(dtype).float()
 
 

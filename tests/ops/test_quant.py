@@ -54,3 +54,12 @@ def test_storable_gains_round_and_keep_sign_when_asked():
     signed = storable_gains(g, keep_sign=True)
     assert signed.tolist() == [-2.0, -tiny, tiny, tiny, torch.tensor(0.1).half().item(), big]
     assert torch.equal(signed, signed.half().float())
+
+
+def test_clamp_magnitude_keeps_signs_and_does_not_round():
+    from legonet.ops.quant import clamp_magnitude
+
+    g = torch.tensor([-5.0, -1e-9, 0.0, 1e-9, 0.1, 5.0])
+    out = clamp_magnitude(g, 1e-3, 2.0)
+    assert out.tolist() == pytest.approx([-2.0, -1e-3, 1e-3, 1e-3, 0.1, 2.0], rel=1e-6)
+    assert out[4].item() == torch.tensor(0.1).item()  # float32 kept, not rounded to float16
