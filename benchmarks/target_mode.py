@@ -37,7 +37,7 @@ from legonet.artifact import load_weights
 from legonet.calibrate.layer_fit import LayerFitConfig
 from legonet.calibrate.pipeline import calibrated_compress
 from legonet.calibrate.refine import FEATURE_GATES, RefineConfig
-from legonet.config import NORM_STATISTICS
+from legonet.config import FEATURE_FALLBACKS, NORM_STATISTICS
 from legonet.data import load_images, to_input
 from legonet.datafree.pipeline import datafree_compress
 from legonet.evaluate import top1, wilson_interval
@@ -89,6 +89,9 @@ def main() -> None:
                     help="weight of refinement's feature term (default: RefineConfig's); the row records it")
     ap.add_argument("--feature-gate", choices=FEATURE_GATES, default=None,
                     help="gate of refinement's feature term (default: RefineConfig's); the row records it")
+    ap.add_argument("--feature-fallback", choices=FEATURE_FALLBACKS, default=None,
+                    help="what refinement's feature term does where its gate closes (default: RefineConfig's); "
+                         "the row records it and the steps that fell back")
     ap.add_argument("--no-layer-fit", action="store_true",
                     help="calibrated modes without the layer-output fit (an ablation: the row's mode says so)")
     ap.add_argument("--no-reassign", action="store_true",
@@ -128,7 +131,7 @@ def main() -> None:
             refine = None
             if mode == "calib+refine":
                 chosen = {"epochs": args.refine_epochs, "feature_weight": args.feature_weight,
-                          "feature_gate": args.feature_gate}
+                          "feature_gate": args.feature_gate, "feature_fallback": args.feature_fallback}
                 refine = RefineConfig(**{k: v for k, v in chosen.items() if v is not None})
             options = {"layer_fit": None} if args.no_layer_fit else {}
             if args.no_reassign and not args.no_layer_fit:
@@ -154,6 +157,8 @@ def main() -> None:
                                                     "tuned_parameters": refined.tuned_parameters,
                                                     "feature_weight": refine.feature_weight,
                                                     "feature_gate": refine.feature_gate,
+                                                    "feature_fallback": refine.feature_fallback,
+                                                    "fallback_steps": refined.fallback_steps,
                                                     "feature_layer": refined.feature_layer},
             "layer_fit": None if fitted is None else {
                 "tensors": fitted.fitted, "seconds": round(fitted.seconds, 1), "reassign": not args.no_reassign,

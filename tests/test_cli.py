@@ -6,6 +6,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
+from legonet.calibrate.refine import RefineConfig
 from legonet.cli import main
 
 
@@ -133,6 +134,32 @@ def test_refine_feature_weight_reaches_refinement_and_needs_calib(run, tmp_path,
     assert r.exit_code == 2 and "--refine-feature-weight needs --calib" in r.output
     r = run(*common, *calibrated, "--refine-feature-weight", "-1")
     assert r.exit_code == 2 and "-1" in r.output
+
+
+def test_refine_feature_fallback_reaches_refinement_and_needs_calib(run, tmp_path, resnet20_path, images_path,
+                                                                    monkeypatch):
+    import legonet.calibrate.pipeline as pipeline
+
+    seen = []
+    real = pipeline.refine_codebooks
+
+    def spy(model, cm, calib, config, **kw):
+        seen.append(config.feature_fallback)
+        return real(model, cm, calib, config, **kw)
+
+    monkeypatch.setattr(pipeline, "refine_codebooks", spy)
+    out = tmp_path / "r20.lego"
+    common = ("compress", resnet20_path, "-o", out, "--target-ratio", "12")
+    calibrated = ("--arch", "resnet20", "--calib", images_path, "--calib-images", "32", "--refine-epochs", "1")
+    for fallback in ("none", "cosine", None):
+        extra = () if fallback is None else ("--refine-feature-fallback", fallback)
+        r = run(*common, *calibrated, *extra, "--quiet")
+        assert r.exit_code == 0, r.output
+    assert seen == ["none", "cosine", RefineConfig().feature_fallback]
+    r = run(*common, "--refine-feature-fallback", "cosine")
+    assert r.exit_code == 2 and "--refine-feature-fallback needs --calib" in r.output
+    r = run(*common, *calibrated, "--refine-feature-fallback", "l2")
+    assert r.exit_code == 2 and "l2" in r.output
 
 
 def test_norm_statistics_reach_the_pipeline_and_need_calib(run, tmp_path, resnet20_path, images_path):

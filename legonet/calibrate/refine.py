@@ -8,7 +8,8 @@ original network's (knowledge distillation, teacher = the uncompressed model). W
 logits per image leave a hundred thousand tuned numbers free to fit the calibration images alone
 (ResNet-50 at 64x: KL 0.02 on them, 0.14 on held-out images); the features constrain them far more.
 Where the compressed features are too far off to be matched (further from the original's than
-zeros are), ``feature_gate`` switches that term off until they come closer.
+zeros are), ``feature_gate`` switches that term off, and ``feature_fallback`` matches their
+direction instead (cosine distance) until they come closer.
 
 What is tuned, and nothing else: the codebooks (float32 during tuning, rounded to their storage
 dtype at the end), the per-row gains of gain-shape clustering (signs kept: a BatchNorm scale moved
@@ -32,6 +33,7 @@ from torch.func import functional_call
 
 from legonet.artifact import CompressedModel, constant_fill
 from legonet.compress import sqnr_db
+from legonet.config import FEATURE_FALLBACKS
 from legonet.errors import ConfigError
 from legonet.ops.quant import clamp_magnitude, dequantize, storable_gains
 
@@ -69,6 +71,14 @@ class RefineConfig:
             starts at a relative feature error of about 0.6 and matching features helps (held-out
             KL 0.137 -> 0.075), at 128x it starts above 1.5 and a fixed weight of 10 drowned the
             logits (63.6 % with weight 0, 28.9 % with 10).
+        feature_fallback: what the term does at a step where the ``"explained"`` gate is closed
+            (relative error >= 1): ``"cosine"`` matches the features' direction,
+            ``weight * mean_i (1 - cos(f_s_i, f_t_i))`` over the images (bounded by 2 whatever
+            their scale, so it cannot drown the logits); ``"none"`` leaves the term off. Why: with
+            the term off the features can drift further away and the gate never opens again
+            (ResNet-50 at 128x, development run: 73.6 % with ``"none"``, 76.8 % with ``"cosine"``
+            on 2,000 test images). Has no effect with gate ``"none"`` or where the gate stays
+            open (the result counts the steps that fell back).
         flip: also show horizontally flipped images (inputs ``(N, C, H, W)`` only).
         tune_norms: also tune the affine parameters of normalisation layers (except those stored as
             one constant, e.g. BatchNorm scales already moved into the row gains: tuned, they
@@ -83,6 +93,7 @@ class RefineConfig:
     schedule: str = "constant"
     feature_weight: float = 10.0
     feature_gate: str = "explained"
+    feature_fallback: str = "cosine"
     flip: bool = True
     tune_norms: bool = True
     seed: int = 0
@@ -100,6 +111,9 @@ class RefineConfig:
             raise ConfigError(f"refine loss must be one of {LOSSES}, got {self.loss!r}")
         if self.feature_gate not in FEATURE_GATES:
             raise ConfigError(f"refine feature_gate must be one of {FEATURE_GATES}, got {self.feature_gate!r}")
+        if self.feature_fallback not in FEATURE_FALLBACKS:
+            raise ConfigError(f"refine feature_fallback must be one of {FEATURE_FALLBACKS}, "
+                              f"got {self.feature_fallback!r}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"refine schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 
@@ -107,7 +121,8 @@ class RefineConfig:
 @dataclass(frozen=True)
 class RefineResult:
     """What refinement did: steps taken, loss at the start and the end, wall time, parameters tuned,
-    and the layer whose input features were matched (None: logits only)."""
+    the layer whose input features were matched (None: logits only), and the steps at which the
+    feature term fell back to the cosine distance (its gate closed)."""
 
     steps: int
     first_loss: float
@@ -115,6 +130,7 @@ class RefineResult:
     seconds: float
     tuned_parameters: int
     feature_layer: str | None = None
+    fallback_steps: int = 0
 
 
 def lr_factor(step: int, steps: int, schedule: str) -> float:
@@ -125,12 +141,31 @@ def lr_factor(step: int, steps: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * step / steps))
 
 
-def feature_loss(student: torch.Tensor, teacher: torch.Tensor, weight: float, gate: str) -> torch.Tensor:
-    """``weight' * |s - t|^2 / |t|^2`` over the batch, with ``weight' = weight`` (gate ``"none"``) or
-    ``weight * max(0, 1 - |s - t|^2 / |t|^2)`` (gate ``"explained"``, the factor without gradient)."""
-    rel = (student - teacher).pow(2).sum() / teacher.pow(2).sum().clamp(min=torch.finfo(torch.float32).tiny)
+def relative_error(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``|s - t|^2 / |t|^2`` over the whole batch (a scalar tensor)."""
+    return (student - teacher).pow(2).sum() / teacher.pow(2).sum().clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def gate_closed(student: torch.Tensor, teacher: torch.Tensor, gate: str) -> bool:
+    """Whether the ``"explained"`` gate shuts the relative term: the features are no closer than zeros."""
+    return gate == "explained" and float(relative_error(student.detach(), teacher)) >= 1.0
+
+
+def feature_loss(student: torch.Tensor, teacher: torch.Tensor, weight: float, gate: str,
+                 fallback: str = "none") -> torch.Tensor:
+    """The feature term for ``(N, ...)`` student and teacher features.
+
+    ``weight' * |s - t|^2 / |t|^2`` over the batch, with ``weight' = weight`` (gate ``"none"``) or
+    ``weight * max(0, 1 - |s - t|^2 / |t|^2)`` (gate ``"explained"``, the factor without gradient).
+    Where that gate is closed (relative error >= 1) and ``fallback="cosine"``:
+    ``weight * mean_i (1 - cos(s_i, t_i))`` over the images ``i``, each flattened.
+    """
+    rel = relative_error(student, teacher)
     if gate == "explained":
-        weight = weight * float((1.0 - rel.detach()).clamp(min=0.0))
+        share = float((1.0 - rel.detach()).clamp(min=0.0))
+        if share == 0.0 and fallback == "cosine":
+            return weight * (1.0 - F.cosine_similarity(student.flatten(1), teacher.flatten(1), dim=1)).mean()
+        weight = weight * share
     return weight * rel
 
 
@@ -212,6 +247,7 @@ def refine_codebooks(
         order = torch.randperm(n, generator=gen)
         pos = 0
         first = last = float("nan")
+        fallbacks = 0
         t0 = time.perf_counter()
         for step in range(steps):
             if pos >= n:
@@ -233,7 +269,10 @@ def refine_codebooks(
             out = functional_call(student, weights(), (x,), strict=False)
             loss = _distill_loss(out, target, cfg.loss)
             if target_features is not None:
-                loss = loss + feature_loss(taps.student, target_features, cfg.feature_weight, cfg.feature_gate)
+                fallbacks += cfg.feature_fallback == "cosine" and gate_closed(taps.student, target_features,
+                                                                               cfg.feature_gate)
+                loss = loss + feature_loss(taps.student, target_features, cfg.feature_weight, cfg.feature_gate,
+                                           cfg.feature_fallback)
             if not torch.isfinite(loss):
                 raise ConfigError(f"refinement diverged at step {step + 1} (loss {float(loss)}); lower the lr")
             opt.zero_grad(set_to_none=True)
@@ -256,7 +295,7 @@ def refine_codebooks(
         teacher.train(teacher_was_training)
 
     _write_back(cm, codebooks, gains, norm_params, teacher.state_dict())
-    return RefineResult(steps, first, last, time.perf_counter() - t0, n_tuned, tapped)
+    return RefineResult(steps, first, last, time.perf_counter() - t0, n_tuned, tapped, fallbacks)
 
 
 _CACHE_ELEMENTS = 1 << 26

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from legonet.calibrate.pipeline import calibrated_compress
-from legonet.calibrate.refine import RefineConfig, feature_loss, lr_factor, refine_codebooks
+from legonet.calibrate.refine import RefineConfig, feature_loss, gate_closed, lr_factor, refine_codebooks
 from legonet.config import LegoConfig
 from legonet.datafree.pipeline import datafree_compress
 from legonet.errors import ConfigError
@@ -106,7 +106,7 @@ def test_calibrated_pipeline_refines_by_default():
 
 @pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(lr=0), dict(lr=2.0), dict(loss="l1"),
                                  dict(schedule="linear"), dict(feature_weight=-1.0), dict(feature_weight="1"),
-                                 dict(feature_gate="soft")])
+                                 dict(feature_gate="soft"), dict(feature_fallback="l2")])
 def test_refine_config_rejects_bad_values(bad):
     with pytest.raises(ConfigError):
         RefineConfig(**bad)
@@ -191,6 +191,46 @@ def test_feature_gate_scales_the_term_by_the_explained_share():
         assert not far.grad.abs().any()
     # an exact match: the full weight (and a zero term)
     assert float(feature_loss(teacher.clone(), teacher, 10.0, "explained")) == 0.0
+
+
+def test_closed_gate_falls_back_to_the_cosine_distance():
+    teacher = torch.randn(8, 4, 2)
+    # relative error >= 1 (no closer than zeros): cosine distance per image, whatever the scale
+    assert gate_closed(3.0 * teacher, teacher, "explained") and not gate_closed(teacher, teacher, "explained")
+    assert not gate_closed(3.0 * teacher, teacher, "none")
+    assert float(feature_loss(3.0 * teacher, teacher, 10.0, "explained", "cosine")) == pytest.approx(0.0, abs=1e-5)
+    assert float(feature_loss(-teacher, teacher, 10.0, "explained", "cosine")) == pytest.approx(20.0, rel=1e-5)
+    far = (3.0 * teacher + torch.randn(8, 4, 2)).requires_grad_(True)
+    loss = feature_loss(far, teacher, 10.0, "explained", "cosine")
+    cos = torch.nn.functional.cosine_similarity(far.detach().flatten(1), teacher.flatten(1), dim=1)
+    assert float(loss.detach()) == pytest.approx(10.0 * float((1 - cos).mean()), rel=1e-5)
+    loss.backward()
+    assert far.grad.abs().sum() > 0
+    # without the fallback the closed gate is off; an open gate is unchanged by the fallback
+    assert float(feature_loss(far.detach(), teacher, 10.0, "explained", "none")) == 0.0
+    near = 0.5 * teacher
+    assert float(feature_loss(near, teacher, 10.0, "explained", "cosine")) == pytest.approx(10.0 * 0.75 * 0.25, rel=1e-5)
+    # gate "none": the relative term always, the fallback never
+    assert float(feature_loss(3.0 * teacher, teacher, 1.0, "none", "cosine")) == pytest.approx(4.0, rel=1e-5)
+
+
+def test_refinement_counts_the_steps_that_fell_back():
+    model = _net()
+    calib = torch.randn(64, 3, 8, 8)
+    results, codebooks = {}, {}
+    for fallback in ("cosine", "none"):
+        cm, _ = compress_to_ratio(model, 12.0, menu=MENU)
+        # every layer below the head scaled up: the head's input features are far off, the gate closed
+        head = cm.clustered["7.weight"].codebook
+        with torch.no_grad():
+            for i, codebook in enumerate(cm.codebooks):
+                if i != head:
+                    codebook.mul_(4.0)
+        results[fallback] = refine_codebooks(model, cm, calib, RefineConfig(epochs=1, batch_size=16,
+                                                                           feature_fallback=fallback))
+        codebooks[fallback] = [c.clone() for c in cm.codebooks]
+    assert results["cosine"].fallback_steps > 0 and results["none"].fallback_steps == 0
+    assert any(not torch.equal(a, b) for a, b in zip(codebooks["cosine"], codebooks["none"]))
 
 
 def test_feature_term_without_a_linear_layer_refines_on_the_logits():
