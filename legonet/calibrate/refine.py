@@ -146,27 +146,29 @@ def relative_error(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
     return (student - teacher).pow(2).sum() / teacher.pow(2).sum().clamp(min=torch.finfo(torch.float32).tiny)
 
 
-def gate_closed(student: torch.Tensor, teacher: torch.Tensor, gate: str) -> bool:
-    """Whether the ``"explained"`` gate shuts the relative term: the features are no closer than zeros."""
-    return gate == "explained" and float(relative_error(student.detach(), teacher)) >= 1.0
-
-
-def feature_loss(student: torch.Tensor, teacher: torch.Tensor, weight: float, gate: str,
-                 fallback: str = "none") -> torch.Tensor:
-    """The feature term for ``(N, ...)`` student and teacher features.
+def feature_term(student: torch.Tensor, teacher: torch.Tensor, weight: float, gate: str,
+                 fallback: str = "none") -> tuple[torch.Tensor, bool]:
+    """The feature term for ``(N, ...)`` student and teacher features, and whether it fell back.
 
     ``weight' * |s - t|^2 / |t|^2`` over the batch, with ``weight' = weight`` (gate ``"none"``) or
     ``weight * max(0, 1 - |s - t|^2 / |t|^2)`` (gate ``"explained"``, the factor without gradient).
     Where that gate is closed (relative error >= 1) and ``fallback="cosine"``:
-    ``weight * mean_i (1 - cos(s_i, t_i))`` over the images ``i``, each flattened.
+    ``weight * mean_i (1 - cos(s_i, t_i))`` over the images ``i``, each flattened (then True).
     """
     rel = relative_error(student, teacher)
     if gate == "explained":
         share = float((1.0 - rel.detach()).clamp(min=0.0))
         if share == 0.0 and fallback == "cosine":
-            return weight * (1.0 - F.cosine_similarity(student.flatten(1), teacher.flatten(1), dim=1)).mean()
+            cosine = (1.0 - F.cosine_similarity(student.flatten(1), teacher.flatten(1), dim=1)).mean()
+            return weight * cosine, True
         weight = weight * share
-    return weight * rel
+    return weight * rel, False
+
+
+def feature_loss(student: torch.Tensor, teacher: torch.Tensor, weight: float, gate: str,
+                 fallback: str = "none") -> torch.Tensor:
+    """The loss of :func:`feature_term` alone."""
+    return feature_term(student, teacher, weight, gate, fallback)[0]
 
 
 def _distill_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
@@ -269,10 +271,9 @@ def refine_codebooks(
             out = functional_call(student, weights(), (x,), strict=False)
             loss = _distill_loss(out, target, cfg.loss)
             if target_features is not None:
-                fallbacks += cfg.feature_fallback == "cosine" and gate_closed(taps.student, target_features,
-                                                                               cfg.feature_gate)
-                loss = loss + feature_loss(taps.student, target_features, cfg.feature_weight, cfg.feature_gate,
-                                           cfg.feature_fallback)
+                term, fell_back = feature_term(taps.student, target_features, cfg.feature_weight, cfg.feature_gate,
+                                               cfg.feature_fallback)
+                loss, fallbacks = loss + term, fallbacks + fell_back
             if not torch.isfinite(loss):
                 raise ConfigError(f"refinement diverged at step {step + 1} (loss {float(loss)}); lower the lr")
             opt.zero_grad(set_to_none=True)

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from legonet.calibrate.pipeline import calibrated_compress
-from legonet.calibrate.refine import RefineConfig, feature_loss, gate_closed, lr_factor, refine_codebooks
+from legonet.calibrate.refine import RefineConfig, feature_loss, feature_term, lr_factor, refine_codebooks
 from legonet.config import LegoConfig
 from legonet.datafree.pipeline import datafree_compress
 from legonet.errors import ConfigError
@@ -196,8 +196,10 @@ def test_feature_gate_scales_the_term_by_the_explained_share():
 def test_closed_gate_falls_back_to_the_cosine_distance():
     teacher = torch.randn(8, 4, 2)
     # relative error >= 1 (no closer than zeros): cosine distance per image, whatever the scale
-    assert gate_closed(3.0 * teacher, teacher, "explained") and not gate_closed(teacher, teacher, "explained")
-    assert not gate_closed(3.0 * teacher, teacher, "none")
+    assert feature_term(3.0 * teacher, teacher, 1.0, "explained", "cosine")[1]
+    assert not feature_term(teacher, teacher, 1.0, "explained", "cosine")[1]
+    assert not feature_term(3.0 * teacher, teacher, 1.0, "none", "cosine")[1]
+    assert not feature_term(3.0 * teacher, teacher, 1.0, "explained", "none")[1]
     assert float(feature_loss(3.0 * teacher, teacher, 10.0, "explained", "cosine")) == pytest.approx(0.0, abs=1e-5)
     assert float(feature_loss(-teacher, teacher, 10.0, "explained", "cosine")) == pytest.approx(20.0, rel=1e-5)
     far = (3.0 * teacher + torch.randn(8, 4, 2)).requires_grad_(True)
