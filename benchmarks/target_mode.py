@@ -92,6 +92,9 @@ def main() -> None:
     ap.add_argument("--feature-fallback", choices=FEATURE_FALLBACKS, default=None,
                     help="what refinement's feature term does where its gate closes (default: RefineConfig's); "
                          "the row records it and the steps that fell back")
+    ap.add_argument("--refine-average", type=float, default=None,
+                    help="decay of refinement's moving average of the tuned parameters, 0 = off "
+                         "(default: RefineConfig's); the row records it")
     ap.add_argument("--no-layer-fit", action="store_true",
                     help="calibrated modes without the layer-output fit (an ablation: the row's mode says so)")
     ap.add_argument("--no-reassign", action="store_true",
@@ -131,7 +134,8 @@ def main() -> None:
             refine = None
             if mode == "calib+refine":
                 chosen = {"epochs": args.refine_epochs, "feature_weight": args.feature_weight,
-                          "feature_gate": args.feature_gate, "feature_fallback": args.feature_fallback}
+                          "feature_gate": args.feature_gate, "feature_fallback": args.feature_fallback,
+                          "average": args.refine_average}
                 refine = RefineConfig(**{k: v for k, v in chosen.items() if v is not None})
             options = {"layer_fit": None} if args.no_layer_fit else {}
             if args.no_reassign and not args.no_layer_fit:
@@ -159,6 +163,7 @@ def main() -> None:
                                                     "feature_gate": refine.feature_gate,
                                                     "feature_fallback": refine.feature_fallback,
                                                     "fallback_steps": refined.fallback_steps,
+                                                    "average": refine.average,
                                                     "feature_layer": refined.feature_layer},
             "layer_fit": None if fitted is None else {
                 "tensors": fitted.fitted, "seconds": round(fitted.seconds, 1), "reassign": not args.no_reassign,

@@ -138,7 +138,7 @@ def main(debug: bool) -> None:  # noqa: ARG001
 @click.option("--refine-epochs", type=click.FloatRange(min=0), default=None,
               help="With --calib: passes over the calibration images of codebook refinement by distillation "
                    "(indices fixed; codebooks, row gains and norm affine parameters tuned). 0 turns it off. "
-                   "[default: 5]")
+                   "[default: 7.5]")
 @click.option("--refine-feature-weight", type=click.FloatRange(min=0), default=None,
               help="With --calib: weight of refinement's second term, the relative squared error of the "
                    "features entering the model's last Linear layer (0: logits only). [default: 10]")
@@ -146,6 +146,9 @@ def main(debug: bool) -> None:  # noqa: ARG001
               help="With --calib: what that term does while the compressed features are further from the "
                    "original's than zeros are: match their direction ('cosine') or nothing ('none'). "
                    "[default: cosine]")
+@click.option("--refine-average", type=click.FloatRange(min=0, max=1, max_open=True), default=None,
+              help="With --calib: decay of the moving average of the tuned parameters that refinement "
+                   "writes back instead of its last step's (0: the last step's). [default: 0.97]")
 @click.option("--norm-statistics", type=click.Choice(NORM_STATISTICS), default=None,
               help="With --calib: how BatchNorm statistics are re-estimated on the calibration images: "
                    "'relative' moves the model's stored statistics by the change compression makes to "
@@ -154,7 +157,7 @@ def main(debug: bool) -> None:  # noqa: ARG001
               help="CPU threads for k-means (default: PyTorch's; 1 is often faster on a busy machine).")
 def compress(src, output, block, clusters, scope, seed, include, exclude, codebook_dtype, per_tensor, quiet,
              allow_nonfinite, scales, scale_stat, unshrink, target_ratio, arch, calib, calib_images, refine_epochs,
-             refine_feature_weight, refine_feature_fallback, norm_statistics, threads):
+             refine_feature_weight, refine_feature_fallback, refine_average, norm_statistics, threads):
     """Compress the checkpoint SRC (.safetensors, *.index.json or .pt) into a .lego file."""
     if threads is not None:
         import torch
@@ -171,7 +174,8 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
     if calib is not None and (target_ratio is None or arch is None):
         raise click.UsageError("--calib needs --target-ratio and --arch")
     for flag, value in (("--refine-epochs", refine_epochs), ("--refine-feature-weight", refine_feature_weight),
-                        ("--refine-feature-fallback", refine_feature_fallback), ("--norm-statistics", norm_statistics)):
+                        ("--refine-feature-fallback", refine_feature_fallback), ("--refine-average", refine_average),
+                        ("--norm-statistics", norm_statistics)):
         if value is not None and calib is None:
             raise click.UsageError(f"{flag} needs --calib")
     from legonet.io.atomic import check_writable
@@ -194,7 +198,8 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
         else:
             with _console().status("target mode", spinner="dots") if not quiet else _null() as status:
                 cm = _compress_to_ratio(sd, config, target_ratio, arch, calib, calib_images, seed,
-                                        (refine_epochs, refine_feature_weight, refine_feature_fallback), norm_statistics,
+                                        (refine_epochs, refine_feature_weight, refine_feature_fallback, refine_average),
+                                        norm_statistics,
                                         status.update if status is not None else None)
         nbytes = cm.save(output)
     if not quiet:
@@ -233,8 +238,9 @@ def _compress_to_ratio(sd, config, target_ratio, arch, calib, calib_images, seed
     x = to_input(images.x, spec.mean, spec.std)
     from legonet.calibrate.refine import RefineConfig
 
-    epochs, feature_weight, feature_fallback = refinement
-    chosen = {"epochs": epochs, "feature_weight": feature_weight, "feature_fallback": feature_fallback}
+    epochs, feature_weight, feature_fallback, average = refinement
+    chosen = {"epochs": epochs, "feature_weight": feature_weight, "feature_fallback": feature_fallback,
+              "average": average}
     refine = None if epochs == 0 else RefineConfig(seed=seed, **{k: v for k, v in chosen.items() if v is not None})
 
     def on_step(step: int, steps: int, loss: float) -> None:

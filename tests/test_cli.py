@@ -136,30 +136,35 @@ def test_refine_feature_weight_reaches_refinement_and_needs_calib(run, tmp_path,
     assert r.exit_code == 2 and "-1" in r.output
 
 
-def test_refine_feature_fallback_reaches_refinement_and_needs_calib(run, tmp_path, resnet20_path, images_path,
-                                                                    monkeypatch):
+@pytest.mark.parametrize("flag, field, values, bad", [
+    ("--refine-feature-fallback", "feature_fallback", ("none", "cosine"), "l2"),
+    ("--refine-average", "average", ("0", "0.5"), "1"),
+])
+def test_refinement_options_reach_refinement_and_need_calib(run, tmp_path, resnet20_path, images_path, monkeypatch,
+                                                            flag, field, values, bad):
     import legonet.calibrate.pipeline as pipeline
 
     seen = []
     real = pipeline.refine_codebooks
 
     def spy(model, cm, calib, config, **kw):
-        seen.append(config.feature_fallback)
+        seen.append(getattr(config, field))
         return real(model, cm, calib, config, **kw)
 
     monkeypatch.setattr(pipeline, "refine_codebooks", spy)
     out = tmp_path / "r20.lego"
     common = ("compress", resnet20_path, "-o", out, "--target-ratio", "12")
     calibrated = ("--arch", "resnet20", "--calib", images_path, "--calib-images", "32", "--refine-epochs", "1")
-    for fallback in ("none", "cosine", None):
-        extra = () if fallback is None else ("--refine-feature-fallback", fallback)
+    for value in (*values, None):
+        extra = () if value is None else (flag, value)
         r = run(*common, *calibrated, *extra, "--quiet")
         assert r.exit_code == 0, r.output
-    assert seen == ["none", "cosine", RefineConfig().feature_fallback]
-    r = run(*common, "--refine-feature-fallback", "cosine")
-    assert r.exit_code == 2 and "--refine-feature-fallback needs --calib" in r.output
-    r = run(*common, *calibrated, "--refine-feature-fallback", "l2")
-    assert r.exit_code == 2 and "l2" in r.output
+    parse = float if field == "average" else str
+    assert seen == [*(parse(v) for v in values), getattr(RefineConfig(), field)]
+    r = run(*common, flag, values[0])
+    assert r.exit_code == 2 and f"{flag} needs --calib" in r.output
+    r = run(*common, *calibrated, flag, bad)
+    assert r.exit_code == 2 and bad in r.output
 
 
 def test_norm_statistics_reach_the_pipeline_and_need_calib(run, tmp_path, resnet20_path, images_path):

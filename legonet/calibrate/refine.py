@@ -49,7 +49,7 @@ class RefineConfig:
 
     Attributes:
         epochs: passes over the calibration images (the number of Adam steps is
-            ``ceil(epochs * N / batch_size)``).
+            ``ceil(epochs * N / batch_size)``; 120 for 1,024 images by default).
         batch_size: images per step.
         lr: Adam learning rate for codebooks, relative: each codebook's step is scaled by the RMS
             of its entries, so one rate suits models whose weights differ in magnitude.
@@ -79,6 +79,13 @@ class RefineConfig:
             (ResNet-50 at 128x, development run: 73.6 % with ``"none"``, 76.8 % with ``"cosine"``
             on 2,000 test images). Has no effect with gate ``"none"`` or where the gate stays
             open (the result counts the steps that fell back).
+        average: decay of an exponential moving average of the tuned parameters, updated after
+            every step and written back at the end instead of the last step's values (0: off); it
+            averages the steps only (``sum_t d^(T-t) p_t / sum_t d^(T-t)``), not the starting point.
+            Averaging smooths out the noise of the last steps' small batches, which a constant
+            rate leaves in the parameters; with it, more steps help where without it they fit the
+            calibration images (ResNet-50 64x, all 10,000 test images: 80 steps without 88.46 %,
+            120 steps averaged with 0.97 88.85 %).
         flip: also show horizontally flipped images (inputs ``(N, C, H, W)`` only).
         tune_norms: also tune the affine parameters of normalisation layers (except those stored as
             one constant, e.g. BatchNorm scales already moved into the row gains: tuned, they
@@ -86,7 +93,7 @@ class RefineConfig:
         seed: order of the batches and flips.
     """
 
-    epochs: float = 5.0
+    epochs: float = 7.5
     batch_size: int = 64
     lr: float = 3e-3
     loss: str = "kl"
@@ -94,6 +101,7 @@ class RefineConfig:
     feature_weight: float = 10.0
     feature_gate: str = "explained"
     feature_fallback: str = "cosine"
+    average: float = 0.97
     flip: bool = True
     tune_norms: bool = True
     seed: int = 0
@@ -107,6 +115,8 @@ class RefineConfig:
             raise ConfigError(f"refine lr must be in (0, 1), got {self.lr!r}")
         if not isinstance(self.feature_weight, (int, float)) or not 0 <= self.feature_weight < 1e6:
             raise ConfigError(f"refine feature_weight must be in [0, 1e6), got {self.feature_weight!r}")
+        if not isinstance(self.average, (int, float)) or not 0 <= self.average < 1:
+            raise ConfigError(f"refine average must be in [0, 1), got {self.average!r}")
         if self.loss not in LOSSES:
             raise ConfigError(f"refine loss must be one of {LOSSES}, got {self.loss!r}")
         if self.feature_gate not in FEATURE_GATES:
@@ -222,7 +232,11 @@ def refine_codebooks(
         groups.append({"params": list(norm_params.values()), "lr": cfg.lr})
     opt = torch.optim.Adam(groups)
     base_lrs = [g["lr"] for g in groups]
-    n_tuned = sum(p.numel() for g in groups for p in g["params"])
+    tuned = [p for g in groups for p in g["params"]]
+    n_tuned = sum(p.numel() for p in tuned)
+    # the average starts empty and is divided by the weight it has gathered (as Adam's moments are),
+    # so the starting point never counts, however few the steps
+    averaged = [torch.zeros_like(p) for p in tuned] if cfg.average > 0 else None
 
     def weights() -> dict[str, torch.Tensor]:
         out = {}
@@ -285,6 +299,10 @@ def refine_codebooks(
             for g in gains.values():
                 # magnitudes kept off zero, not rounded: that happens once, in ``_write_back``
                 g.data.copy_(clamp_magnitude(g.data, torch.finfo(torch.float16).tiny))
+            if averaged is not None:
+                with torch.no_grad():
+                    for a, p in zip(averaged, tuned):
+                        a.mul_(cfg.average).add_(p.detach(), alpha=1.0 - cfg.average)
             last = float(loss.detach())
             if step == 0:
                 first = last
@@ -295,6 +313,11 @@ def refine_codebooks(
         taps.remove()
         teacher.train(teacher_was_training)
 
+    if averaged is not None:
+        gathered = 1.0 - cfg.average**steps
+        with torch.no_grad():
+            for a, p in zip(averaged, tuned):
+                p.copy_(a / gathered)
     _write_back(cm, codebooks, gains, norm_params, teacher.state_dict())
     return RefineResult(steps, first, last, time.perf_counter() - t0, n_tuned, tapped, fallbacks)
 

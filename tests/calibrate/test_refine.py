@@ -106,7 +106,8 @@ def test_calibrated_pipeline_refines_by_default():
 
 @pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(lr=0), dict(lr=2.0), dict(loss="l1"),
                                  dict(schedule="linear"), dict(feature_weight=-1.0), dict(feature_weight="1"),
-                                 dict(feature_gate="soft"), dict(feature_fallback="l2")])
+                                 dict(feature_gate="soft"), dict(feature_fallback="l2"),
+                                 dict(average=1.0), dict(average=-0.1), dict(average="0.9")])
 def test_refine_config_rejects_bad_values(bad):
     with pytest.raises(ConfigError):
         RefineConfig(**bad)
@@ -123,6 +124,28 @@ def test_refinement_needs_clustered_tensors_and_images():
     kept.tensors["0.weight"] = model.state_dict()["0.weight"].clone()
     with pytest.raises(ConfigError, match="nothing to refine"):
         refine_codebooks(model, kept, torch.randn(4, 3, 8, 8))
+
+
+def test_average_writes_back_the_moving_average_of_the_steps():
+    # two steps p1, p2 averaged with decay d: (d * p1 + p2) / (1 + d); the starting point not at all
+    model = _net()
+    calib = torch.randn(32, 3, 8, 8)
+    start, _ = compress_to_ratio(model, 12.0, menu=MENU)
+    runs = {}
+    for key, epochs, decay in (("p1", 0.5, 0.0), ("p2", 1.0, 0.0), ("avg", 1.0, 0.75), ("one", 0.5, 0.75)):
+        cm, _ = compress_to_ratio(model, 12.0, menu=MENU)
+        res = refine_codebooks(model, cm, calib, RefineConfig(epochs=epochs, batch_size=16, lr=1e-2, average=decay))
+        assert res.steps == round(2 * epochs)
+        runs[key] = cm
+    for i, before in enumerate(start.codebooks):
+        p1, p2 = runs["p1"].codebooks[i], runs["p2"].codebooks[i]
+        assert not torch.equal(before, p1) and not torch.equal(p1, p2)
+        tol = dict(rtol=2e-3, atol=2e-3 * float(before.abs().max()))
+        torch.testing.assert_close(runs["avg"].codebooks[i], (0.75 * p1 + p2) / 1.75, **tol)
+        torch.testing.assert_close(runs["one"].codebooks[i], p1, **tol)  # one step: its own value
+    for name in start.clustered:
+        p1, p2 = runs["p1"].clustered[name].scale, runs["p2"].clustered[name].scale
+        torch.testing.assert_close(runs["avg"].clustered[name].scale, (0.75 * p1 + p2) / 1.75, rtol=2e-3, atol=1e-4)
 
 
 def test_cosine_schedule_decays_the_rate_to_near_zero():
