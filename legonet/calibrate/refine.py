@@ -130,9 +130,11 @@ class RefineConfig:
 
 @dataclass(frozen=True)
 class RefineResult:
-    """What refinement did: steps taken, loss at the start and the end, wall time, parameters tuned,
-    the layer whose input features were matched (None: logits only), and the steps at which the
-    feature term fell back to the cosine distance (its gate closed)."""
+    """What refinement did: steps taken, loss at the first and the last step (the batch's loss under
+    the parameters of that step; with ``average`` the values written back are their average, whose
+    loss no step measured), wall time, parameters tuned, the layer whose input features were
+    matched (None: logits only), and the steps at which the feature term fell back to the cosine
+    distance (its gate closed)."""
 
     steps: int
     first_loss: float
