@@ -177,12 +177,6 @@ def feature_term(student: torch.Tensor, teacher: torch.Tensor, weight: float, ga
     return weight * rel, False
 
 
-def feature_loss(student: torch.Tensor, teacher: torch.Tensor, weight: float, gate: str,
-                 fallback: str = "none") -> torch.Tensor:
-    """The loss of :func:`feature_term` alone."""
-    return feature_term(student, teacher, weight, gate, fallback)[0]
-
-
 def _distill_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "mse":
         return F.mse_loss(student, teacher)

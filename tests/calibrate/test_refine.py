@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from legonet.calibrate.pipeline import calibrated_compress
-from legonet.calibrate.refine import RefineConfig, feature_loss, feature_term, lr_factor, refine_codebooks
+from legonet.calibrate.refine import RefineConfig, feature_term, lr_factor, refine_codebooks
 from legonet.config import LegoConfig
 from legonet.datafree.pipeline import datafree_compress
 from legonet.errors import ConfigError
@@ -12,6 +12,11 @@ from legonet.target import compress_to_ratio
 from tests.nets import conv_bn_net
 
 MENU = (((4, 4), 16), ((2, 2), 16), ((1, 2), 64))
+
+
+def feature_loss(*args) -> torch.Tensor:
+    """The loss of :func:`feature_term` alone."""
+    return feature_term(*args)[0]
 
 
 def _net() -> nn.Module:
