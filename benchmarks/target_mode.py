@@ -37,7 +37,7 @@ from legonet.artifact import load_weights
 from legonet.calibrate.layer_fit import LayerFitConfig
 from legonet.calibrate.pipeline import calibrated_compress
 from legonet.calibrate.refine import FEATURE_GATES, RefineConfig
-from legonet.config import FEATURE_FALLBACKS, NORM_STATISTICS
+from legonet.config import FEATURE_FALLBACKS, NORM_STATISTICS, PRECISIONS
 from legonet.data import load_images, to_input
 from legonet.datafree.pipeline import datafree_compress
 from legonet.evaluate import top1, wilson_interval
@@ -95,6 +95,10 @@ def main() -> None:
     ap.add_argument("--refine-average", type=float, default=None,
                     help="decay of refinement's moving average of the tuned parameters, 0 = off "
                          "(default: RefineConfig's); the row records it")
+    ap.add_argument("--refine-lr", type=float, default=None,
+                    help="refinement's relative learning rate (default: RefineConfig's); the row records it")
+    ap.add_argument("--refine-precision", choices=PRECISIONS, default=None,
+                    help="precision of refinement's student passes (default: RefineConfig's); the row records it")
     ap.add_argument("--no-layer-fit", action="store_true",
                     help="calibrated modes without the layer-output fit (an ablation: the row's mode says so)")
     ap.add_argument("--no-reassign", action="store_true",
@@ -135,7 +139,8 @@ def main() -> None:
             if mode == "calib+refine":
                 chosen = {"epochs": args.refine_epochs, "feature_weight": args.feature_weight,
                           "feature_gate": args.feature_gate, "feature_fallback": args.feature_fallback,
-                          "average": args.refine_average}
+                          "average": args.refine_average, "precision": args.refine_precision,
+                          "lr": args.refine_lr}
                 refine = RefineConfig(**{k: v for k, v in chosen.items() if v is not None})
             options = {"layer_fit": None} if args.no_layer_fit else {}
             if args.no_reassign and not args.no_layer_fit:
@@ -164,6 +169,7 @@ def main() -> None:
                                                     "feature_fallback": refine.feature_fallback,
                                                     "fallback_steps": refined.fallback_steps,
                                                     "average": refine.average,
+                                                    "precision": refine.precision, "lr": refine.lr,
                                                     "feature_layer": refined.feature_layer},
             "layer_fit": None if fitted is None else {
                 "tensors": fitted.fitted, "seconds": round(fitted.seconds, 1), "reassign": not args.no_reassign,

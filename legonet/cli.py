@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from legonet.artifact import load_weights
-from legonet.config import FEATURE_FALLBACKS, NORM_STATISTICS
+from legonet.config import FEATURE_FALLBACKS, NORM_STATISTICS, PRECISIONS
 from legonet.errors import LegoError
 
 
@@ -149,6 +149,10 @@ def main(debug: bool) -> None:  # noqa: ARG001
 @click.option("--refine-average", type=click.FloatRange(min=0, max=1, max_open=True), default=None,
               help="With --calib: decay of the moving average of the tuned parameters that refinement "
                    "writes back instead of its last step's (0: the last step's). [default: 0.97]")
+@click.option("--refine-precision", type=click.Choice(PRECISIONS), default=None,
+              help="With --calib: precision of refinement's passes through the compressed model; "
+                   "'bfloat16' is about twice as fast on CPUs and GPUs with native bfloat16 and slower "
+                   "elsewhere. [default: float32]")
 @click.option("--norm-statistics", type=click.Choice(NORM_STATISTICS), default=None,
               help="With --calib: how BatchNorm statistics are re-estimated on the calibration images: "
                    "'relative' moves the model's stored statistics by the change compression makes to "
@@ -157,7 +161,7 @@ def main(debug: bool) -> None:  # noqa: ARG001
               help="CPU threads for k-means (default: PyTorch's; 1 is often faster on a busy machine).")
 def compress(src, output, block, clusters, scope, seed, include, exclude, codebook_dtype, per_tensor, quiet,
              allow_nonfinite, scales, scale_stat, unshrink, target_ratio, arch, calib, calib_images, refine_epochs,
-             refine_feature_weight, refine_feature_fallback, refine_average, norm_statistics, threads):
+             refine_feature_weight, refine_feature_fallback, refine_average, refine_precision, norm_statistics, threads):
     """Compress the checkpoint SRC (.safetensors, *.index.json or .pt) into a .lego file."""
     if threads is not None:
         import torch
@@ -175,7 +179,7 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
         raise click.UsageError("--calib needs --target-ratio and --arch")
     for flag, value in (("--refine-epochs", refine_epochs), ("--refine-feature-weight", refine_feature_weight),
                         ("--refine-feature-fallback", refine_feature_fallback), ("--refine-average", refine_average),
-                        ("--norm-statistics", norm_statistics)):
+                        ("--refine-precision", refine_precision), ("--norm-statistics", norm_statistics)):
         if value is not None and calib is None:
             raise click.UsageError(f"{flag} needs --calib")
     from legonet.io.atomic import check_writable
@@ -198,7 +202,8 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
         else:
             with _console().status("target mode", spinner="dots") if not quiet else _null() as status:
                 cm = _compress_to_ratio(sd, config, target_ratio, arch, calib, calib_images, seed,
-                                        (refine_epochs, refine_feature_weight, refine_feature_fallback, refine_average),
+                                        (refine_epochs, refine_feature_weight, refine_feature_fallback, refine_average,
+                                         refine_precision),
                                         norm_statistics,
                                         status.update if status is not None else None)
         nbytes = cm.save(output)
@@ -238,9 +243,9 @@ def _compress_to_ratio(sd, config, target_ratio, arch, calib, calib_images, seed
     x = to_input(images.x, spec.mean, spec.std)
     from legonet.calibrate.refine import RefineConfig
 
-    epochs, feature_weight, feature_fallback, average = refinement
+    epochs, feature_weight, feature_fallback, average, precision = refinement
     chosen = {"epochs": epochs, "feature_weight": feature_weight, "feature_fallback": feature_fallback,
-              "average": average}
+              "average": average, "precision": precision}
     refine = None if epochs == 0 else RefineConfig(seed=seed, **{k: v for k, v in chosen.items() if v is not None})
 
     def on_step(step: int, steps: int, loss: float) -> None:

@@ -20,6 +20,8 @@ NORM_STATISTICS = ("relative", "replace")
 # what codebook refinement's feature term does where its gate closes
 # (legonet.calibrate.refine.RefineConfig.feature_fallback; also the CLI's choice)
 FEATURE_FALLBACKS = ("cosine", "none")
+# precision of codebook refinement's passes (RefineConfig.precision; also the CLI's choice)
+PRECISIONS = ("float32", "bfloat16")
 KEPT_DTYPES = ("keep", "float16")
 INITS = ("k-means++", "random")
 CODEBOOK_DTYPES = ("float32", "float16")

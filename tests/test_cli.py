@@ -139,6 +139,7 @@ def test_refine_feature_weight_reaches_refinement_and_needs_calib(run, tmp_path,
 @pytest.mark.parametrize("flag, field, values, bad", [
     ("--refine-feature-fallback", "feature_fallback", ("none", "cosine"), "l2"),
     ("--refine-average", "average", ("0", "0.5"), "1"),
+    ("--refine-precision", "precision", ("bfloat16", "float32"), "float16"),
 ])
 def test_refinement_options_reach_refinement_and_need_calib(run, tmp_path, resnet20_path, images_path, monkeypatch,
                                                             flag, field, values, bad):
