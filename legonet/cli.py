@@ -201,9 +201,10 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
                 cm = do_compress(sd, config, bars=bars)
         else:
             with _console().status("target mode", spinner="dots") if not quiet else _null() as status:
-                cm = _compress_to_ratio(sd, config, target_ratio, arch, calib, calib_images, seed,
-                                        (refine_epochs, refine_feature_weight, refine_feature_fallback, refine_average,
-                                         refine_precision),
+                refinement = {"epochs": refine_epochs, "feature_weight": refine_feature_weight,
+                              "feature_fallback": refine_feature_fallback, "average": refine_average,
+                              "precision": refine_precision}
+                cm = _compress_to_ratio(sd, config, target_ratio, arch, calib, calib_images, seed, refinement,
                                         norm_statistics,
                                         status.update if status is not None else None)
         nbytes = cm.save(output)
@@ -243,10 +244,9 @@ def _compress_to_ratio(sd, config, target_ratio, arch, calib, calib_images, seed
     x = to_input(images.x, spec.mean, spec.std)
     from legonet.calibrate.refine import RefineConfig
 
-    epochs, feature_weight, feature_fallback, average, precision = refinement
-    chosen = {"epochs": epochs, "feature_weight": feature_weight, "feature_fallback": feature_fallback,
-              "average": average, "precision": precision}
-    refine = None if epochs == 0 else RefineConfig(seed=seed, **{k: v for k, v in chosen.items() if v is not None})
+    # refinement: RefineConfig's fields as the user gave them, None where not given (its default then)
+    chosen = {k: v for k, v in refinement.items() if v is not None}
+    refine = None if chosen.get("epochs") == 0 else RefineConfig(seed=seed, **chosen)
 
     def on_step(step: int, steps: int, loss: float) -> None:
         if progress is not None:
