@@ -88,7 +88,12 @@ class RefineConfig:
             120 steps averaged with 0.97 88.85 %).
         precision: ``"float32"`` or ``"bfloat16"``: the student's forward and backward passes under
             ``torch.autocast`` in bfloat16 (its matrix products and convolutions); the tuned
-            parameters, their Adam state, the losses and the teacher's outputs stay float32.
+            parameters, their Adam state, the losses and the teacher's outputs stay float32. Where
+            the hardware has native bfloat16 it roughly halves refinement's time (ResNet-50 64x on
+            a 2-core AVX512-BF16 CPU: 120 steps in 216 s instead of 413 s, 88.74 % against 88.85 %
+            on all 10,000 test images, within run-to-run spread); elsewhere it may be slower.
+            float32 by default: the speed depends on the machine, and the committed measurements
+            were made in float32.
         flip: also show horizontally flipped images (inputs ``(N, C, H, W)`` only).
         tune_norms: also tune the affine parameters of normalisation layers (except those stored as
             one constant, e.g. BatchNorm scales already moved into the row gains: tuned, they
