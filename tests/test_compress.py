@@ -7,6 +7,7 @@ import legonet
 from legonet.artifact import ClusteredTensor
 from legonet.errors import CheckpointError, ConfigError
 from legonet.ops.bitpack import bits_for
+from tests.marks import needs_cuda
 
 
 def test_every_tensor_is_kept_or_clustered(tiny_model):
@@ -190,3 +191,19 @@ def test_unshrink_and_absmax_gains_round_trip(tmp_path):
     fixed.save(tmp_path / "u.lego")
     back = legonet.load(tmp_path / "u.lego")
     assert back.config.unshrink and torch.equal(back.reconstruct("w"), fixed.reconstruct("w"))
+
+
+@needs_cuda
+@pytest.mark.parametrize("config", [legonet.LegoConfig(block=4, clusters=16),
+                                    legonet.LegoConfig(block=(2, 4), clusters=8, scope="layer", scales="row")])
+def test_compress_of_gpu_tensors_matches_the_cpu_result(tiny_model, tmp_path, config):
+    # Same seed on two devices: equal up to float rounding (a tie may pick another centroid), so
+    # the files have the same size and each tensor the same SQNR within a small tolerance.
+    sd = {k: v for k, v in tiny_model.state_dict().items()}
+    on_cpu = legonet.compress(sd, config)
+    on_gpu = legonet.compress({k: v.cuda() for k, v in sd.items()}, config)
+    assert on_gpu.save(tmp_path / "gpu.lego") == on_cpu.save(tmp_path / "cpu.lego")
+    back = legonet.load(tmp_path / "gpu.lego")
+    assert set(back.clustered) == set(on_cpu.clustered)
+    for name, ct in on_cpu.clustered.items():
+        assert back.clustered[name].sqnr_db == pytest.approx(ct.sqnr_db, abs=0.1)

@@ -20,6 +20,7 @@ from legonet.config import LegoConfig
 from legonet.errors import CheckpointError
 from legonet.io.checkpoints import read_state_dict
 from legonet.streaming import compress_sharded
+from tests.marks import needs_cuda
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -189,3 +190,18 @@ def test_block_slabs_concatenate_to_the_tiling_and_slab_sqnr_matches_the_whole_t
     idx = torch.randint(8, (make_tiling(t.shape, block).num_blocks,))
     whole = sqnr_db(t, untile(cb[idx], make_tiling(t.shape, block)).to(t.dtype))
     assert clustered_tensor(t, cb, 0, idx, block).sqnr_db == pytest.approx(whole, abs=1e-6)
+
+
+@needs_cuda
+@pytest.mark.parametrize("config", CONFIGS[:2] + CONFIGS[3:], ids=["all-blocks", "sampled", "layer-scope"])
+def test_streaming_on_gpu_matches_the_cpu_file(tmp_path, config):
+    # k-means and assignment run on the GPU, results come back to the CPU: the same file size and,
+    # up to float rounding (a tie may pick another centroid), the same SQNR per tensor.
+    index = write_sharded(small_model(), tmp_path, shard_bytes=6_000)
+    cm_c, n_c = compress_sharded(index, tmp_path / "cpu.lego", config)
+    cm_g, n_g = compress_sharded(index, tmp_path / "gpu.lego", config, device="cuda")
+    assert n_g == n_c and (tmp_path / "gpu.lego").stat().st_size == n_c
+    back = read_state_dict(tmp_path / "gpu.lego")
+    assert list(back) == list(read_state_dict(tmp_path / "cpu.lego"))
+    for name, ct in cm_c.clustered.items():
+        assert cm_g.clustered[name].sqnr_db == pytest.approx(ct.sqnr_db, abs=0.1)

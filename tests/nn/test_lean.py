@@ -16,6 +16,7 @@ from legonet.errors import ArchitectureError
 from legonet.nn import LegoConv2d, LegoLinear, LegoModule, convert, load_lean, tensor_bytes, unpack_indices
 from legonet.ops.bitpack import pack_bits
 from legonet.zoo import build
+from tests.marks import needs_cuda
 
 DATA = Path(legonet.__file__).parent / "data"
 
@@ -175,3 +176,19 @@ def test_per_row_scales_are_applied_like_reconstruct():
     x, tok = torch.randn(3, 3, 5, 5), torch.randint(0, 50, (3,))
     with torch.no_grad():
         torch.testing.assert_close(lean(x, tok), ref(x, tok), rtol=1e-5, atol=1e-6)
+
+
+@needs_cuda
+@pytest.mark.parametrize("config", [legonet.LegoConfig(block=2, clusters=16),
+                                    legonet.LegoConfig(block=(1, 3), clusters=5, scope="layer", scales="row")])
+def test_lean_model_moved_to_gpu_gives_the_cpu_outputs(config):
+    cm, _ = _mixed_pair(config)
+    with torch.device("meta"):
+        lean = convert(_Mixed(), cm)
+    x, tok = torch.randn(5, 3, 6, 6), torch.randint(0, 50, (5,))
+    with torch.no_grad():
+        on_cpu = lean(x, tok)
+        on_gpu = lean.to("cuda")(x.cuda(), tok.cuda())
+    assert on_gpu.device.type == "cuda"
+    assert all(b.device.type == "cuda" for b in lean.buffers())
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-4, atol=1e-4)

@@ -7,6 +7,7 @@ import torch
 
 from legonet.errors import ConfigError
 from legonet.ops.kmeans import assign, kmeans, pairwise_sqdist, sample_rows, stage_sizes
+from tests.marks import needs_cuda
 
 
 def _blobs(n: int, k: int, d: int = 16, spread: float = 0.05, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +120,7 @@ def test_bad_arguments_raise_config_errors(bad):
         kmeans(torch.zeros(100, 4), kw.pop("k"), **kw)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@needs_cuda
 def test_gpu_matches_cpu_up_to_float_tolerance():
     x = _heavy(50_000)
     cpu = kmeans(x, 32, seed=0, max_fit_points=20_000)
