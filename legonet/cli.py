@@ -157,11 +157,16 @@ def main(debug: bool) -> None:  # noqa: ARG001
               help="With --calib: how BatchNorm statistics are re-estimated on the calibration images: "
                    "'relative' moves the model's stored statistics by the change compression makes to "
                    "them; 'replace' replaces them by the calibration images' own. [default: relative]")
+@click.option("--device", default=None,
+              help="With --calib: where the model's passes run (input statistics, BatchNorm re-estimation, "
+                   "refinement), e.g. 'cuda' or 'cuda:1'; clustering and the layer fit stay on the CPU. "
+                   "[default: cpu]")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for k-means (default: PyTorch's; 1 is often faster on a busy machine).")
 def compress(src, output, block, clusters, scope, seed, include, exclude, codebook_dtype, per_tensor, quiet,
              allow_nonfinite, scales, scale_stat, unshrink, target_ratio, arch, calib, calib_images, refine_epochs,
-             refine_feature_weight, refine_feature_fallback, refine_average, refine_precision, norm_statistics, threads):
+             refine_feature_weight, refine_feature_fallback, refine_average, refine_precision, norm_statistics, device,
+             threads):
     """Compress the checkpoint SRC (.safetensors, *.index.json or .pt) into a .lego file."""
     if threads is not None:
         import torch
@@ -179,9 +184,13 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
         raise click.UsageError("--calib needs --target-ratio and --arch")
     for flag, value in (("--refine-epochs", refine_epochs), ("--refine-feature-weight", refine_feature_weight),
                         ("--refine-feature-fallback", refine_feature_fallback), ("--refine-average", refine_average),
-                        ("--refine-precision", refine_precision), ("--norm-statistics", norm_statistics)):
+                        ("--refine-precision", refine_precision), ("--norm-statistics", norm_statistics),
+                        ("--device", device)):
         if value is not None and calib is None:
             raise click.UsageError(f"{flag} needs --calib")
+    from legonet.cli_target import compress_to_ratio_from_options, parse_device
+
+    device = parse_device(device)
     from legonet.io.atomic import check_writable
     from legonet.progress import progress_bars
 
@@ -204,9 +213,9 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
                 refinement = {"epochs": refine_epochs, "feature_weight": refine_feature_weight,
                               "feature_fallback": refine_feature_fallback, "average": refine_average,
                               "precision": refine_precision}
-                cm = _compress_to_ratio(sd, config, target_ratio, arch, calib, calib_images, seed, refinement,
-                                        norm_statistics,
-                                        status.update if status is not None else None)
+                cm = compress_to_ratio_from_options(sd, config, target_ratio, arch, calib, calib_images, seed,
+                                                    refinement, norm_statistics, device,
+                                                    status.update if status is not None else None)
         nbytes = cm.save(output)
     if not quiet:
         click.echo(build_report(cm, nbytes).render(per_tensor=per_tensor))
@@ -219,44 +228,6 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
                        + ", ".join(kept[:10]) + (", ..." if len(kept) > 10 else ""), err=True)
     if not quiet:
         click.echo(f"wrote {output}")
-
-
-def _compress_to_ratio(sd, config, target_ratio, arch, calib, calib_images, seed, refinement, norm_statistics,
-                       progress):
-    from legonet.target import compress_to_ratio
-
-    if calib is None:
-        if arch is None:
-            return compress_to_ratio(sd, target_ratio, config=config, progress=progress)[0]
-        # the architecture is known: BatchNorm folding and bias correction, data-free
-        from legonet.datafree.pipeline import datafree_compress
-        from legonet.zoo import build
-
-        return datafree_compress(build(arch), target_ratio, sd, config=config, progress=progress)[0]
-    from legonet.calibrate.pipeline import calibrated_compress_to_ratio
-    from legonet.data import load_images, to_input
-    from legonet.zoo import build, get_arch
-
-    spec = get_arch(arch)
-    model = build(arch)
-    load_weights(model, {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, "weights")
-    images = load_images(calib, labels=False).subset(calib_images, seed)
-    x = to_input(images.x, spec.mean, spec.std)
-    from legonet.calibrate.refine import RefineConfig
-
-    # refinement: RefineConfig's fields as the user gave them, None where not given (its default then)
-    chosen = {k: v for k, v in refinement.items() if v is not None}
-    refine = None if chosen.get("epochs") == 0 else RefineConfig(seed=seed, **chosen)
-
-    def on_step(step: int, steps: int, loss: float) -> None:
-        if progress is not None:
-            progress(f"refining codebooks on {x.shape[0]} calibration images: step {step}/{steps}, "
-                     f"distillation loss {loss:.4f}")
-
-    options = {} if norm_statistics is None else {"norm_statistics": norm_statistics}
-    cm, _plan = calibrated_compress_to_ratio(model, target_ratio, x, config=config, refine=refine,
-                                             progress=progress, on_refine_step=on_step, **options)
-    return cm
 
 
 class _null:

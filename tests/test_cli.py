@@ -6,8 +6,10 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
+import legonet
 from legonet.calibrate.refine import RefineConfig
 from legonet.cli import main
+from tests.marks import needs_cuda
 
 
 @pytest.fixture
@@ -183,3 +185,42 @@ def test_norm_statistics_reach_the_pipeline_and_need_calib(run, tmp_path, resnet
     assert r.exit_code == 2 and "--norm-statistics needs --calib" in r.output
     r = run(*common, *calibrated, "--norm-statistics", "fresh")
     assert r.exit_code == 2 and "fresh" in r.output
+
+
+def test_device_option_reaches_the_pipeline_and_is_checked(run, tmp_path, resnet20_path, images_path, monkeypatch):
+    import legonet.calibrate.pipeline as pipeline
+
+    seen = []
+    real = pipeline.refine_codebooks
+
+    def spy(model, cm, calib, config, **kw):
+        seen.append(next(model.parameters()).device.type)
+        return real(model, cm, calib, config, **kw)
+
+    monkeypatch.setattr(pipeline, "refine_codebooks", spy)
+    out = tmp_path / "r20.lego"
+    common = ("compress", resnet20_path, "-o", out, "--target-ratio", "12")
+    calibrated = ("--arch", "resnet20", "--calib", images_path, "--calib-images", "32", "--refine-epochs", "1")
+    r = run(*common, *calibrated, "--device", "cpu", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert seen == ["cpu"]
+    for bad, says in (("nope", "not a device PyTorch knows"), ("mps", "only 'cpu' and 'cuda[:N]'"),
+                      ("cuda:64", "CUDA device" if torch.cuda.is_available() else "no CUDA device is available")):
+        out.unlink(missing_ok=True)
+        r = run(*common, *calibrated, "--device", bad, "--quiet")
+        assert r.exit_code == 2 and says in r.output and not out.exists(), r.output
+    r = run(*common, "--device", "cpu")
+    assert r.exit_code == 2 and "--device needs --calib" in r.output
+
+
+@needs_cuda
+def test_device_cuda_runs_the_calibrated_pipeline_on_the_gpu(run, tmp_path, resnet20_path, images_path):
+    common = ("--target-ratio", "12", "--arch", "resnet20", "--calib", images_path, "--calib-images", "64",
+              "--refine-epochs", "2", "--quiet")
+    for device in ("cpu", "cuda"):
+        r = run("compress", resnet20_path, "-o", tmp_path / f"{device}.lego", *common, "--device", device)
+        assert r.exit_code == 0, r.output
+    on_cpu, on_gpu = (legonet.load(tmp_path / f"{d}.lego") for d in ("cpu", "cuda"))
+    assert (tmp_path / "cuda.lego").stat().st_size <= resnet20_path.stat().st_size / 12
+    for name, ct in on_cpu.clustered.items():  # float rounding differs between devices, not the method
+        assert on_gpu.clustered[name].sqnr_db == pytest.approx(ct.sqnr_db, abs=1.0)

@@ -25,7 +25,7 @@ from legonet.artifact import CompressedModel
 from legonet.calibrate.bn import reestimate_batchnorm
 from legonet.calibrate.layer_fit import LayerFitConfig, LayerFitResult, fit_layer_outputs
 from legonet.calibrate.refine import RefineConfig, RefineResult, feature_layer, refine_codebooks
-from legonet.calibrate.stats import input_statistics
+from legonet.calibrate.stats import input_statistics, model_device
 from legonet.compress import as_state_dict, select_tensors
 from legonet.config import NORM_STATISTICS, LegoConfig
 from legonet.datafree.fold_norms import (
@@ -48,9 +48,9 @@ _DEFAULT_REFINE = RefineConfig()
 _DEFAULT_LAYER_FIT = LayerFitConfig()
 
 
-def _batches(images: torch.Tensor, batch_size: int):
+def _batches(images: torch.Tensor, batch_size: int, device: torch.device | None = None):
     for s in range(0, images.shape[0], batch_size):
-        yield images[s : s + batch_size]
+        yield images[s : s + batch_size].to(device or images.device)
 
 
 def calibrated_compress_to_ratio(model: nn.Module, target_ratio: float, calib: torch.Tensor,
@@ -86,10 +86,15 @@ def calibrated_compress(
 ) -> tuple[CompressedModel, dict[str, Choice], CalibratedResult]:
     """Compress ``model`` (with its trained weights loaded) to ``target_ratio`` using ``calib``.
 
+    The model's passes (input statistics, BatchNorm re-estimation, refinement) run on the device
+    the model is on, with ``calib`` moved there a batch at a time; the clustering, the layer fit
+    and the file are computed on the CPU.
+
     Args:
-        model: the network with its original weights; it is left holding the compressed weights.
+        model: the network with its original weights, on any device; it is left holding the
+            compressed weights.
         target_ratio: whole-file compression ratio to meet.
-        calib: ``(N, C, H, W)`` normalised calibration inputs (no labels).
+        calib: ``(N, C, H, W)`` normalised calibration inputs (no labels), on any device.
         config: base settings (include/exclude, seed, k-means), as for target mode.
         refine: codebook refinement settings; ``None`` skips refinement.
         layer_fit: settings of the least-squares fit of codebooks and gains to layer outputs;
@@ -108,6 +113,7 @@ def calibrated_compress(
     if norm_statistics not in NORM_STATISTICS:
         raise ConfigError(f"norm_statistics must be one of {NORM_STATISTICS}, got {norm_statistics!r}")
     say = progress or (lambda _m: None)
+    device = model_device(model)
     eps = batchnorm_eps(model) if fold_norms else {}
     original = as_state_dict(model)
     sd = dict(original)
@@ -118,7 +124,10 @@ def calibrated_compress(
     pairs = scale_pairs(model, names) if fold_norms else {}
     say(f"input statistics on {calib.shape[0]} calibration images")
     rows = None if layer_fit is None else layer_fit.rows_per_batch
-    moments, covs = input_statistics(model, _batches(calib, batch_size), names, covariance_rows=rows, seed=cfg.seed)
+    moments, covs = input_statistics(model, _batches(calib, batch_size, device), names, covariance_rows=rows,
+                                     seed=cfg.seed)
+    moments = {n: t.cpu() for n, t in moments.items()}  # clustering and the layer fit run on the CPU
+    covs = {n: t.cpu() for n, t in covs.items()}
     # the layer fit and refinement rewrite each tensor's SQNR in the metadata: room for the longest number per tensor
     reserve = _SQNR_CHARS * len(names) if refine is not None or layer_fit is not None else 0
     ranked = covs if layer_fit is not None and layer_fit.output_allocation else None
@@ -139,11 +148,11 @@ def calibrated_compress(
     student = copy.deepcopy(model)  # ``model`` keeps the original weights: the teacher of refinement
     cm.load_into(student)
     reference = model if norm_statistics == "relative" else None
-    if reestimate_batchnorm(student, lambda: _batches(calib, batch_size), reference=reference):
+    if reestimate_batchnorm(student, lambda: _batches(calib, batch_size, device), reference=reference):
         new = student.state_dict()
         for name, t in list(cm.tensors.items()):
             if isinstance(t, torch.Tensor) and (name.endswith("running_mean") or name.endswith("running_var")):
-                cm.tensors[name] = new[name].to(t.dtype).clone()
+                cm.tensors[name] = new[name].to("cpu", t.dtype).clone()
     fold_batchnorm_statistics(cm.tensors, eps)
     refined = None
     if refine is not None:

@@ -32,7 +32,8 @@ from torch import nn
 from torch.func import functional_call
 
 from legonet.artifact import CompressedModel, constant_fill
-from legonet.compress import sqnr_db
+from legonet.calibrate.stats import model_device
+from legonet.compress import as_state_dict, sqnr_db
 from legonet.config import FEATURE_FALLBACKS, PRECISIONS
 from legonet.errors import ConfigError
 from legonet.ops.quant import clamp_magnitude, dequantize, storable_gains
@@ -205,10 +206,10 @@ def refine_codebooks(
     """Tune ``cm``'s codebooks, row gains and norm affine parameters in place by distillation.
 
     Args:
-        model: the network holding the *original* weights (the teacher; left unchanged). Its
-            state dict names must match ``cm.tensors``.
+        model: the network holding the *original* weights (the teacher; left unchanged), on any
+            device: refinement's passes run there. Its state dict names must match ``cm.tensors``.
         cm: the compressed model, updated in place (codebooks, gains, norm weights/biases).
-        calib: ``(N, ...)`` normalised calibration inputs, no labels.
+        calib: ``(N, ...)`` normalised calibration inputs, no labels, on any device (moved to the model's).
         progress: optional ``progress(step, steps, loss)`` callback.
     Returns:
         A :class:`RefineResult`.
@@ -220,6 +221,8 @@ def refine_codebooks(
     if not clustered:
         raise ConfigError("nothing to refine: the model has no clustered tensor")
     teacher = model
+    device = model_device(model)
+    calib = calib.to(device)
     student = copy.deepcopy(model)
     cm.load_into(student)  # load_state_dict casts float16 kept tensors to the module's dtype
     student.eval()  # running statistics fixed: refined against the (re-estimated) stored statistics
@@ -228,8 +231,10 @@ def refine_codebooks(
     for p in student.parameters():
         p.requires_grad_(False)
 
-    codebooks = [nn.Parameter(cb.detach().float().clone()) for cb in cm.codebooks]
-    gains = {n: nn.Parameter(ct.scale.detach().float().clone()) for n, ct in clustered.items() if ct.scale is not None}
+    codebooks = [nn.Parameter(cb.detach().to(device, torch.float32, copy=True)) for cb in cm.codebooks]
+    gains = {n: nn.Parameter(ct.scale.detach().to(device, torch.float32, copy=True))
+             for n, ct in clustered.items() if ct.scale is not None}
+    indices = {n: ct.indices.to(device, torch.long) for n, ct in clustered.items()}
     norm_params = _norm_parameters(student, cm) if cfg.tune_norms else {}
     for p in norm_params.values():
         p.requires_grad_(True)
@@ -248,7 +253,7 @@ def refine_codebooks(
     def weights() -> dict[str, torch.Tensor]:
         out = {}
         for name, ct in clustered.items():
-            out[name] = dequantize(codebooks[ct.codebook], ct.indices.long(), ct.tiling, gains.get(name))
+            out[name] = dequantize(codebooks[ct.codebook], indices[name], ct.tiling, gains.get(name))
         return out
 
     n = calib.shape[0]
@@ -275,10 +280,12 @@ def refine_codebooks(
         for step in range(steps):
             if pos >= n:
                 order, pos = torch.randperm(n, generator=gen), 0
+            # the draws stay on the CPU generator (the same sequence on every device)
             idx = order[pos : pos + cfg.batch_size]
             pos += cfg.batch_size
+            flip = torch.rand(idx.shape[0], generator=gen) < 0.5 if flips else torch.zeros(idx.shape[0], dtype=torch.bool)
+            idx, flip = idx.to(device), flip.to(device)
             x = calib[idx]
-            flip = torch.rand(x.shape[0], generator=gen) < 0.5 if flips else torch.zeros(x.shape[0], dtype=torch.bool)
             if flips:
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
             x = _fast_layout(x)
@@ -326,7 +333,7 @@ def refine_codebooks(
         with torch.no_grad():
             for a, p in zip(averaged, tuned):
                 p.copy_(a / gathered)
-    _write_back(cm, codebooks, gains, norm_params, teacher.state_dict())
+    _write_back(cm, codebooks, gains, norm_params, as_state_dict(teacher))
     return RefineResult(steps, first, last, time.perf_counter() - t0, n_tuned, tapped, fallbacks)
 
 
@@ -411,12 +418,12 @@ def _norm_parameters(student: nn.Module, cm: CompressedModel) -> dict[str, nn.Pa
 def _write_back(cm: CompressedModel, codebooks, gains, norm_params, original: dict[str, torch.Tensor]) -> None:
     store = {"float32": torch.float32, "float16": torch.float16}[cm.config.codebook_dtype]
     for i, cb in enumerate(codebooks):
-        cm.codebooks[i] = cb.detach().to(store).float()
+        cm.codebooks[i] = cb.detach().to("cpu", store).float()
     for name, g in gains.items():
         ct = cm.tensors[name]
-        ct.scale = storable_gains(g.detach(), keep_sign=True)
+        ct.scale = storable_gains(g.detach().cpu(), keep_sign=True)
     for name, p in norm_params.items():
         old = cm.tensors[name]
-        cm.tensors[name] = p.detach().to(old.dtype).clone()
+        cm.tensors[name] = p.detach().to("cpu", old.dtype).clone()
     for name, ct in cm.clustered.items():  # the SQNR of the refined reconstruction
         ct.sqnr_db = sqnr_db(original[name], cm.reconstruct(name))

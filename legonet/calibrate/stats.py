@@ -21,6 +21,15 @@ def _module_of(model: nn.Module, weight_name: str) -> nn.Module | None:
         return None
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s passes run: the device of its first parameter or buffer (CPU if it has none)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 def _run(model: nn.Module, batches: Iterable[torch.Tensor], hooks: list) -> None:
     """Run ``model`` in eval mode over ``batches`` and remove ``hooks`` afterwards, whatever happens."""
     was_training = model.training

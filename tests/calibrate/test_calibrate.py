@@ -7,7 +7,10 @@ from torch import nn
 from legonet.calibrate.bn import reestimate_batchnorm
 from legonet.calibrate.pipeline import calibrated_compress_to_ratio
 from legonet.calibrate.stats import input_second_moments
+from legonet.calibrate.refine import RefineConfig
 from legonet.errors import ConfigError
+from tests.marks import needs_cuda
+from tests.nets import conv_bn_net
 
 
 def test_bn_reestimation_matches_the_data():
@@ -115,3 +118,20 @@ def test_calibrated_pipeline_rejects_an_unknown_norm_statistics_mode():
     m = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8))
     with pytest.raises(ConfigError, match="norm_statistics"):
         calibrated_compress_to_ratio(m, 4.0, torch.randn(4, 3, 8, 8), norm_statistics="fresh")
+
+
+@needs_cuda
+def test_calibrated_pipeline_with_the_model_on_the_gpu_matches_the_cpu_run(tmp_path):
+    # The passes run on the GPU, clustering and the layer fit on the CPU: the same method, so the
+    # file meets the ratio and every tensor's SQNR is the CPU run's up to float rounding.
+    calib = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for device in ("cpu", "cuda"):
+        m = conv_bn_net().to(device)
+        cm, _ = calibrated_compress_to_ratio(m, 6.0, calib, refine=RefineConfig(epochs=2))
+        assert next(m.parameters()).device.type == device  # the model stays where it was
+        runs[device] = cm
+    fp32 = sum(4 * t.numel() for t in conv_bn_net().state_dict().values() if t.is_floating_point())
+    assert runs["cuda"].save(tmp_path / "gpu.lego") <= fp32 / 6.0
+    for name, ct in runs["cpu"].clustered.items():
+        assert runs["cuda"].clustered[name].sqnr_db == pytest.approx(ct.sqnr_db, abs=1.0)
