@@ -60,7 +60,7 @@ def main() -> None:
 
     sd = read_state_dict(args.weights)
     cm = compress_to_ratio_from_options(sd, LegoConfig(), args.ratio, args.arch, args.calib, args.calib_images, 0,
-                                        DEFAULT_REFINEMENT, None, device, progress)
+                                        DEFAULT_REFINEMENT, {}, device, progress)
     seconds = time.perf_counter() - t0
     nbytes = cm.save(args.out / f"{stem}.lego")
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "arch": args.arch,

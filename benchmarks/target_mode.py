@@ -10,7 +10,9 @@ A point is ``MODE:RATIO`` with MODE one of
   calib+refine   the CLI's default with ``--calib``: the above + codebook refinement by distillation.
 ``--no-layer-fit`` drops the layer-output fit from the calibrated modes (an ablation; such rows have
 mode ``calib (no layer fit)`` or ``calib+refine (no layer fit)``); ``--no-reassign`` keeps the fit
-but not its error-feedback reassignment of indices (rows ``... (no reassign)``).
+but not its error-feedback reassignment of indices (rows ``... (no reassign)``);
+``--no-group-channels`` skips the reordering of alike channels (rows ``... (no channel grouping)``;
+every calibrated row records ``grouped_channels``, the channel dimensions reordered).
 Calibration uses ``--calib-images`` (default 1,024, as the CLI) of ``cifar10-calib.npz``, never test
 images. Top-1 is measured on ``--test-images`` of ``cifar10-test.npz`` (default: all 10,000) with a
 95 % Wilson interval. Each point is appended to ``benchmarks/results/target_mode_<arch>.json`` as
@@ -103,6 +105,9 @@ def main() -> None:
                     help="calibrated modes without the layer-output fit (an ablation: the row's mode says so)")
     ap.add_argument("--no-reassign", action="store_true",
                     help="layer-output fit keeping the indices clustering chose (an ablation: the row's mode says so)")
+    ap.add_argument("--no-group-channels", action="store_true",
+                    help="calibrated modes without reordering alike channels into shared blocks (an ablation: "
+                         "the row's mode says so)")
     ap.add_argument("--norm-statistics", choices=NORM_STATISTICS, default="relative",
                     help="BatchNorm re-estimation of the calibrated modes (the row records it)")
     ap.add_argument("--no-baseline", action="store_true", help="reuse the baseline already in the results file")
@@ -130,6 +135,7 @@ def main() -> None:
         load = os.getloadavg()
         t0 = time.time()
         refined = fitted = None
+        grouped = 0
         if mode == "data-free":  # as the CLI with --arch and no --calib: BatchNorm folding, bias correction
             cm, plan = datafree_compress(build(args.arch), ratio, sd)
         else:
@@ -146,8 +152,9 @@ def main() -> None:
             if args.no_reassign and not args.no_layer_fit:
                 options = {"layer_fit": LayerFitConfig(reassign=False)}
             cm, plan, steps = calibrated_compress(model, ratio, x, refine=refine,
-                                                  norm_statistics=args.norm_statistics, **options)
-            refined, fitted = steps.refine, steps.layer_fit
+                                                  norm_statistics=args.norm_statistics,
+                                                  group_channels=not args.no_group_channels, **options)
+            refined, fitted, grouped = steps.refine, steps.layer_fit, steps.grouped_channels
         seconds = time.time() - t0
         rep = cm.report()
         acc = accuracy(cm.to_state_dict())
@@ -155,12 +162,15 @@ def main() -> None:
             mode += " (no layer fit)"
         elif mode != "data-free" and args.no_reassign:
             mode += " (no reassign)"
+        if mode != "data-free" and args.no_group_channels:
+            mode += " (no channel grouping)"
         row = {
             "mode": mode, "target_ratio": ratio, "file_ratio": rep.ratio, "file_bytes": rep.file_bytes,
             "bits_per_weight": rep.bits_per_weight, "compress_seconds": round(seconds, 1),
             "settings": Counter(f"{c.block[0]}x{c.block[1]} K={c.clusters}" for c in plan.values()).most_common(),
             "top1": acc, "ci95": wilson_interval(acc, len(test)),
             "norm_statistics": None if mode == "data-free" else args.norm_statistics,
+            "grouped_channels": grouped,
             "refine": None if refined is None else {"steps": refined.steps, "seconds": round(refined.seconds, 1),
                                                     "first_loss": refined.first_loss, "last_loss": refined.last_loss,
                                                     "tuned_parameters": refined.tuned_parameters,

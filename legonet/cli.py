@@ -157,6 +157,9 @@ def main(debug: bool) -> None:  # noqa: ARG001
               help="With --calib: how BatchNorm statistics are re-estimated on the calibration images: "
                    "'relative' moves the model's stored statistics by the change compression makes to "
                    "them; 'replace' replaces them by the calibration images' own. [default: relative]")
+@click.option("--group-channels/--no-group-channels", default=None,
+              help="With --calib: first reorder hidden channels that can be reordered without changing the "
+                   "network's function, so that alike weight rows share blocks. [default: on]")
 @click.option("--device", default=None,
               help="With --calib: where the model's passes run (input statistics, BatchNorm re-estimation, "
                    "refinement), e.g. 'cuda' or 'cuda:1'; clustering and the layer fit stay on the CPU. "
@@ -165,8 +168,8 @@ def main(debug: bool) -> None:  # noqa: ARG001
               help="CPU threads for k-means (default: PyTorch's; 1 is often faster on a busy machine).")
 def compress(src, output, block, clusters, scope, seed, include, exclude, codebook_dtype, per_tensor, quiet,
              allow_nonfinite, scales, scale_stat, unshrink, target_ratio, arch, calib, calib_images, refine_epochs,
-             refine_feature_weight, refine_feature_fallback, refine_average, refine_precision, norm_statistics, device,
-             threads):
+             refine_feature_weight, refine_feature_fallback, refine_average, refine_precision, norm_statistics,
+             group_channels, device, threads):
     """Compress the checkpoint SRC (.safetensors, *.index.json or .pt) into a .lego file."""
     if threads is not None:
         import torch
@@ -185,7 +188,7 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
     for flag, value in (("--refine-epochs", refine_epochs), ("--refine-feature-weight", refine_feature_weight),
                         ("--refine-feature-fallback", refine_feature_fallback), ("--refine-average", refine_average),
                         ("--refine-precision", refine_precision), ("--norm-statistics", norm_statistics),
-                        ("--device", device)):
+                        ("--group-channels/--no-group-channels", group_channels), ("--device", device)):
         if value is not None and calib is None:
             raise click.UsageError(f"{flag} needs --calib")
     from legonet.cli_target import compress_to_ratio_from_options, parse_device
@@ -213,8 +216,9 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
                 refinement = {"epochs": refine_epochs, "feature_weight": refine_feature_weight,
                               "feature_fallback": refine_feature_fallback, "average": refine_average,
                               "precision": refine_precision}
+                pipeline = {"norm_statistics": norm_statistics, "group_channels": group_channels}
                 cm = compress_to_ratio_from_options(sd, config, target_ratio, arch, calib, calib_images, seed,
-                                                    refinement, norm_statistics, device,
+                                                    refinement, pipeline, device,
                                                     status.update if status is not None else None)
         nbytes = cm.save(output)
     if not quiet:

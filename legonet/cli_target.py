@@ -30,8 +30,12 @@ def parse_device(name: str | None) -> torch.device:
 
 
 def compress_to_ratio_from_options(sd, config, target_ratio, arch, calib, calib_images, seed, refinement,
-                                   norm_statistics, device, progress):
-    """Target mode as the CLI's options ask: plain, data-free (``arch``) or calibrated (``calib``)."""
+                                   pipeline, device, progress):
+    """Target mode as the CLI's options ask: plain, data-free (``arch``) or calibrated (``calib``).
+
+    ``refinement`` holds :class:`RefineConfig` fields and ``pipeline`` keywords of
+    :func:`calibrated_compress` (``norm_statistics``, ``group_channels``), None where not given
+    (their defaults then)."""
     from legonet.target import compress_to_ratio
 
     if calib is None:
@@ -63,7 +67,7 @@ def compress_to_ratio_from_options(sd, config, target_ratio, arch, calib, calib_
             progress(f"refining codebooks on {x.shape[0]} calibration images: step {step}/{steps}, "
                      f"distillation loss {loss:.4f}")
 
-    options = {} if norm_statistics is None else {"norm_statistics": norm_statistics}
+    options = {k: v for k, v in pipeline.items() if v is not None}
     cm, _plan = calibrated_compress_to_ratio(model, target_ratio, x, config=config, refine=refine,
                                              progress=progress, on_refine_step=on_step, **options)
     return cm

@@ -187,6 +187,21 @@ def test_norm_statistics_reach_the_pipeline_and_need_calib(run, tmp_path, resnet
     assert r.exit_code == 2 and "fresh" in r.output
 
 
+def test_channel_grouping_reaches_the_pipeline_and_needs_calib(run, tmp_path, resnet20_path, images_path):
+    out = tmp_path / "r20.lego"
+    common = ("compress", resnet20_path, "-o", out, "--target-ratio", "12")
+    calibrated = ("--arch", "resnet20", "--calib", images_path, "--calib-images", "32", "--refine-epochs", "0")
+    files = {}
+    for flag in ("--group-channels", "--no-group-channels", None):
+        r = run(*common, *calibrated, *(() if flag is None else (flag,)), "--quiet")
+        assert r.exit_code == 0, r.output
+        files[flag] = out.read_bytes()
+    assert files["--group-channels"] != files["--no-group-channels"]
+    assert files[None] == files["--group-channels"]  # the default
+    r = run(*common, "--no-group-channels")
+    assert r.exit_code == 2 and "needs --calib" in r.output
+
+
 def test_device_option_reaches_the_pipeline_and_is_checked(run, tmp_path, resnet20_path, images_path, monkeypatch):
     import legonet.calibrate.pipeline as pipeline
 

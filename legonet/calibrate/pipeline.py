@@ -37,6 +37,7 @@ from legonet.datafree.fold_norms import (
     state_key,
     unit_scales,
 )
+from legonet.datafree.permute_channels import group_alike_channels
 from legonet.errors import ConfigError
 from legonet.report import fp32_bytes
 from legonet.target import DEFAULT_MENU, KERNEL_MENU, Choice, compress_to_ratio
@@ -66,6 +67,7 @@ class CalibratedResult:
 
     layer_fit: LayerFitResult | None
     refine: RefineResult | None
+    grouped_channels: int = 0
 
 
 def calibrated_compress(
@@ -79,6 +81,7 @@ def calibrated_compress(
     batch_size: int = 64,
     fold_norms: bool = True,
     norm_statistics: str = "relative",
+    group_channels: bool = True,
     menu=DEFAULT_MENU,
     kernel_menu=KERNEL_MENU,
     progress: Callable[[str], None] | None = None,
@@ -92,7 +95,8 @@ def calibrated_compress(
 
     Args:
         model: the network with its original weights, on any device; it is left holding the
-            compressed weights.
+            compressed weights (with ``group_channels``, some hidden channels reordered: the same
+            order as in the returned model, so the two agree).
         target_ratio: whole-file compression ratio to meet.
         calib: ``(N, C, H, W)`` normalised calibration inputs (no labels), on any device.
         config: base settings (include/exclude, seed, k-means), as for target mode.
@@ -105,6 +109,9 @@ def calibrated_compress(
             ``"relative"`` (default) moves the model's stored statistics by the change compression
             makes to them on the calibration images; ``"replace"`` replaces them by the calibration
             images' (see :func:`legonet.calibrate.bn.reestimate_batchnorm`).
+        group_channels: first reorder every hidden channel dimension that can be reordered without
+            changing the network's function, so that alike weight rows share blocks
+            (:func:`legonet.datafree.permute_channels.group_alike_channels`).
         on_refine_step: optional ``(step, steps, loss)`` callback during refinement.
     Returns:
         The compressed model, the setting chosen per clustered tensor, and what the layer fit and
@@ -114,6 +121,9 @@ def calibrated_compress(
         raise ConfigError(f"norm_statistics must be one of {NORM_STATISTICS}, got {norm_statistics!r}")
     say = progress or (lambda _m: None)
     device = model_device(model)
+    grouped = group_alike_channels(model) if group_channels else []
+    if grouped:
+        say(f"grouped alike channels of {len(grouped)} layers (a reordering; the function is unchanged)")
     eps = batchnorm_eps(model) if fold_norms else {}
     original = as_state_dict(model)
     sd = dict(original)
@@ -166,5 +176,5 @@ def calibrated_compress(
     if size > target:  # cannot happen with the reserve above; checked so a regression is loud
         raise ConfigError(f"compressed file has {size:,} bytes, over the target's {target:,}")
     cm.load_into(model)
-    return cm, plan, CalibratedResult(fit_result, refined)
+    return cm, plan, CalibratedResult(fit_result, refined, len(grouped))
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from legonet.calibrate.bn import reestimate_batchnorm
-from legonet.calibrate.pipeline import calibrated_compress_to_ratio
+from legonet.calibrate.pipeline import calibrated_compress, calibrated_compress_to_ratio
 from legonet.calibrate.stats import input_second_moments
 from legonet.calibrate.refine import RefineConfig
 from legonet.errors import ConfigError
@@ -135,3 +135,20 @@ def test_calibrated_pipeline_with_the_model_on_the_gpu_matches_the_cpu_run(tmp_p
     assert runs["cuda"].save(tmp_path / "gpu.lego") <= fp32 / 6.0
     for name, ct in runs["cpu"].clustered.items():
         assert runs["cuda"].clustered[name].sqnr_db == pytest.approx(ct.sqnr_db, abs=1.0)
+
+
+def test_channel_grouping_reorders_the_model_and_the_file_alike():
+    # The caller's model ends with the compressed weights in the grouped order: it computes what
+    # the file computes; without grouping nothing is reordered.
+    calib = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    menu = (((2, 2), 16), ((1, 2), 64))
+    results = {}
+    for group in (True, False):
+        m = conv_bn_net()
+        cm, _, steps = calibrated_compress(m, 6.0, calib, menu=menu, refine=None, group_channels=group)
+        assert steps.grouped_channels == (1 if group else 0)  # conv 0 -> BN -> ReLU -> conv 3
+        fresh = cm.load_into(conv_bn_net())
+        with torch.no_grad():
+            torch.testing.assert_close(m(calib), fresh(calib))
+        results[group] = cm
+    assert not torch.equal(results[True].tensors["1.bias"], results[False].tensors["1.bias"])
