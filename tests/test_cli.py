@@ -170,15 +170,23 @@ def test_refinement_options_reach_refinement_and_need_calib(run, tmp_path, resne
     assert r.exit_code == 2 and bad in r.output
 
 
-def test_norm_statistics_reach_the_pipeline_and_need_calib(run, tmp_path, resnet20_path, images_path):
-    out = tmp_path / "r20.lego"
+def _r20_12x_files(run, out, resnet20_path, images_path, variants: dict) -> tuple[tuple, tuple, dict]:
+    """``(compress command, its calibration options, {name: file bytes})``: ResNet-20 compressed to
+    12x with 32 calibration images and no refinement, once per ``variants`` entry (name -> extra options)."""
     common = ("compress", resnet20_path, "-o", out, "--target-ratio", "12")
     calibrated = ("--arch", "resnet20", "--calib", images_path, "--calib-images", "32", "--refine-epochs", "0")
     files = {}
-    for mode in ("relative", "replace", None):
-        r = run(*common, *calibrated, *(() if mode is None else ("--norm-statistics", mode)), "--quiet")
+    for name, extra in variants.items():
+        r = run(*common, *calibrated, *extra, "--quiet")
         assert r.exit_code == 0, r.output
-        files[mode] = out.read_bytes()
+        files[name] = out.read_bytes()
+    return common, calibrated, files
+
+
+def test_norm_statistics_reach_the_pipeline_and_need_calib(run, tmp_path, resnet20_path, images_path):
+    variants = {mode: ("--norm-statistics", mode) for mode in ("relative", "replace")}
+    common, calibrated, files = _r20_12x_files(run, tmp_path / "r20.lego", resnet20_path, images_path,
+                                               {**variants, None: ()})
     assert files["relative"] != files["replace"]  # the folded BatchNorm biases differ
     assert files[None] == files["relative"]  # the default
     r = run(*common, "--norm-statistics", "replace")
@@ -188,14 +196,8 @@ def test_norm_statistics_reach_the_pipeline_and_need_calib(run, tmp_path, resnet
 
 
 def test_channel_grouping_reaches_the_pipeline_and_needs_calib(run, tmp_path, resnet20_path, images_path):
-    out = tmp_path / "r20.lego"
-    common = ("compress", resnet20_path, "-o", out, "--target-ratio", "12")
-    calibrated = ("--arch", "resnet20", "--calib", images_path, "--calib-images", "32", "--refine-epochs", "0")
-    files = {}
-    for flag in ("--group-channels", "--no-group-channels", None):
-        r = run(*common, *calibrated, *(() if flag is None else (flag,)), "--quiet")
-        assert r.exit_code == 0, r.output
-        files[flag] = out.read_bytes()
+    variants = {flag: (flag,) for flag in ("--group-channels", "--no-group-channels")}
+    common, _, files = _r20_12x_files(run, tmp_path / "r20.lego", resnet20_path, images_path, {**variants, None: ()})
     assert files["--group-channels"] != files["--no-group-channels"]
     assert files[None] == files["--group-channels"]  # the default
     r = run(*common, "--no-group-channels")
