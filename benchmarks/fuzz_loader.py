@@ -210,6 +210,7 @@ def atheris_child(corpus: str, seconds: int, rss_mb: int, artifacts: str, max_le
 
     with atheris.instrument_imports(include=["legonet"]):
         import legonet.format.lego_file  # noqa: F401
+        import legonet.format.lego_reader  # noqa: F401
         import legonet.ops.bitpack  # noqa: F401
 
     def one_input(data: bytes) -> None:

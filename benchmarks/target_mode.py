@@ -36,9 +36,10 @@ from pathlib import Path
 import torch
 
 from legonet.artifact import load_weights
+from legonet.calibrate.distill import FEATURE_GATES
 from legonet.calibrate.layer_fit import LayerFitConfig
 from legonet.calibrate.pipeline import calibrated_compress
-from legonet.calibrate.refine import FEATURE_GATES, RefineConfig
+from legonet.calibrate.refine import RefineConfig
 from legonet.config import FEATURE_FALLBACKS, NORM_STATISTICS, PRECISIONS
 from legonet.data import load_images, to_input
 from legonet.datafree.pipeline import datafree_compress

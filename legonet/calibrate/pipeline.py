@@ -23,8 +23,9 @@ from torch import nn
 
 from legonet.artifact import CompressedModel
 from legonet.calibrate.bn import reestimate_batchnorm
+from legonet.calibrate.distill import feature_layer
 from legonet.calibrate.layer_fit import LayerFitConfig, LayerFitResult, fit_layer_outputs
-from legonet.calibrate.refine import RefineConfig, RefineResult, feature_layer, refine_codebooks
+from legonet.calibrate.refine import RefineConfig, RefineResult, refine_codebooks
 from legonet.calibrate.stats import input_statistics, model_device
 from legonet.compress import as_state_dict, select_tensors
 from legonet.config import NORM_STATISTICS, LegoConfig

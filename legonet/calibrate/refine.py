@@ -15,7 +15,8 @@ What is tuned, and nothing else: the codebooks (float32 during tuning, rounded t
 dtype at the end), the per-row gains of gain-shape clustering (signs kept: a BatchNorm scale moved
 into a gain may make it negative), and the affine parameters (weight, bias) of the normalisation
 layers stored densely. Indices, every other weight, biases of Conv/Linear layers and
-the BatchNorm running statistics stay as they are. The file size does not change.
+the BatchNorm running statistics stay as they are. The file size does not change. The losses
+and the teacher's signals are in :mod:`legonet.calibrate.distill`.
 """
 
 from __future__ import annotations
@@ -27,20 +28,27 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
 from legonet.artifact import CompressedModel, constant_fill
+from legonet.calibrate.distill import (
+    FEATURE_GATES,
+    LOSSES,
+    FeatureTaps,
+    distill_loss,
+    fast_layout,
+    feature_layer,
+    feature_term,
+    teacher_outputs,
+)
 from legonet.calibrate.stats import model_device
 from legonet.compress import as_state_dict, sqnr_db
 from legonet.config import FEATURE_FALLBACKS, PRECISIONS
 from legonet.errors import ConfigError
 from legonet.ops.quant import clamp_magnitude, dequantize, storable_gains
 
-LOSSES = ("kl", "mse")
 SCHEDULES = ("cosine", "constant")
-FEATURE_GATES = ("explained", "none")
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
 
@@ -165,36 +173,6 @@ def lr_factor(step: int, steps: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * step / steps))
 
 
-def relative_error(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """``|s - t|^2 / |t|^2`` over the whole batch (a scalar tensor)."""
-    return (student - teacher).pow(2).sum() / teacher.pow(2).sum().clamp(min=torch.finfo(torch.float32).tiny)
-
-
-def feature_term(student: torch.Tensor, teacher: torch.Tensor, weight: float, gate: str,
-                 fallback: str = "none") -> tuple[torch.Tensor, bool]:
-    """The feature term for ``(N, ...)`` student and teacher features, and whether it fell back.
-
-    ``weight' * |s - t|^2 / |t|^2`` over the batch, with ``weight' = weight`` (gate ``"none"``) or
-    ``weight * max(0, 1 - |s - t|^2 / |t|^2)`` (gate ``"explained"``, the factor without gradient).
-    Where that gate is closed (relative error >= 1) and ``fallback="cosine"``:
-    ``weight * mean_i (1 - cos(s_i, t_i))`` over the images ``i``, each flattened (then True).
-    """
-    rel = relative_error(student, teacher)
-    if gate == "explained":
-        share = float((1.0 - rel.detach()).clamp(min=0.0))
-        if share == 0.0 and fallback == "cosine":
-            cosine = (1.0 - F.cosine_similarity(student.flatten(1), teacher.flatten(1), dim=1)).mean()
-            return weight * cosine, True
-        weight = weight * share
-    return weight * rel, False
-
-
-def _distill_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "mse":
-        return F.mse_loss(student, teacher)
-    return F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
-
-
 def refine_codebooks(
     model: nn.Module,
     cm: CompressedModel,
@@ -264,13 +242,13 @@ def refine_codebooks(
     # gradients of convolutions are not bit-reproducible otherwise); scoped, the setting restored
     deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
-    taps = _FeatureTaps(teacher, student, tapped)  # removed in ``finally``: the teacher is the caller's model
+    taps = FeatureTaps(teacher, student, tapped)  # removed in ``finally``: the teacher is the caller's model
     try:
         # Teacher outputs computed once (for each image and its mirror) when the run sees every image
         # more than once and the outputs are small (classifier logits); otherwise per step.
         cached = None
         if steps * cfg.batch_size > (2 if flips else 1) * n:
-            cached = _teacher_outputs(teacher, calib, cfg.batch_size, flips, taps)
+            cached = teacher_outputs(teacher, calib, cfg.batch_size, flips, taps)
         gen = torch.Generator().manual_seed(cfg.seed)
         order = torch.randperm(n, generator=gen)
         pos = 0
@@ -288,7 +266,7 @@ def refine_codebooks(
             x = calib[idx]
             if flips:
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            x = _fast_layout(x)
+            x = fast_layout(x)
             if cached is not None:
                 target = cached[0][flip.long(), idx]
                 target_features = None if cached[1] is None else cached[1][flip.long(), idx]
@@ -298,7 +276,7 @@ def refine_codebooks(
                 target_features = taps.teacher
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bfloat16"):
                 out = functional_call(student, weights(), (x,), strict=False)
-            loss = _distill_loss(out.float(), target, cfg.loss)
+            loss = distill_loss(out.float(), target, cfg.loss)
             if target_features is not None:
                 term, fell_back = feature_term(taps.student.float(), target_features, cfg.feature_weight, cfg.feature_gate,
                                                cfg.feature_fallback)
@@ -335,60 +313,6 @@ def refine_codebooks(
                 p.copy_(a / gathered)
     _write_back(cm, codebooks, gains, norm_params, as_state_dict(teacher))
     return RefineResult(steps, first, last, time.perf_counter() - t0, n_tuned, tapped, fallbacks)
-
-
-_CACHE_ELEMENTS = 1 << 26
-
-
-def feature_layer(model: nn.Module) -> str | None:
-    """Name of the model's last Linear module (for a classifier: its head), or None."""
-    linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return linear[-1] if linear else None
-
-
-class _FeatureTaps:
-    """Forward pre-hooks that keep the latest input of the layer ``name`` in the teacher and the
-    student (``self.teacher``, ``self.student``); inert when ``name`` is None."""
-
-    def __init__(self, teacher: nn.Module, student: nn.Module, name: str | None) -> None:
-        self.teacher = self.student = None
-        self._hooks = [] if name is None else [
-            teacher.get_submodule(name).register_forward_pre_hook(lambda _m, i: setattr(self, "teacher", i[0])),
-            student.get_submodule(name).register_forward_pre_hook(lambda _m, i: setattr(self, "student", i[0])),
-        ]
-
-    def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
-
-
-@torch.no_grad()
-def _teacher_outputs(teacher: nn.Module, calib: torch.Tensor, batch_size: int, flips: bool,
-                     taps: _FeatureTaps) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """``(2 if flips else 1, N, ...)`` teacher outputs and (with ``taps``) features, or None if
-    they would exceed the cache size."""
-    views = (calib, calib.flip(-1)) if flips else (calib,)
-    first = teacher(calib[:1])
-    per_image = first.numel() + (0 if taps.teacher is None else taps.teacher.numel())
-    if len(views) * calib.shape[0] * per_image > _CACHE_ELEMENTS:
-        return None
-    outs, feats = [], []
-    for v in views:
-        for s in range(0, v.shape[0], batch_size):
-            outs.append(teacher(_fast_layout(v[s : s + batch_size])))
-            feats.append(taps.teacher)
-    shape = (len(views), calib.shape[0])
-    logits = torch.cat(outs).reshape(*shape, *first.shape[1:])
-    if taps.teacher is None:
-        return logits, None
-    return logits, torch.cat(feats).reshape(*shape, *feats[0].shape[1:])
-
-
-def _fast_layout(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in channels-last layout if it is a batch of images ``(N, C, H, W)``, else as it is:
-    oneDNN's convolutions run faster on it (ResNet-50 forward + backward on 64 images, CPU: 4.95 ->
-    3.92 s); the values are the same."""
-    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
 
 
 def _rms(t: torch.Tensor) -> float:

@@ -129,7 +129,7 @@ def _read_state_dict(p: Path) -> dict[str, torch.Tensor]:
     kind = _sniff(p)
     if kind == "safetensors":
         if _is_lego(p):
-            from legonet.format.lego_file import load
+            from legonet.format import load
 
             try:
                 return load(p).to_state_dict()

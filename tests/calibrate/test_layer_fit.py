@@ -10,7 +10,7 @@ from legonet.calibrate.pipeline import calibrated_compress
 from legonet.calibrate.stats import _input_rows, covariance_layers, input_covariances, input_second_moments, input_statistics
 from legonet.config import LegoConfig
 from legonet.errors import ConfigError
-from legonet.format.lego_file import deserialize
+from legonet.format import deserialize
 from legonet.target import compress_to_ratio
 from tests.nets import conv_bn_net
 

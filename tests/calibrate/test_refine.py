@@ -3,8 +3,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from legonet.calibrate.distill import feature_term
 from legonet.calibrate.pipeline import calibrated_compress
-from legonet.calibrate.refine import RefineConfig, feature_term, lr_factor, refine_codebooks
+from legonet.calibrate.refine import RefineConfig, lr_factor, refine_codebooks
 from legonet.config import LegoConfig
 from legonet.datafree.pipeline import datafree_compress
 from legonet.errors import ConfigError

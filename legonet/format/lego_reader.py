@@ -1,0 +1,295 @@
+"""Reading a .lego file (the layout is described in :mod:`legonet.format.lego_file`).
+
+Reading never executes code and never trusts a declared size: the safetensors framing, every
+codebook's K, dimension and dtype, every tensor's dtype, shape, codebook reference, block and bit
+width are checked against the real byte counts before anything is allocated or decoded. Every
+failure is a :class:`legonet.errors.FormatError` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import stat
+import struct
+from typing import Any
+
+import numpy as np
+import torch
+
+from legonet.artifact import MAX_FILL, MAX_FILL_TOTAL, ClusteredTensor, CompressedModel
+from legonet.config import LegoConfig
+from legonet.errors import ConfigError, FormatError
+from legonet.format.lego_file import (
+    _BLOBS,
+    _FILL_VERSION,
+    _MAX_NDIM,
+    CODEBOOK_DTYPES,
+    DTYPES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    _crc,
+)
+from legonet.ops.bitpack import bits_for, packed_nbytes, unpack_bits
+from legonet.ops.tiling import make_tiling
+
+# torch sizes are int64; a dimension near this bound can only be a lie told by a small file.
+_MAX_DIM = 1 << 62
+_VERSION_RE = re.compile(r"[0-9]{1,6}")
+
+
+def _fail(source: str, msg: str) -> FormatError:
+    return FormatError(f"{source}: {msg}")
+
+
+def _parse_json(raw: bytes, source: str, what: str) -> Any:
+    # ValueError covers bad UTF-8 and integers longer than Python's 4300-digit limit;
+    # RecursionError covers absurdly nested arrays.
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        raise _fail(source, f"{what} is not valid JSON") from None
+
+
+def _check_magic(md: Any, source: str) -> int:
+    if not isinstance(md, dict) or md.get("format") != FORMAT_NAME:
+        raise _fail(source, "not a .lego file (a safetensors file without legonet metadata)")
+    v = md.get("version")
+    if not (isinstance(v, str) and _VERSION_RE.fullmatch(v)):
+        raise _fail(source, f"unreadable format version {str(v)[:20]!r}")
+    version = int(v)
+    if version > FORMAT_VERSION:
+        raise _fail(source, f"written by a newer legonet (format version {version}); this legonet reads "
+                            f"versions up to {FORMAT_VERSION}: upgrade legonet")
+    if version < 1:
+        raise _fail(source, f"invalid format version {version}")
+    return version
+
+
+def _is_int(v: Any, lo: int = 0, hi: int | None = None) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
+
+
+def _split_container(data: memoryview, source: str) -> tuple[dict[str, Any], dict[str, memoryview], int]:
+    """Check the safetensors framing; return the header metadata and the four blobs (zero-copy views).
+
+    The rules are safetensors' own (8-byte little-endian header length, JSON header, data offsets
+    tiling the data area with no gap, overlap or trailing byte), checked here rather than by the
+    safetensors library so that every violation is a :class:`FormatError` and nothing is copied.
+    """
+    if len(data) < 8:
+        raise _fail(source, f"truncated or not a .lego file ({len(data)} bytes)")
+    (n,) = struct.unpack_from("<Q", data)
+    if n > len(data) - 8:
+        raise _fail(source, f"truncated or not a .lego file (header says {n} bytes, file has {len(data) - 8})")
+    header = _parse_json(bytes(data[8 : 8 + n]), source, "the safetensors header (not a .lego file?)")
+    if not isinstance(header, dict):
+        raise _fail(source, "not a .lego file (malformed safetensors header)")
+    version = _check_magic(header.get("__metadata__"), source)
+    found = sorted(k for k in header if k != "__metadata__")
+    if found != sorted(_BLOBS):
+        raise _fail(source, f"expected tensors {sorted(_BLOBS)}, found {found[:8]}")
+    body = data[8 + n :]
+    spans = []
+    for k in _BLOBS:
+        e = header[k]
+        shape, offs = (e.get("shape"), e.get("data_offsets")) if isinstance(e, dict) else (None, None)
+        if not (isinstance(e, dict) and e.get("dtype") == "U8" and isinstance(shape, list) and len(shape) == 1
+                and isinstance(offs, list) and len(offs) == 2 and all(_is_int(x) for x in shape + offs)
+                and offs[1] - offs[0] == shape[0]):
+            raise _fail(source, f"container entry {k!r} is malformed (expected a 1-D uint8 tensor)")
+        spans.append((offs[0], offs[1], k))
+    pos = 0
+    for b, e, _k in sorted(spans):
+        if b != pos:
+            raise _fail(source, "container data areas overlap or leave gaps (corrupt)")
+        pos = e
+    if pos != len(body):
+        raise _fail(source, f"container data area is {len(body)} bytes but its header describes {pos} "
+                            "(truncated or extended file)")
+    return header["__metadata__"], {k: body[b:e] for b, e, k in spans}, version
+
+
+def _parse_meta(raw: bytes, source: str, version: int) -> dict[str, Any]:
+    meta = _parse_json(raw, source, "metadata")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME or type(meta.get("version")) is not int \
+            or meta["version"] != version:
+        raise _fail(source, f"metadata does not describe a legonet format-{version} file")
+    if not isinstance(meta.get("codebooks"), list) or not isinstance(meta.get("tensors"), list):
+        raise _fail(source, "metadata lacks the codebooks or tensors list")
+    return meta
+
+
+def load(path: str | os.PathLike, *, verify: bool = True) -> CompressedModel:
+    """Read a .lego file.
+
+    Memory: the file is read whole; nothing else is allocated before every declared size has been
+    checked against it, so a lying header costs at most the file's own size. Decoded indices take
+    8 bytes per block.
+
+    Args:
+        path: the file.
+        verify: check every CRC-32 (default). Shapes, sizes, offsets and index ranges are checked
+            regardless.
+    Raises:
+        FormatError: naming the file and what is wrong with it.
+    """
+    source = str(path)
+    try:
+        st = os.stat(path)
+        # A FIFO or device would block or never end: only regular files are read.
+        if not stat.S_ISREG(st.st_mode):
+            raise FormatError(f"{source}: " + ("is a folder, not a .lego file" if stat.S_ISDIR(st.st_mode)
+                                               else "not a regular file"))
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise FormatError(f"{source}: no such file") from None
+    except OSError as exc:
+        raise FormatError(f"{source}: cannot read ({exc.strerror or exc})") from None
+    return deserialize(data, source=source, verify=verify)
+
+
+def deserialize(data: bytes | bytearray | memoryview, *, source: str = "<bytes>", verify: bool = True) -> CompressedModel:
+    """Parse the bytes of a .lego file; see :func:`load`."""
+    md, blobs, version = _split_container(memoryview(data).cast("B"), source)
+    meta_raw = bytes(blobs["legonet.meta"])
+    if verify and _crc(meta_raw) != md.get("meta_crc32"):
+        raise _fail(source, "checksum mismatch in the metadata (the file is corrupt)")
+    meta = _parse_meta(meta_raw, source, version)
+    try:
+        config = LegoConfig.from_dict(meta.get("config"))
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise _fail(source, f"invalid config in metadata ({str(exc)[:300]})") from None
+
+    codebooks = _read_codebooks(meta["codebooks"], blobs["codebooks"], source, verify)
+    tensors: dict[str, ClusteredTensor | torch.Tensor] = {}
+    idx_off = dense_off = filled = 0
+    for i, entry in enumerate(meta["tensors"]):
+        name, dtype, shape, crc = _check_entry_head(entry, i, source)
+        if name in tensors:
+            raise _fail(source, f"tensor {name!r} appears twice")
+        if len(entry) == 5 and crc == "fill" and version >= _FILL_VERSION:
+            tensors[name] = _read_fill(name, dtype, shape, entry[4], MAX_FILL_TOTAL - filled, source)
+            filled += tensors[name].numel()
+        elif len(entry) == 4:
+            tensors[name], nbytes = _read_dense(name, dtype, shape, crc, blobs["dense"], dense_off, source, verify)
+            dense_off += nbytes
+        elif len(entry) in (7, 8):
+            ct, nbytes = _read_clustered(entry, name, dtype, shape, crc, codebooks, blobs["indices"],
+                                         idx_off, source, verify)
+            idx_off += nbytes
+            if len(entry) == 8:
+                scale, nbytes = _read_dense(f"{name} (scales)", "F16", (shape[0],), entry[7], blobs["dense"],
+                                            dense_off, source, verify)
+                if not bool(torch.isfinite(scale).all()):
+                    raise _fail(source, f"tensor {name!r} has non-finite scales")
+                ct.scale = scale.float()
+                dense_off += nbytes
+            tensors[name] = ct
+        else:
+            raise _fail(source, f"tensor entry {i} has {len(entry)} fields (expected 4, 7 or 8"
+                                + (", or 5 for a fill)" if version >= _FILL_VERSION else ")"))
+    if dense_off != len(blobs["dense"]) or idx_off != len(blobs["indices"]):
+        raise _fail(source, "blob sizes do not match the metadata (extra bytes)")
+    return CompressedModel(config=config, codebooks=codebooks, tensors=tensors)
+
+
+def _read_codebooks(entries: list, blob: memoryview, source: str, verify: bool) -> list[torch.Tensor]:
+    out, off = [], 0
+    for i, e in enumerate(entries):
+        if not (isinstance(e, list) and len(e) == 4 and _is_int(e[0], 1, 1 << 16) and _is_int(e[1], 1, 4096)
+                and isinstance(e[2], str) and e[2] in CODEBOOK_DTYPES and isinstance(e[3], str)):
+            raise _fail(source, f"codebook entry {i} is malformed")
+        k, d, dt, crc = e
+        nbytes = k * d * CODEBOOK_DTYPES[dt].itemsize
+        if nbytes > len(blob) - off:
+            raise _fail(source, f"codebook {i} data too short (truncated or corrupt)")
+        chunk = blob[off : off + nbytes]
+        if verify and _crc(chunk) != crc:
+            raise _fail(source, f"checksum mismatch in codebook {i} (the file is corrupt)")
+        cb = torch.frombuffer(bytearray(chunk), dtype=torch.uint8).view(CODEBOOK_DTYPES[dt]).reshape(k, d).float()
+        if not bool(torch.isfinite(cb).all()):
+            raise _fail(source, f"codebook {i} holds non-finite values")
+        out.append(cb)
+        off += nbytes
+    if off != len(blob):
+        raise _fail(source, "codebook blob size does not match the metadata")
+    return out
+
+
+def _check_entry_head(entry: Any, i: int, source: str) -> tuple[str, str, tuple[int, ...], str]:
+    if not isinstance(entry, list) or len(entry) < 4:
+        raise _fail(source, f"tensor entry {i} is malformed")
+    name, dtype, shape, crc = entry[:4]
+    if not isinstance(name, str) or not name:
+        raise _fail(source, f"tensor entry {i} has no name")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise _fail(source, f"tensor {name!r} has unknown dtype {str(dtype)[:20]!r}")
+    if not (isinstance(shape, list) and len(shape) <= _MAX_NDIM and all(_is_int(s, 0, _MAX_DIM) for s in shape)
+            and math.prod(s for s in shape if s) <= _MAX_DIM):
+        raise _fail(source, f"tensor {name!r} has an invalid shape {str(shape)[:80]}")
+    if not isinstance(crc, str):
+        raise _fail(source, f"tensor {name!r} has an invalid checksum field")
+    return name, dtype, tuple(shape), crc
+
+
+def _read_dense(name, dtype, shape, crc, blob, off, source, verify) -> tuple[torch.Tensor, int]:
+    dt = DTYPES[dtype]
+    numel = math.prod(shape)
+    nbytes = numel * dt.itemsize
+    if nbytes > len(blob) - off:  # before anything is allocated
+        raise _fail(source, f"dense data too short for tensor {name!r} (truncated or corrupt)")
+    chunk = blob[off : off + nbytes]
+    if verify and _crc(chunk) != crc:
+        raise _fail(source, f"checksum mismatch in tensor {name!r} (the file is corrupt)")
+    if numel == 0:
+        return torch.zeros(shape, dtype=dt), 0
+    if dt is torch.bool and int(np.frombuffer(chunk, dtype=np.uint8).max()) > 1:
+        raise _fail(source, f"bool tensor {name!r} holds bytes other than 0 and 1")
+    return torch.frombuffer(bytearray(chunk), dtype=torch.uint8).view(dt).reshape(shape), nbytes
+
+
+def _read_fill(name, dtype, shape, value, room, source) -> torch.Tensor:
+    dt = DTYPES[dtype]
+    if not dt.is_floating_point:
+        raise _fail(source, f"fill tensor {name!r} must be floating-point, not {dtype}")
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+        raise _fail(source, f"fill tensor {name!r} has an invalid value {str(value)[:40]}")
+    numel = math.prod(shape)
+    if numel > min(MAX_FILL, room):  # before anything is allocated
+        raise _fail(source, f"fill tensor {name!r} of {numel} elements exceeds the limit of fills")
+    return torch.full(shape, float(value), dtype=dt)
+
+
+def _read_clustered(entry, name, dtype, shape, crc, codebooks, blob, off, source, verify):
+    cb_id, block, sqnr = entry[4:7]
+    if not (_is_int(cb_id) and cb_id < len(codebooks)):
+        raise _fail(source, f"tensor {name!r} refers to a missing codebook {str(cb_id)[:20]}")
+    if not (isinstance(block, list) and len(block) == 2 and all(_is_int(b, 1, 4096) for b in block)):
+        raise _fail(source, f"tensor {name!r} has an invalid block {str(block)[:40]}")
+    if not DTYPES[dtype].is_floating_point or len(shape) < 2 or 0 in shape:
+        raise _fail(source, f"tensor {name!r} cannot be a clustered tensor (dtype {dtype}, shape {list(shape)})")
+    k, d = codebooks[cb_id].shape
+    if block[0] * block[1] != d:
+        raise _fail(source, f"tensor {name!r} has blocks {block} but its codebook holds vectors of {d}")
+    if not (sqnr is None or sqnr in ("inf", "-inf") or (isinstance(sqnr, (int, float)) and not isinstance(sqnr, bool))):
+        raise _fail(source, f"tensor {name!r} has an invalid sqnr field")
+    tiling = make_tiling(shape, (block[0], block[1]))
+    bits = bits_for(k)
+    # numel <= num_blocks * d, so this check also bounds what reconstruction will allocate.
+    nbytes = packed_nbytes(tiling.num_blocks, bits)
+    if nbytes > len(blob) - off:
+        raise _fail(source, f"index data too short for tensor {name!r} (truncated or corrupt)")
+    chunk = blob[off : off + nbytes]
+    if verify and _crc(chunk) != crc:
+        raise _fail(source, f"checksum mismatch in tensor {name!r} (the file is corrupt)")
+    idx = unpack_bits(np.frombuffer(chunk, dtype=np.uint8), bits, tiling.num_blocks)
+    if idx.size and int(idx.max()) >= k:
+        raise _fail(source, f"tensor {name!r} has index {int(idx.max())} >= K={k}")
+    sqnr_db = {"inf": math.inf, "-inf": -math.inf}.get(sqnr, sqnr) if isinstance(sqnr, str) else sqnr
+    ct = ClusteredTensor(shape=tuple(shape), dtype=DTYPES[dtype], block=(block[0], block[1]), codebook=cb_id,
+                         indices=torch.from_numpy(idx), sqnr_db=sqnr_db)
+    return ct, nbytes
