@@ -30,12 +30,7 @@ object omits ``allow_nonfinite`` when it is false, so default files are byte-ide
 the first format-1 writer; a file compressed with ``allow_nonfinite=True`` carries the key, which
 legonet versions without that option reject as an unknown config key.
 
-Reading (:mod:`legonet.format.lego_reader`) never executes code and never trusts a declared size: the safetensors framing (header
-length, entry offsets tiling the data area exactly), every codebook's K, dimension and dtype, every
-tensor's dtype, shape (at most 16 dims, each < 2**62), codebook reference, block and bit width are
-checked against the real byte counts before anything is allocated or decoded; indices >= K,
-non-finite codebook values and bool bytes other than 0/1 are rejected; CRC-32s are verified unless
-``verify=False``. Every failure is a :class:`legonet.errors.FormatError` naming the file.
+Reading, and every check it makes before trusting a size, is :mod:`legonet.format.lego_reader`.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """Reading a .lego file (the layout is described in :mod:`legonet.format.lego_file`).
 
-Reading never executes code and never trusts a declared size: the safetensors framing, every
-codebook's K, dimension and dtype, every tensor's dtype, shape, codebook reference, block and bit
-width are checked against the real byte counts before anything is allocated or decoded. Every
-failure is a :class:`legonet.errors.FormatError` naming the file.
+Reading never executes code and never trusts a declared size: the safetensors framing (header
+length, entry offsets tiling the data area exactly), every codebook's K, dimension and dtype, every
+tensor's dtype, shape (at most 16 dims, each < 2**62), codebook reference, block and bit width are
+checked against the real byte counts before anything is allocated or decoded; indices >= K,
+non-finite codebook values and bool bytes other than 0/1 are rejected; CRC-32s are verified unless
+``verify=False``. Every failure is a :class:`legonet.errors.FormatError` naming the file.
 """
 
 from __future__ import annotations
