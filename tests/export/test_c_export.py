@@ -32,6 +32,20 @@ def resnet20_cm() -> legonet.CompressedModel:
     return legonet.compress(sd, legonet.LegoConfig(block=(1, 2), clusters=256, kmeans=km))
 
 
+def compiled_and_lean_logits(cm: legonet.CompressedModel, out: Path, images, timeout: int):
+    """``(C logits, lean PyTorch logits)`` of ``images`` for the export of ``cm`` in ``out``: the
+    generated C compiled with ``-Wall -Werror`` and run on the images' raw bytes."""
+    exe = out / "model"
+    subprocess.run([GCC, "-std=c99", "-Wall", "-Werror", "-O2", "-o", str(exe), str(out / "model.c"),
+                    str(out / "main.c"), "-lm"], check=True, capture_output=True)
+    run = subprocess.run([str(exe)], input=images.x.tobytes(), capture_output=True, check=True, timeout=timeout)
+    c_logits = torch.tensor([[float(v) for v in line.split()] for line in run.stdout.decode().splitlines()])
+    spec = get_arch("resnet20")
+    with torch.no_grad():
+        ref = load_lean(cm, "resnet20")(to_input(images.x, spec.mean, spec.std))
+    return c_logits, ref
+
+
 @needs_gcc
 def test_compiled_export_matches_lean_runtime(resnet20_cm, tmp_path):
     info = export_c(resnet20_cm, "resnet20", tmp_path / "out")
@@ -40,16 +54,9 @@ def test_compiled_export_matches_lean_runtime(resnet20_cm, tmp_path):
     includes = {line.split()[1] for line in model_c.splitlines() if line.startswith("#include")}
     assert includes == {"<stdint.h>", "<string.h>", "<math.h>", '"model.h"'}
     assert "alloc(" not in model_c
-    exe = tmp_path / "model"
-    subprocess.run([GCC, "-std=c99", "-Wall", "-Werror", "-O2", "-o", str(exe), str(out / "model.c"),
-                    str(out / "main.c"), "-lm"], check=True, capture_output=True)
 
     images = load_images(DATA / "cifar10-test-1000.npz").subset(24, seed=11)
-    run = subprocess.run([str(exe)], input=images.x.tobytes(), capture_output=True, check=True, timeout=120)
-    c_logits = torch.tensor([[float(v) for v in line.split()] for line in run.stdout.decode().splitlines()])
-    spec = get_arch("resnet20")
-    with torch.no_grad():
-        ref = load_lean(resnet20_cm, "resnet20")(to_input(images.x, spec.mean, spec.std))
+    c_logits, ref = compiled_and_lean_logits(resnet20_cm, out, images, timeout=120)
     assert c_logits.shape == (24, 10)
     torch.testing.assert_close(c_logits, ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(c_logits.argmax(1), ref.argmax(1))
@@ -98,13 +105,6 @@ def test_per_row_scales_in_c_match_lean(resnet20_cm, tmp_path):
         ct.scale = 0.75 + 0.5 * torch.rand(ct.shape[0], generator=gen)
     info = export_c(cm, "resnet20", tmp_path)
     assert info.scale_bytes == 4 * sum(ct.shape[0] for ct in cm.clustered.values())
-    exe = tmp_path / "model"
-    subprocess.run([GCC, "-std=c99", "-Wall", "-Werror", "-O2", "-o", str(exe), str(tmp_path / "model.c"),
-                    str(tmp_path / "main.c"), "-lm"], check=True, capture_output=True)
     images = load_images(DATA / "cifar10-test-1000.npz").subset(4, seed=5)
-    run = subprocess.run([str(exe)], input=images.x.tobytes(), capture_output=True, check=True, timeout=60)
-    c_logits = torch.tensor([[float(v) for v in line.split()] for line in run.stdout.decode().splitlines()])
-    spec = get_arch("resnet20")
-    with torch.no_grad():
-        ref = load_lean(cm, "resnet20")(to_input(images.x, spec.mean, spec.std))
+    c_logits, ref = compiled_and_lean_logits(cm, tmp_path, images, timeout=60)
     torch.testing.assert_close(c_logits, ref, rtol=1e-4, atol=1e-4)
