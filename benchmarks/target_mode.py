@@ -102,6 +102,9 @@ def main() -> None:
                     help="refinement's relative learning rate (default: RefineConfig's); the row records it")
     ap.add_argument("--refine-precision", choices=PRECISIONS, default=None,
                     help="precision of refinement's student passes (default: RefineConfig's); the row records it")
+    ap.add_argument("--refine-boundary-share", type=float, default=None,
+                    help="share of the original's top-1 margin that refinement's boundary views remove, 0 = off "
+                         "(default: RefineConfig's); the row records it and the views made")
     ap.add_argument("--no-layer-fit", action="store_true",
                     help="calibrated modes without the layer-output fit (an ablation: the row's mode says so)")
     ap.add_argument("--no-reassign", action="store_true",
@@ -147,7 +150,7 @@ def main() -> None:
                 chosen = {"epochs": args.refine_epochs, "feature_weight": args.feature_weight,
                           "feature_gate": args.feature_gate, "feature_fallback": args.feature_fallback,
                           "average": args.refine_average, "precision": args.refine_precision,
-                          "lr": args.refine_lr}
+                          "lr": args.refine_lr, "boundary_share": args.refine_boundary_share}
                 refine = RefineConfig(**{k: v for k, v in chosen.items() if v is not None})
             options = {"layer_fit": None} if args.no_layer_fit else {}
             if args.no_reassign and not args.no_layer_fit:
@@ -181,7 +184,9 @@ def main() -> None:
                                                     "fallback_steps": refined.fallback_steps,
                                                     "average": refine.average,
                                                     "precision": refine.precision, "lr": refine.lr,
-                                                    "feature_layer": refined.feature_layer},
+                                                    "feature_layer": refined.feature_layer,
+                                                    "boundary_share": refine.boundary_share,
+                                                    "boundary_views": refined.boundary_views},
             "layer_fit": None if fitted is None else {
                 "tensors": fitted.fitted, "seconds": round(fitted.seconds, 1), "reassign": not args.no_reassign,
                 "output_error_before": fitted.error_before, "output_error_after": fitted.error_after},

@@ -153,6 +153,10 @@ def main(debug: bool) -> None:  # noqa: ARG001
               help="With --calib: precision of refinement's passes through the compressed model; "
                    "'bfloat16' is about twice as fast on CPUs and GPUs with native bfloat16 and slower "
                    "elsewhere. [default: float32]")
+@click.option("--refine-boundary-share", type=click.FloatRange(min=0, max=1), default=None,
+              help="With --calib: refinement also distils on a view of every calibration image moved by one "
+                   "gradient step that removes this share of the original model's top-1 margin (0: off). "
+                   "[default: 0.5]")
 @click.option("--norm-statistics", type=click.Choice(NORM_STATISTICS), default=None,
               help="With --calib: how BatchNorm statistics are re-estimated on the calibration images: "
                    "'relative' moves the model's stored statistics by the change compression makes to "
@@ -168,8 +172,8 @@ def main(debug: bool) -> None:  # noqa: ARG001
               help="CPU threads for k-means (default: PyTorch's; 1 is often faster on a busy machine).")
 def compress(src, output, block, clusters, scope, seed, include, exclude, codebook_dtype, per_tensor, quiet,
              allow_nonfinite, scales, scale_stat, unshrink, target_ratio, arch, calib, calib_images, refine_epochs,
-             refine_feature_weight, refine_feature_fallback, refine_average, refine_precision, norm_statistics,
-             group_channels, device, threads):
+             refine_feature_weight, refine_feature_fallback, refine_average, refine_precision, refine_boundary_share,
+             norm_statistics, group_channels, device, threads):
     """Compress the checkpoint SRC (.safetensors, *.index.json or .pt) into a .lego file."""
     if threads is not None:
         import torch
@@ -187,7 +191,8 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
         raise click.UsageError("--calib needs --target-ratio and --arch")
     for flag, value in (("--refine-epochs", refine_epochs), ("--refine-feature-weight", refine_feature_weight),
                         ("--refine-feature-fallback", refine_feature_fallback), ("--refine-average", refine_average),
-                        ("--refine-precision", refine_precision), ("--norm-statistics", norm_statistics),
+                        ("--refine-precision", refine_precision),
+                        ("--refine-boundary-share", refine_boundary_share), ("--norm-statistics", norm_statistics),
                         ("--group-channels/--no-group-channels", group_channels), ("--device", device)):
         if value is not None and calib is None:
             raise click.UsageError(f"{flag} needs --calib")
@@ -215,7 +220,7 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
             with _console().status("target mode", spinner="dots") if not quiet else _null() as status:
                 refinement = {"epochs": refine_epochs, "feature_weight": refine_feature_weight,
                               "feature_fallback": refine_feature_fallback, "average": refine_average,
-                              "precision": refine_precision}
+                              "precision": refine_precision, "boundary_share": refine_boundary_share}
                 pipeline = {"norm_statistics": norm_statistics, "group_channels": group_channels}
                 cm = compress_to_ratio_from_options(sd, config, target_ratio, arch, calib, calib_images, seed,
                                                     refinement, pipeline, device,

@@ -142,6 +142,7 @@ def test_refine_feature_weight_reaches_refinement_and_needs_calib(run, tmp_path,
     ("--refine-feature-fallback", "feature_fallback", ("none", "cosine"), "l2"),
     ("--refine-average", "average", ("0", "0.5"), "1"),
     ("--refine-precision", "precision", ("bfloat16", "float32"), "float16"),
+    ("--refine-boundary-share", "boundary_share", ("0", "0.25"), "1.5"),
 ])
 def test_refinement_options_reach_refinement_and_need_calib(run, tmp_path, resnet20_path, images_path, monkeypatch,
                                                             flag, field, values, bad):
@@ -162,7 +163,7 @@ def test_refinement_options_reach_refinement_and_need_calib(run, tmp_path, resne
         extra = () if value is None else (flag, value)
         r = run(*common, *calibrated, *extra, "--quiet")
         assert r.exit_code == 0, r.output
-    parse = float if field == "average" else str
+    parse = float if field in ("average", "boundary_share") else str
     assert seen == [*(parse(v) for v in values), getattr(RefineConfig(), field)]
     r = run(*common, flag, values[0])
     assert r.exit_code == 2 and f"{flag} needs --calib" in r.output

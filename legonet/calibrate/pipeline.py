@@ -170,7 +170,7 @@ def calibrated_compress(
         tapped = feature_layer(model) if refine.feature_weight > 0 else None
         matched = "logits" if tapped is None else f"logits and the features entering '{tapped}'"
         say(f"refining codebooks on {calib.shape[0]} calibration images ({matched})")
-        refined = refine_codebooks(model, cm, calib, refine, progress=on_refine_step)
+        refined = refine_codebooks(model, cm, calib, refine, progress=on_refine_step, say=say)
     if pairs:
         say(f"BatchNorm scales moved into the row gains of {len(fold_planned_scales(cm, pairs))} layers")
     size, target = len(cm.to_bytes()), int(fp32_bytes(sd) / target_ratio)

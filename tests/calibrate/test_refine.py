@@ -114,7 +114,8 @@ def test_calibrated_pipeline_refines_by_default():
                                  dict(schedule="linear"), dict(feature_weight=-1.0), dict(feature_weight="1"),
                                  dict(feature_gate="soft"), dict(feature_fallback="l2"),
                                  dict(average=1.0), dict(average=-0.1), dict(average="0.9"),
-                                 dict(precision="float16"), dict(precision="bf16")])
+                                 dict(precision="float16"), dict(precision="bf16"),
+                                 dict(boundary_share=1.5), dict(boundary_share=-0.1), dict(boundary_share="0.5")])
 def test_refine_config_rejects_bad_values(bad):
     with pytest.raises(ConfigError):
         RefineConfig(**bad)
@@ -301,3 +302,32 @@ def test_refinement_restores_the_deterministic_algorithms_setting():
     before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     refine_codebooks(model, cm, torch.randn(16, 3, 8, 8), RefineConfig(epochs=1, batch_size=16))
     assert (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) == before
+
+
+def test_refinement_draws_from_the_images_and_their_boundary_views():
+    model = _net()
+    calib = torch.randn(64, 3, 8, 8)
+    said = []
+    runs = {}
+    for share in (0.5, 0.0):
+        cm, _ = compress_to_ratio(model, 12.0, menu=MENU)
+        runs[share] = refine_codebooks(model, cm, calib, RefineConfig(epochs=2, batch_size=16, boundary_share=share),
+                                       say=said.append)
+        runs[share, "file"] = cm.to_bytes()
+    # as many views as images; the steps still count passes over the images
+    assert runs[0.5].boundary_views == 64 and runs[0.5].steps == 8 and runs[0.5].views_skipped is None
+    assert runs[0.0].boundary_views == 0 and runs[0.0].steps == 8 and runs[0.0].views_skipped is None
+    assert runs[0.5, "file"] != runs[0.0, "file"]  # the views changed what was refined
+    assert len(said) == 1 and said[0].startswith("boundary views of 64 images (share 0.5)")
+
+
+def test_refinement_says_why_it_made_no_boundary_views():
+    # one output per image: no runner-up class to move towards; refined on the images alone
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 6 * 6, 1)).eval()
+    cm, _ = compress_to_ratio(model, 4.0, menu=MENU)
+    said = []
+    res = refine_codebooks(model, cm, torch.randn(32, 3, 8, 8), RefineConfig(epochs=1, batch_size=16, loss="mse"),
+                           say=said.append)
+    assert res.boundary_views == 0 and "(N, classes >= 2)" in res.views_skipped
+    assert said == [f"no boundary views: {res.views_skipped}"]
