@@ -66,17 +66,21 @@ def boundary_views(model: nn.Module, inputs: torch.Tensor, share: float, batch_s
         with torch.enable_grad():
             z = model(x)
             top = z.detach().topk(2, dim=1).indices
-            margin = z.gather(1, top[:, :1]).squeeze(1) - z.gather(1, top[:, 1:]).squeeze(1)
+            margin = _margin(z, top)
             (grad,) = torch.autograd.grad(margin.sum(), x)
         with torch.no_grad():
             norm2 = grad.flatten(1).pow(2).sum(1)
             moved = norm2 > 0  # a flat margin (e.g. a saturated input) gives no direction: kept as is
             step = torch.where(moved, share * margin.detach() / norm2.clamp(min=torch.finfo(norm2.dtype).tiny), 0.0)
             view = x.detach() - step.view(-1, *([1] * (x.ndim - 1))) * grad
-            z_view = model(view)
-            after.append(z_view.gather(1, top[:, :1]).squeeze(1) - z_view.gather(1, top[:, 1:]).squeeze(1))
+            after.append(_margin(model(view), top))
             before.append(margin.detach())
             shifts.append((view - x.detach()).flatten(1).norm(dim=1) / x.detach().flatten(1).norm(dim=1).clamp(min=1e-12))
             views.append(view)
     return ViewsResult(torch.cat(views), float(torch.cat(before).median()), float(torch.cat(after).median()),
                        float(torch.cat(shifts).median()))
+
+
+def _margin(z: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` logit of class ``top[:, 0]`` minus that of ``top[:, 1]``, for ``(N, classes)`` logits ``z``."""
+    return (z.gather(1, top[:, :1]) - z.gather(1, top[:, 1:2])).squeeze(1)
