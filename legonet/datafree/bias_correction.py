@@ -8,17 +8,21 @@ as a Gaussian ``N(beta, gamma^2)``, and a ReLU of it has the rectified-Gaussian 
 The shift is then cancelled where it lands: by the BatchNorm that follows the layer (its
 ``running_mean`` moves by the shift) or, failing that, by the layer's own bias.
 
-Moments are propagated through the model's graph (``torch.fx``) with a few rules (BatchNorm, ReLU,
-addition, channel padding/slicing, average pooling, flatten of 1x1 maps); a layer whose input mean is
-not known this way is left uncorrected and reported as such.
+Moments are propagated through the model's graph (``torch.fx``) with a few rules (BatchNorm;
+elementwise activations: ReLU, ReLU6 and Hardtanh in closed form, SiLU, GELU, Hardswish, sigmoid,
+tanh and a few more by Gauss-Hermite quadrature; addition, channel padding/slicing, average pooling,
+spatial means, flatten of 1x1 maps); a layer whose input mean is not known this way is left
+uncorrected and reported as such.
 """
 
 from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -44,8 +48,44 @@ class CorrectionReport:
     corrected: tuple[str, ...]  # weight names whose shift was cancelled
     uncorrected: tuple[str, ...]  # weight names left as they are (input mean unknown or no place to put it)
 
+    def describe(self) -> str:
+        """One line for the user: how many layers were corrected, and which were not."""
+        line = (f"data-free bias correction: corrected {len(self.corrected)} of "
+                f"{len(self.corrected) + len(self.uncorrected)} clustered layers")
+        if self.uncorrected:
+            line += ("; left as they are (input mean not derivable, or no BatchNorm or bias after them): "
+                     + ", ".join(self.uncorrected))
+        return line
+
+
+def _clip_moments(m: Moments, lo: float, hi: float) -> Moments | None:
+    """Moments of ``clamp(x, lo, hi)`` for ``x ~ N(mean, var)`` per channel (the clipped Gaussian,
+    in closed form; ``lo``/``hi`` may be infinite): ReLU, ReLU6, Hardtanh."""
+    if m.var is None:
+        return None
+    s = m.var.clamp_min(1e-12).sqrt()
+    mu = m.mean
+    a, b = (lo - mu) / s, (hi - mu) / s
+
+    def pdf(z):
+        return torch.where(torch.isinf(z), torch.zeros_like(z), torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi))
+
+    def zpdf(z):  # z * pdf(z), 0 at +-inf
+        return torch.where(torch.isinf(z), torch.zeros_like(z), z * pdf(z))
+
+    def edge(v):  # v * P(side) terms vanish at an infinite bound
+        return 0.0 if math.isinf(v) else v
+
+    cdf_a, cdf_b = 0.5 * (1 + torch.erf(a / math.sqrt(2))), 0.5 * (1 + torch.erf(b / math.sqrt(2)))
+    inside = cdf_b - cdf_a
+    mean = edge(lo) * cdf_a + edge(hi) * (1 - cdf_b) + mu * inside + s * (pdf(a) - pdf(b))
+    second = (edge(lo) ** 2 * cdf_a + edge(hi) ** 2 * (1 - cdf_b) + (mu * mu + m.var) * inside
+              + 2 * mu * s * (pdf(a) - pdf(b)) + m.var * (zpdf(a) - zpdf(b)))
+    return Moments(mean, (second - mean * mean).clamp_min(0))
+
 
 def _relu_moments(m: Moments) -> Moments | None:
+    """The rectified Gaussian: :func:`_clip_moments` with ``(0, inf)``, in its simpler form."""
     if m.var is None:
         return None
     s = m.var.clamp_min(1e-12).sqrt()
@@ -55,6 +95,66 @@ def _relu_moments(m: Moments) -> Moments | None:
     mean = m.mean * cdf + s * pdf
     second = (m.mean * m.mean + m.var) * cdf + m.mean * s * pdf
     return Moments(mean, (second - mean * mean).clamp_min(0))
+
+
+# probabilists' Gauss-Hermite rule: E[f(x)], x ~ N(mu, s^2), is sum_i w_i f(mu + s t_i) / sqrt(2 pi);
+# 64 nodes integrate the smooth activations below to ~1e-6 and kinked ones (Hardswish) to ~1e-4
+_NODES, _WEIGHTS = (torch.from_numpy(a) for a in np.polynomial.hermite_e.hermegauss(64))
+
+
+def _smooth_moments(m: Moments, fn: Callable[[torch.Tensor], torch.Tensor]) -> Moments | None:
+    """Moments of ``fn(x)`` for ``x ~ N(mean, var)`` per channel, by Gauss-Hermite quadrature."""
+    if m.var is None:
+        return None
+    x = m.mean.double()[:, None] + m.var.double().clamp_min(0).sqrt()[:, None] * _NODES[None, :]
+    w = _WEIGHTS / math.sqrt(2 * math.pi)
+    y = fn(x)
+    mean = (y * w).sum(1)
+    var = ((y - mean[:, None]) ** 2 * w).sum(1)
+    return Moments(mean.float(), var.float().clamp_min(0))
+
+
+# elementwise activations whose output moments follow from a Gaussian input: ReLU and the clipped
+# ReLUs in closed form, the rest by quadrature of the module or function itself
+_CLIP_MODULES = (nn.ReLU, nn.Hardtanh)  # nn.ReLU6 is a Hardtanh(0, 6)
+_QUADRATURE_MODULES = (nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Mish, nn.ELU,
+                       nn.Softplus, nn.LeakyReLU)
+_QUADRATURE_FUNCTIONS = (F.silu, F.gelu, F.hardswish, F.hardsigmoid, torch.sigmoid, F.sigmoid, torch.tanh,
+                         F.tanh, F.mish, F.elu, F.softplus, F.leaky_relu)
+_QUADRATURE_METHODS = ("sigmoid", "tanh")
+
+
+def _is_activation(target) -> bool:
+    if isinstance(target, nn.Module):
+        return isinstance(target, _CLIP_MODULES + _QUADRATURE_MODULES)
+    if isinstance(target, str):
+        return target in ("relu", "relu_") + _QUADRATURE_METHODS
+    return any(target is f for f in _RELU + (F.relu6, F.hardtanh, F.hardtanh_) + _QUADRATURE_FUNCTIONS)
+
+
+def _activation_moments(act, args: tuple, kwargs: dict, src: Moments | None) -> Moments | None:
+    """Moments after the elementwise activation ``act`` (a module, or a function or method name called
+    with the extra ``args``/``kwargs``), or None when ``src`` or an option is unknown."""
+    if src is None:
+        return None
+    kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}
+    if any(isinstance(v, fx.Node) for v in (*args, *kwargs.values())):
+        return None  # an option computed at run time
+    if isinstance(act, nn.ReLU) or any(act is f for f in _RELU) or act in ("relu", "relu_"):
+        return _relu_moments(src)
+    if isinstance(act, nn.Hardtanh):
+        return _clip_moments(src, float(act.min_val), float(act.max_val))
+    if act is F.relu6:
+        return _clip_moments(src, 0.0, 6.0)
+    if act is F.hardtanh or act is F.hardtanh_:
+        lo = kwargs.get("min_val", args[0] if args else -1.0)
+        hi = kwargs.get("max_val", args[1] if len(args) > 1 else 1.0)
+        return _clip_moments(src, float(lo), float(hi))
+    if isinstance(act, nn.Module):
+        return _smooth_moments(src, act)
+    if isinstance(act, str):
+        return _smooth_moments(src, lambda x: getattr(x, act)(*args, **kwargs))
+    return _smooth_moments(src, lambda x: act(x, *args, **kwargs))
 
 
 def input_moments(model: nn.Module) -> dict[str, Moments]:
@@ -90,8 +190,8 @@ def _moments(gm: fx.GraphModule) -> dict[str, Moments]:
                     out[node.target] = src
             elif isinstance(mod, _BN) and mod.affine:
                 res = Moments(mod.bias.detach().float().clone(), mod.weight.detach().float().pow(2))
-            elif isinstance(mod, nn.ReLU) and src is not None:
-                res = _relu_moments(src)
+            elif _is_activation(mod):
+                res = _activation_moments(mod, (), {}, src)
             elif isinstance(mod, (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Identity, nn.Dropout)) and src is not None:
                 res = Moments(src.mean, src.var if isinstance(mod, (nn.Identity, nn.Dropout)) else None)
             elif isinstance(mod, nn.Flatten) and src is not None:
@@ -99,8 +199,8 @@ def _moments(gm: fx.GraphModule) -> dict[str, Moments]:
         elif node.op in ("call_function", "call_method"):
             fn = node.target
             src = arg(node.args[0]) if node.args else None
-            if fn in _RELU or fn in ("relu", "relu_"):
-                res = _relu_moments(src) if src is not None else None
+            if _is_activation(fn):
+                res = _activation_moments(fn, tuple(node.args[1:]), dict(node.kwargs), src)
             elif fn in _ADD or fn in ("add", "add_", "__add__"):
                 a, b = arg(node.args[0]), arg(node.args[1]) if len(node.args) > 1 else None
                 if a is not None and b is not None and a.mean.shape == b.mean.shape:
@@ -114,6 +214,8 @@ def _moments(gm: fx.GraphModule) -> dict[str, Moments]:
                 res = _spatial_slice(node, src)
             elif (fn is torch.flatten or fn == "flatten") and src is not None:
                 res = _flatten(node, src)
+            elif (fn is torch.mean or fn == "mean") and src is not None:
+                res = _spatial_mean(node, src)
         known[node] = res
     return out
 
@@ -128,6 +230,16 @@ def _flatten(node: fx.Node, src: Moments) -> Moments | None:
     if isinstance(prev, fx.Node) and prev.op == "call_module" and prev.target and \
             isinstance(prev.graph.owning_module.get_submodule(prev.target), nn.AdaptiveAvgPool2d) and \
             prev.graph.owning_module.get_submodule(prev.target).output_size in (1, (1, 1)):
+        return Moments(src.mean, None)
+    return None
+
+
+def _spatial_mean(node: fx.Node, src: Moments) -> Moments | None:
+    # x.mean(dims) keeps the channel means when it averages over spatial axes only: shapes are not
+    # traced, so only explicit dims >= 2 (never the batch or channel axis, whatever the rank) qualify
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    dims = (dims,) if isinstance(dims, int) else dims
+    if isinstance(dims, (tuple, list)) and dims and all(isinstance(d, int) and d >= 2 for d in dims):
         return Moments(src.mean, None)
     return None
 
