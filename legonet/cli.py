@@ -206,6 +206,7 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
     from legonet.streaming import compress_sharded, is_sharded_index
 
     sd = None
+    notes: list[str] = []  # lines for the user after the report
     if is_sharded_index(src) and target_ratio is None and scales == "none" and not allow_nonfinite:
         # shard by shard, bounded memory, same bytes as in memory
         with progress_bars(not quiet) as bars:
@@ -224,10 +225,12 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
                 pipeline = {"norm_statistics": norm_statistics, "group_channels": group_channels}
                 cm = compress_to_ratio_from_options(sd, config, target_ratio, arch, calib, calib_images, seed,
                                                     refinement, pipeline, device,
-                                                    status.update if status is not None else None)
+                                                    status.update if status is not None else None, notes)
         nbytes = cm.save(output)
     if not quiet:
         click.echo(build_report(cm, nbytes).render(per_tensor=per_tensor))
+        for line in notes:
+            click.echo(line)
     if allow_nonfinite and sd is not None:
         from legonet.compress import nonfinite_tensors
 

@@ -30,12 +30,12 @@ def parse_device(name: str | None) -> torch.device:
 
 
 def compress_to_ratio_from_options(sd, config, target_ratio, arch, calib, calib_images, seed, refinement,
-                                   pipeline, device, progress):
+                                   pipeline, device, progress, notes=None):
     """Target mode as the CLI's options ask: plain, data-free (``arch``) or calibrated (``calib``).
 
     ``refinement`` holds :class:`RefineConfig` fields and ``pipeline`` keywords of
     :func:`calibrated_compress` (``norm_statistics``, ``group_channels``), None where not given
-    (their defaults then)."""
+    (their defaults then). Lines the user should see after the report are appended to ``notes``."""
     from legonet.target import compress_to_ratio
 
     if calib is None:
@@ -45,7 +45,12 @@ def compress_to_ratio_from_options(sd, config, target_ratio, arch, calib, calib_
         from legonet.datafree.pipeline import datafree_compress
         from legonet.zoo import build
 
-        return datafree_compress(build(arch), target_ratio, sd, config=config, progress=progress)[0]
+        def note(report) -> None:
+            if notes is not None:
+                notes.append(report.describe())
+
+        return datafree_compress(build(arch), target_ratio, sd, config=config, progress=progress,
+                                 on_correction=note)[0]
     from legonet.calibrate.pipeline import calibrated_compress_to_ratio
     from legonet.data import load_images, to_input
     from legonet.zoo import build, get_arch

@@ -111,6 +111,17 @@ def test_target_ratio_mode(run, tmp_path):
     assert r.exit_code == 2 and "--calib needs --target-ratio and --arch" in r.output
 
 
+def test_datafree_target_mode_says_which_layers_bias_correction_left(run, tmp_path, resnet20_path):
+    out = tmp_path / "r20.lego"
+    r = run("compress", resnet20_path, "-o", out, "--target-ratio", "8", "--arch", "resnet20")
+    assert r.exit_code == 0, r.output
+    fp32 = 4 * sum(v.numel() for v in load_file(resnet20_path).values())
+    assert fp32 / out.stat().st_size >= 8
+    # the stem's input is images, whose mean the checkpoint does not store
+    assert "data-free bias correction: corrected 19 of 20 clustered layers; left as they are" in r.output
+    assert r.output.splitlines()[-2].endswith(": conv1.weight")
+
+
 def test_calibrated_target_mode_refines(run, tmp_path, resnet20_path, images_path):
     out = tmp_path / "r20.lego"
     r = run("compress", resnet20_path, "-o", out, "--target-ratio", "12", "--arch", "resnet20", "--calib", images_path,

@@ -11,7 +11,7 @@ from torch import nn
 from legonet.artifact import CompressedModel
 from legonet.compress import as_state_dict, select_tensors
 from legonet.config import LegoConfig
-from legonet.datafree.bias_correction import correct_compressed
+from legonet.datafree.bias_correction import CorrectionReport, correct_compressed
 from legonet.datafree.fold_norms import (
     batchnorm_eps,
     fold_batchnorm_statistics,
@@ -33,6 +33,7 @@ def datafree_compress(
     menu=DEFAULT_MENU,
     kernel_menu=KERNEL_MENU,
     progress: Callable[[str], None] | None = None,
+    on_correction: Callable[[CorrectionReport], None] | None = None,
 ) -> tuple[CompressedModel, dict[str, Choice]]:
     """Target mode + data-free repairs that need the architecture (no images).
 
@@ -47,6 +48,8 @@ def datafree_compress(
     Args:
         model: the architecture; its weights are used unless ``state_dict`` is given.
         state_dict: the trained weights (names of ``model``'s state dict).
+        progress: called with a line per step (the last ones say what the bias correction did).
+        on_correction: called with the bias correction's report (which layers it could not correct).
     Returns:
         The compressed model and the setting chosen per clustered tensor.
     """
@@ -59,8 +62,10 @@ def datafree_compress(
     cm, plan = compress_to_ratio(unit_scales(sd, pairs), target_ratio, config=config, menu=menu,
                                  kernel_menu=kernel_menu, progress=say)
     restore_scales(cm, sd, pairs)  # planned without them (they end in the row gains), needed until then
-    say("data-free bias correction")
-    correct_compressed(cm, model, original)  # moments from the trained statistics, shifts added to cm's
+    fixed = correct_compressed(cm, model, original)  # moments from the trained statistics, shifts added to cm's
+    say(fixed.describe())
+    if on_correction is not None:
+        on_correction(fixed)
     fold_batchnorm_statistics(cm.tensors, eps)
     if pairs:
         say(f"BatchNorm scales moved into the row gains of {len(fold_planned_scales(cm, pairs))} layers")
