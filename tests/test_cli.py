@@ -149,37 +149,41 @@ def test_refine_feature_weight_reaches_refinement_and_needs_calib(run, tmp_path,
     assert r.exit_code == 2 and "-1" in r.output
 
 
-@pytest.mark.parametrize("flag, field, values, bad", [
+# flag, the RefineConfig field it sets, two values it accepts, one it refuses
+REFINE_OPTIONS = (
     ("--refine-feature-fallback", "feature_fallback", ("none", "cosine"), "l2"),
     ("--refine-average", "average", ("0", "0.5"), "1"),
     ("--refine-precision", "precision", ("bfloat16", "float32"), "float16"),
     ("--refine-boundary-share", "boundary_share", ("0", "0.25"), "1.5"),
-])
-def test_refinement_options_reach_refinement_and_need_calib(run, tmp_path, resnet20_path, images_path, monkeypatch,
-                                                            flag, field, values, bad):
+)
+
+
+def test_refinement_options_reach_refinement_and_need_calib(run, tmp_path, resnet20_path, images_path, monkeypatch):
     import legonet.calibrate.pipeline as pipeline
 
     seen = []
     real = pipeline.refine_codebooks
 
     def spy(model, cm, calib, config, **kw):
-        seen.append(getattr(config, field))
+        seen.append(config)
         return real(model, cm, calib, config, **kw)
 
     monkeypatch.setattr(pipeline, "refine_codebooks", spy)
     out = tmp_path / "r20.lego"
     common = ("compress", resnet20_path, "-o", out, "--target-ratio", "12")
     calibrated = ("--arch", "resnet20", "--calib", images_path, "--calib-images", "32", "--refine-epochs", "1")
-    for value in (*values, None):
-        extra = () if value is None else (flag, value)
+    # every option in each run: three pipeline runs in all rather than three per option
+    for i in (0, 1, None):
+        extra = () if i is None else tuple(a for flag, _, values, _ in REFINE_OPTIONS for a in (flag, values[i]))
         r = run(*common, *calibrated, *extra, "--quiet")
         assert r.exit_code == 0, r.output
-    parse = float if field in ("average", "boundary_share") else str
-    assert seen == [*(parse(v) for v in values), getattr(RefineConfig(), field)]
-    r = run(*common, flag, values[0])
-    assert r.exit_code == 2 and f"{flag} needs --calib" in r.output
-    r = run(*common, *calibrated, flag, bad)
-    assert r.exit_code == 2 and bad in r.output
+    for flag, field, values, bad in REFINE_OPTIONS:
+        parse = float if field in ("average", "boundary_share") else str
+        assert [getattr(c, field) for c in seen] == [*(parse(v) for v in values), getattr(RefineConfig(), field)]
+        r = run(*common, flag, values[0])
+        assert r.exit_code == 2 and f"{flag} needs --calib" in r.output
+        r = run(*common, *calibrated, flag, bad)
+        assert r.exit_code == 2 and bad in r.output
 
 
 def _r20_12x_files(run, out, resnet20_path, images_path, variants: dict) -> tuple[tuple, tuple, dict]:
