@@ -48,9 +48,9 @@ from legonet.data import ImageSet, load_images, to_input
 from legonet.datafree.pipeline import datafree_compress
 from legonet.evaluate import top1, wilson_interval
 from legonet.report import fp32_bytes
-from legonet.zoo import ArchSpec
+from legonet.zoo import RESNET50_CIFAR_NORM, ArchSpec
 
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+MEAN, STD = RESNET50_CIFAR_NORM  # CIFAR-10's per-channel statistics, as the zoo's CIFAR ResNet-50 uses
 RESULTS = Path(__file__).parent / "results"
 RATIOS = (8.0, 12.0, 16.0)
 PEERS = (("rtn", 4), ("rtn", 3), ("kmeans-layer", 4), ("kmeans-layer", 3), ("kmeans-layer", 2),
