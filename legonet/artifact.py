@@ -66,6 +66,9 @@ class ClusteredTensor:
         sqnr_db: signal-to-quantization-noise ratio of the reconstruction, measured at compression.
         scale: optional ``(shape[0],)`` float32 per-row gains (gain-shape clustering): the blocks
             index the *normalised* rows and row ``r`` of the 2-D view is multiplied by ``scale[r]``.
+        gain_code: ``(lo, step)`` when the gains are stored as 8-bit log codes
+            (:mod:`legonet.ops.scalar_codes`; ``scale`` then holds exactly the decoded values),
+            None when they are stored as float16.
     """
 
     shape: tuple[int, ...]
@@ -75,6 +78,7 @@ class ClusteredTensor:
     indices: torch.Tensor
     sqnr_db: float | None = None
     scale: torch.Tensor | None = None
+    gain_code: tuple[float, float] | None = None
 
     @property
     def tiling(self) -> Tiling:
@@ -97,11 +101,15 @@ class CompressedModel:
         codebooks: list of ``(K, b_r*b_c)`` float32 tensors (values exactly as stored in the file).
         tensors: every tensor of the original state dict, in its original order: either a
             :class:`ClusteredTensor` or a dense ``torch.Tensor`` kept as it was.
+        codebook_scales: ``{codebook index: scale}`` of the codebooks stored as int8 values times a
+            float32 scale (:mod:`legonet.ops.scalar_codes`; those codebooks hold exactly the
+            decoded values); the others are stored in ``config.codebook_dtype``.
     """
 
     config: LegoConfig
     codebooks: list[torch.Tensor]
     tensors: dict[str, ClusteredTensor | torch.Tensor] = field(default_factory=dict)
+    codebook_scales: dict[int, float] = field(default_factory=dict)
 
     # -- views -----------------------------------------------------------------------------------
     @property

@@ -11,11 +11,17 @@ import torch
 from torch import nn
 
 from legonet.artifact import ClusteredTensor, CompressedModel
+from legonet.compact import compact_by_sqnr
 from legonet.config import LegoConfig
 from legonet.errors import CheckpointError, ConfigError
 from legonet.ops.kmeans import Progress as KMeansProgress
 from legonet.ops.kmeans import assign, kmeans
-from legonet.ops.quant import choose_row_scales, dequantize, normalized_blocks, unshrink_scales
+from legonet.ops.quant import (
+    choose_row_scales,
+    dequantize,
+    normalized_blocks,
+    unshrink_scales,
+)
 from legonet.ops.tiling import make_tiling, tile
 
 Progress = Callable[[str], None]
@@ -195,7 +201,9 @@ def compress(
         bars: optional ``bars(task, done, total)`` callback for progress bars of the k-means
             fitting and assignment (see :data:`legonet.ops.kmeans.Progress`).
     Returns:
-        A :class:`CompressedModel`; every input tensor is in it, clustered or kept as it was.
+        A :class:`CompressedModel`; every input tensor is in it, clustered or kept as it was. With
+        ``config.compact_storage``, tensors clustered with an SQNR of at most 12 dB have their
+        gains and codebook stored in 8 bits (:func:`legonet.compact.compact_by_sqnr`).
     """
     config = config or LegoConfig()
     sd = as_state_dict(model_or_state_dict)
@@ -204,7 +212,10 @@ def compress(
     if not names:
         raise ConfigError("no tensor to cluster: none is floating-point with 2 or more dimensions "
                           "and matched by the include/exclude patterns")
-    return compress_groups(sd, config, plan_groups(names, config), progress=progress, bars=bars)
+    cm = compress_groups(sd, config, plan_groups(names, config), progress=progress, bars=bars)
+    if config.compact_storage:
+        compact_by_sqnr(cm)
+    return cm
 
 
 def compress_groups(

@@ -125,6 +125,10 @@ class LegoConfig:
         kmeans: :class:`KMeansConfig`.
         allow_nonfinite: keep tensors holding NaN or Inf as they are (uncompressed) instead of
             refusing the model; the default refuses, naming the tensor.
+        compact_storage: write the file's metadata zlib-compressed and store the row gains and
+            codebook of every tensor clustered with an SQNR of at most 12 dB in 8 bits (log-coded
+            gains, int8 codebooks; see :mod:`legonet.compact`): format version 3, which earlier
+            legonet versions cannot read. Target mode always does (choosing the tensors by their planned error).
     """
 
     block: tuple[int, int] = (4, 4)
@@ -140,6 +144,7 @@ class LegoConfig:
     kept_dtype: str = "keep"
     kmeans: KMeansConfig = field(default_factory=KMeansConfig)
     allow_nonfinite: bool = False
+    compact_storage: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block", _as_block(self.block))
@@ -165,6 +170,8 @@ class LegoConfig:
             raise ConfigError("scale_stat and unshrink apply to row gains only; set scales='row'")
         if not isinstance(self.allow_nonfinite, bool):
             raise ConfigError(f"allow_nonfinite must be true or false, got {self.allow_nonfinite!r}")
+        if not isinstance(self.compact_storage, bool):
+            raise ConfigError(f"compact_storage must be true or false, got {self.compact_storage!r}")
         if self.kept_dtype not in KEPT_DTYPES:
             raise ConfigError(f"kept_dtype must be one of {KEPT_DTYPES}, got {self.kept_dtype!r}")
         if self.codebook_dtype not in CODEBOOK_DTYPES:

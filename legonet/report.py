@@ -50,6 +50,8 @@ class Report:
     tensors: list[TensorRow] = field(default_factory=list)
     # ``[("BRxBC K=K", number of codebooks), ...]``, most frequent first: target mode mixes settings
     codebook_settings: list[tuple[str, int]] = field(default_factory=list)
+    # clustered tensors whose row gains are 8-bit log codes (compact storage, format version 3)
+    compact_tensors: int = 0
 
     @property
     def ratio(self) -> float:
@@ -88,7 +90,9 @@ class Report:
             ("paper's ratio (clustered tensors only)", f"{self.paper_ratio:.2f}x"),
             ("codebooks", self._codebooks_line()),
             ("packed indices", _human(self.index_bytes)),
-            ("per-row scales (float16)", _human(self.scale_bytes)),
+            ("per-row scales", _human(self.scale_bytes) + (
+                f" (8-bit log codes for {self.compact_tensors} tensors, else float16)" if self.compact_tensors
+                else " (float16)")),
             ("tensors kept as they are", _human(self.kept_bytes)),
             ("container header + metadata", _human(self.header_bytes)),
             ("clustered weights", f"{self.clustered_weights:,} of {self.num_weights:,}"),
@@ -161,8 +165,9 @@ def build_report(cm: CompressedModel, file_bytes: int | None = None) -> Report:
             nb = packed_nbytes(t.tiling.num_blocks, bits_for(k))
             idx_bytes += nb
             if t.scale is not None:
-                scale_bytes += 2 * t.shape[0]
-                nb += 2 * t.shape[0]
+                sb = t.shape[0] * (1 if t.gain_code is not None else 2)  # 8-bit log codes or float16
+                scale_bytes += sb
+                nb += sb
             clustered_w += t.numel
             clustered_fp32 += 4 * t.numel
             orig += 4 * t.numel
@@ -178,11 +183,12 @@ def build_report(cm: CompressedModel, file_bytes: int | None = None) -> Report:
                   for t in cm.tensors.values() if isinstance(t, ClusteredTensor)}
     settings = Counter(setting_of.values()).most_common()
     cb_item = 2 if cm.config.codebook_dtype == "float16" else 4
-    cb_bytes = sum(int(cb.numel()) * cb_item for cb in cm.codebooks)
+    cb_bytes = sum(int(cb.numel()) * (1 if i in cm.codebook_scales else cb_item) for i, cb in enumerate(cm.codebooks))
     return Report(
         original_fp32_bytes=orig, file_bytes=file_bytes, num_weights=num, clustered_weights=clustered_w,
         codebook_bytes=cb_bytes, index_bytes=idx_bytes, kept_bytes=kept, scale_bytes=scale_bytes,
         header_bytes=file_bytes - cb_bytes - idx_bytes - kept - scale_bytes, num_codebooks=len(cm.codebooks),
         clusters=cm.config.clusters, block=cm.config.block, scope=cm.config.scope,
         clustered_fp32_bytes=clustered_fp32, tensors=rows, codebook_settings=settings,
+        compact_tensors=sum(1 for t in cm.clustered.values() if t.gain_code is not None),
     )

@@ -20,3 +20,15 @@ def conv_bn_net(width: int = 32, eps: float = 1e-5) -> nn.Module:
             bn.weight.uniform_(0.5, 1.5)
             bn.bias.uniform_(-0.2, 0.2)
     return m.eval()
+
+
+def assert_stored_exactly(cm) -> None:
+    """``cm`` holds exactly the values its .lego file holds: float16 codebooks and gains, or 8-bit
+    codes (the writer refuses values off their code), so writing and reading it changes nothing."""
+    from legonet.format import deserialize
+
+    back = deserialize(cm.to_bytes())
+    for name in cm.tensors:
+        assert torch.equal(back.reconstruct(name), cm.reconstruct(name)), name
+    for a, b in zip(cm.codebooks, back.codebooks):
+        assert torch.equal(a, b)

@@ -35,6 +35,13 @@ def test_tiny_model_end_to_end(run, tmp_path, tiny_model):
     assert r.exit_code == 0
     r = run("info", gains, "--json")
     assert '"scale_stat": "absmax"' in r.output and '"unshrink": true' in r.output
+    compact = tmp_path / "compact.lego"
+    r = run("compress", src, "-o", compact, "--block", "2", "--clusters", "2", "--scope", "layer", "--scales", "row",
+            "--compact-storage", "--quiet")
+    assert r.exit_code == 0
+    r = run("info", compact)
+    assert "8-bit log codes for" in r.output
+    assert legonet.load(compact).config.compact_storage
     r = run("info", out, "--per-tensor")
     assert r.exit_code == 0 and "compression ratio" in r.output and "fc.weight" in r.output
     dense = tmp_path / "dense.safetensors"

@@ -4,7 +4,10 @@ from torch import nn
 
 import legonet
 from legonet.errors import ConfigError
-from legonet.target import Choice, allocate, compress_to_ratio
+from legonet.ops.bitpack import bits_for, packed_nbytes
+from legonet.ops.scalar_codes import COMPACT_MIN_DISTORTION
+from legonet.ops.tiling import make_tiling
+from legonet.target import Choice, allocate, compress_to_ratio, evaluate_menu
 
 # a short menu keeps these tests fast; the default menu is exercised once below
 MENU = (((4, 8), 4), ((4, 4), 16), ((2, 2), 16), ((1, 2), 64))
@@ -162,7 +165,31 @@ def test_kernel_aligned_blocks_win_where_kernels_repeat_a_few_patterns():
     w = (patterns[pick] * sign[:, None]).reshape(64, 32, 3, 3)
     menu = (((1, 9), 16), ((4, 4), 256))
     aligned, square = evaluate_menu(w, menu, scale_stats=("rms",))
-    assert aligned.nbytes < square.nbytes / 5 and aligned.distortion < square.distortion / 5
+    assert aligned.nbytes < square.nbytes / 3 and aligned.distortion < square.distortion / 5
     cm, plan = compress_to_ratio({"w": w}, 16.0, menu=(((4, 4), 16), ((4, 4), 256)))
     assert plan["w"].block == (1, 9)
     assert float((cm.reconstruct("w") - w).pow(2).sum() / w.pow(2).sum()) < 0.01
+
+
+def test_tensors_planned_with_a_large_error_store_gains_and_codebooks_in_8_bits():
+    sd = model_sd()
+    cm, plan = compress_to_ratio(sd, 20.0, menu=MENU)
+    compact = {n for n, c in plan.items() if c.compact}
+    assert compact and compact != set(plan)  # at 20x some tensors, not all
+    assert all(c.compact == (c.distortion >= COMPACT_MIN_DISTORTION) for c in plan.values())
+    assert {n for n, t in cm.clustered.items() if t.gain_code is not None} == compact
+    assert {cm.tensors[n].codebook for n in compact} == set(cm.codebook_scales)
+    assert cm.config.compact_storage
+    # the bytes the plan counted are the bytes the file holds
+    rep = cm.report()
+    assert rep.scale_bytes == sum(sd[n].shape[0] * (1 if c.compact else 2) for n, c in plan.items())
+    assert rep.index_bytes + rep.codebook_bytes + rep.scale_bytes == sum(c.nbytes for c in plan.values())
+
+
+def test_a_choice_counts_indices_codebook_and_gains():
+    w = model_sd()["2.weight"]
+    for c in evaluate_menu(w, MENU, scale_stats=("rms",)):
+        per_value = 1 if c.compact else 2
+        blocks = make_tiling(tuple(w.shape), c.block).num_blocks
+        assert c.nbytes == packed_nbytes(blocks, bits_for(c.clusters)) + per_value * (
+            c.clusters * c.block[0] * c.block[1] + w.shape[0])

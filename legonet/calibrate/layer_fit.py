@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from legonet.artifact import CompressedModel
+from legonet.compact import recode_compact
 from legonet.compress import sqnr_db, stored_codebook
 from legonet.errors import ConfigError
 from legonet.ops.error_feedback import assign_with_error_feedback
@@ -162,7 +163,9 @@ def fit_layer_outputs(
                 ct.indices = m.indices.to(ct.indices.dtype)
                 if ct.scale is not None:
                     ct.scale = m.gains
-                ct.sqnr_db = sqnr_db(original[n], cm.reconstruct(n))
+            recode_compact(cm)  # 8-bit gains and codebooks back on their codes
+            for n in members:
+                clustered[n].sqnr_db = sqnr_db(original[n], cm.reconstruct(n))
         fitted += len(names)
         before += sum(e for e, _ in start)
         after += sum(e for e, _ in end)

@@ -21,12 +21,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from legonet.artifact import CompressedModel
+from legonet.artifact import CompressedModel, constant_fill
 from legonet.calibrate.bn import reestimate_batchnorm
 from legonet.calibrate.distill import feature_layer
-from legonet.calibrate.layer_fit import LayerFitConfig, LayerFitResult, fit_layer_outputs
+from legonet.calibrate.layer_fit import (
+    LayerFitConfig,
+    LayerFitResult,
+    fit_layer_outputs,
+)
 from legonet.calibrate.refine import RefineConfig, RefineResult, refine_codebooks
 from legonet.calibrate.stats import input_statistics, model_device
+from legonet.compact import RECODE_RESERVE
 from legonet.compress import as_state_dict, select_tensors
 from legonet.config import NORM_STATISTICS, LegoConfig
 from legonet.datafree.fold_norms import (
@@ -53,6 +58,24 @@ _DEFAULT_LAYER_FIT = LayerFitConfig()
 def _batches(images: torch.Tensor, batch_size: int, device: torch.device | None = None):
     for s in range(0, images.shape[0], batch_size):
         yield images[s : s + batch_size].to(device or images.device)
+
+
+def _refilled_norm_bytes(model: nn.Module, planned: dict, pairs: dict, fold_norms: bool) -> int:
+    """Bytes (float16) of the BatchNorm tensors that are constant in ``planned``, so counted as one-value
+    fills, but that re-estimating the statistics will make dense: an untrained layer's bias, say.
+    Folded statistics and scales moved into row gains end as constants again."""
+    total = 0
+    for prefix, mod in model.named_modules():
+        if not isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            continue
+        for part in ("weight", "bias", "running_mean", "running_var"):
+            key = state_key(prefix, part)
+            if (fold_norms and part.startswith("running")) or (part == "weight" and prefix in pairs):
+                continue
+            t = planned.get(key)
+            if isinstance(t, torch.Tensor) and constant_fill(t) is not None:
+                total += 2 * t.numel()
+    return total
 
 
 def calibrated_compress_to_ratio(model: nn.Module, target_ratio: float, calib: torch.Tensor,
@@ -139,11 +162,15 @@ def calibrated_compress(
                                      seed=cfg.seed)
     moments = {n: t.cpu() for n, t in moments.items()}  # clustering and the layer fit run on the CPU
     covs = {n: t.cpu() for n, t in covs.items()}
-    # the layer fit and refinement rewrite each tensor's SQNR in the metadata: room for the longest number per tensor
-    reserve = _SQNR_CHARS * len(names) if refine is not None or layer_fit is not None else 0
+    # the layer fit and refinement rewrite each tensor's SQNR in the metadata (room for the longest
+    # number per tensor), and they and the BatchNorm fold may give 8-bit gains and codebooks new codes
+    reserve = RECODE_RESERVE * len(names) + (_SQNR_CHARS * len(names) if refine is not None or layer_fit is not None
+                                             else 0)
+    planned = unit_scales(sd, pairs)
+    reserve += _refilled_norm_bytes(model, planned, pairs, fold_norms)
     ranked = covs if layer_fit is not None and layer_fit.output_allocation else None
     # planned with the BatchNorm scales the file will not store (they end in the row gains) ...
-    cm, plan = compress_to_ratio(unit_scales(sd, pairs), target_ratio, config=cfg, element_weights=moments,
+    cm, plan = compress_to_ratio(planned, target_ratio, config=cfg, element_weights=moments,
                                  covariances=ranked, menu=menu, kernel_menu=kernel_menu, progress=say,
                                  reserve=reserve)
     restore_scales(cm, sd, pairs)  # ... which are needed until then

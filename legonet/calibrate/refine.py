@@ -44,6 +44,7 @@ from legonet.calibrate.distill import (
 )
 from legonet.calibrate.stats import model_device
 from legonet.calibrate.views import boundary_views, views_unsupported
+from legonet.compact import recode_compact
 from legonet.compress import as_state_dict, sqnr_db
 from legonet.config import FEATURE_FALLBACKS, PRECISIONS
 from legonet.errors import ConfigError
@@ -390,5 +391,6 @@ def _write_back(cm: CompressedModel, codebooks, gains, norm_params, original: di
     for name, p in norm_params.items():
         old = cm.tensors[name]
         cm.tensors[name] = p.detach().to("cpu", old.dtype).clone()
+    recode_compact(cm)  # 8-bit gains and codebooks back on their codes
     for name, ct in cm.clustered.items():  # the SQNR of the refined reconstruction
         ct.sqnr_db = sqnr_db(original[name], cm.reconstruct(name))

@@ -27,6 +27,7 @@ import torch
 from torch import fx, nn
 
 from legonet.artifact import ClusteredTensor
+from legonet.compact import recode_compact
 from legonet.errors import ConfigError
 
 _PARTS = ("weight", "bias", "running_mean", "running_var")
@@ -135,6 +136,7 @@ def fold_norm_scales_into_gains(cm, pairs: Mapping[str, str]) -> list[str]:
         ct.scale = gains.float()
         cm.tensors[state_key(bn, "weight")] = torch.ones_like(w)
         done.append(bn)
+    recode_compact(cm)  # gains stored as 8-bit log codes take a code for their new range
     return done
 
 

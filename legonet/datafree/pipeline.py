@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from legonet.artifact import CompressedModel
+from legonet.compact import RECODE_RESERVE
 from legonet.compress import as_state_dict, select_tensors
 from legonet.config import LegoConfig
 from legonet.datafree.bias_correction import CorrectionReport, correct_compressed
@@ -20,6 +21,8 @@ from legonet.datafree.fold_norms import (
     scale_pairs,
     unit_scales,
 )
+from legonet.errors import ConfigError
+from legonet.report import fp32_bytes
 from legonet.target import DEFAULT_MENU, KERNEL_MENU, Choice, compress_to_ratio
 
 
@@ -58,9 +61,12 @@ def datafree_compress(
     eps = batchnorm_eps(model) if fold_norms else {}
     sd = dict(original)
     fold_batchnorm_statistics(sd, eps)
-    pairs = scale_pairs(model, select_tensors(sd, config or LegoConfig())) if fold_norms else {}
+    names = select_tensors(sd, config or LegoConfig())
+    pairs = scale_pairs(model, names) if fold_norms else {}
+    # the BatchNorm fold gives 8-bit gains new codes: room for them in the metadata
     cm, plan = compress_to_ratio(unit_scales(sd, pairs), target_ratio, config=config, menu=menu,
-                                 kernel_menu=kernel_menu, progress=say)
+                                 kernel_menu=kernel_menu, progress=say,
+                                 reserve=RECODE_RESERVE * len(names) if pairs else 0)
     restore_scales(cm, sd, pairs)  # planned without them (they end in the row gains), needed until then
     fixed = correct_compressed(cm, model, original)  # moments from the trained statistics, shifts added to cm's
     say(fixed.describe())
@@ -69,4 +75,7 @@ def datafree_compress(
     fold_batchnorm_statistics(cm.tensors, eps)
     if pairs:
         say(f"BatchNorm scales moved into the row gains of {len(fold_planned_scales(cm, pairs))} layers")
+    size, target = len(cm.to_bytes()), int(fp32_bytes(original) / target_ratio)
+    if size > target:  # cannot happen with the reserve above; checked so a regression is loud
+        raise ConfigError(f"compressed file has {size:,} bytes, over the target's {target:,}")
     return cm, plan

@@ -24,6 +24,17 @@ that a small file cannot make the reader allocate much. Offsets are not stored: 
 the order and the sizes. ``crc32`` is the zlib CRC-32 (8 hex digits) of the bytes of that codebook, packed index stream
 or dense tensor.
 
+Format version 3 (files of models with :attr:`~legonet.config.LegoConfig.compact_storage`) adds,
+for the small overheads of high ratios (see :mod:`legonet.compact`): ``legonet.meta`` holds the JSON
+zlib-compressed (``meta_crc32`` is the CRC-32 of the compressed bytes); a codebook may be
+``[K, dim, "I8", crc32, scale]``, ``K * dim`` int8 values whose codebook is their float32 product
+with ``scale``; a clustered tensor may have a ninth field ``[lo, step]``, its row gains then being
+``shape[0]`` bytes of 8-bit log codes (:mod:`legonet.ops.scalar_codes`) in ``dense``, not float16.
+``scale``, ``lo`` and ``step`` are float32 values written as the 8 hex digits of their big-endian
+bit pattern (exact, and of one width whatever the value, so that a later change of a code cannot
+lengthen the metadata).
+Version 1 and 2 files are written exactly as before.
+
 ``sqnr_db`` is a number, ``null``, or the string ``"inf"``/``"-inf"`` (JSON has no infinities;
 ``"-inf"``, an all-zero tensor, was written as ``"inf"`` before this was fixed). The ``config``
 object omits ``allow_nonfinite`` when it is false, so default files are byte-identical to those of
@@ -53,10 +64,14 @@ from legonet.artifact import (
 from legonet.errors import FormatError
 from legonet.io.atomic import atomic_path
 from legonet.ops.bitpack import bits_for, pack_bits
+from legonet.ops.scalar_codes import codebook_levels, float32_hex, gain_levels
 
 FORMAT_NAME = "legonet"
-FORMAT_VERSION = 2  # the newest version this legonet reads; it writes 1 unless a tensor is a fill
+FORMAT_VERSION = 3  # the newest version this legonet reads; it writes 1 unless a tensor is a fill
 _FILL_VERSION = 2
+COMPACT_VERSION = 3
+# the largest metadata JSON a version-3 file may inflate to (a few KB per thousand tensors)
+MAX_META_BYTES = 1 << 28
 _BLOBS = ("legonet.meta", "codebooks", "indices", "dense")
 _MAX_NDIM = 16
 
@@ -95,15 +110,27 @@ def _sqnr_json(v: float | None) -> float | str | None:
 
 # Config keys added after the first format-1 writer: omitted from the file while at their default.
 _LATER_CONFIG_KEYS = {"allow_nonfinite": False, "scales": "none", "kept_dtype": "keep", "scale_stat": "rms",
-                      "unshrink": False}
+                      "unshrink": False, "compact_storage": False}
 
 
 # -- writing ---------------------------------------------------------------------------------------
 def serialize(cm: CompressedModel) -> bytes:
     """The bytes of the .lego file for ``cm`` (deterministic: equal inputs give equal bytes)."""
     codebook_dtype = {"float32": "F32", "float16": "F16"}[cm.config.codebook_dtype]
+    compact = cm.config.compact_storage or bool(cm.codebook_scales) or any(
+        t.gain_code is not None for t in cm.clustered.values())
     cb_bytes, cb_meta = [], []
-    for cb in cm.codebooks:
+    for i, cb in enumerate(cm.codebooks):
+        if i in cm.codebook_scales:
+            scale = cm.codebook_scales[i]
+            q = codebook_levels(cb, scale)
+            if q is None:
+                raise FormatError(f"codebook {i} is not on its int8 grid (changed after compact storage "
+                                  "without legonet.compact.recode_compact)")
+            b = _raw(q)
+            cb_bytes.append(b)
+            cb_meta.append([int(cb.shape[0]), int(cb.shape[1]), "I8", _crc(b), float32_hex(scale)])
+            continue
         b = _raw(cb.to(CODEBOOK_DTYPES[codebook_dtype]))
         cb_bytes.append(b)
         cb_meta.append([int(cb.shape[0]), int(cb.shape[1]), codebook_dtype, _crc(b)])
@@ -116,7 +143,15 @@ def serialize(cm: CompressedModel) -> bytes:
             idx_bytes.append(b)
             entry = [name, _dtype_name(t.dtype), list(t.shape), _crc(b), t.codebook,
                      list(t.block), _sqnr_json(t.sqnr_db)]
-            if t.scale is not None:
+            if t.scale is not None and t.gain_code is not None:
+                codes = gain_levels(t.scale, *t.gain_code)
+                if codes is None:
+                    raise FormatError(f"the row gains of {name!r} are not on their log code (changed after "
+                                      "compact storage without legonet.compact.recode_compact)")
+                sb = _raw(codes)
+                dense_bytes.append(sb)
+                entry += [_crc(sb), [float32_hex(t.gain_code[0]), float32_hex(t.gain_code[1])]]
+            elif t.scale is not None:
                 sb = _raw(t.scale.to(torch.float16))
                 dense_bytes.append(sb)
                 entry.append(_crc(sb))
@@ -131,11 +166,13 @@ def serialize(cm: CompressedModel) -> bytes:
     for key, default in _LATER_CONFIG_KEYS.items():  # keep default files byte-identical to the first writer's
         if config.get(key) == default:
             config.pop(key, None)
-    # version 1 unless a fill is present: files without one stay readable by older legonet versions
-    version = _FILL_VERSION if any(len(e) == 5 for e in entries) else 1
+    # the lowest version that holds what is present: files stay readable by older legonet versions
+    version = COMPACT_VERSION if compact else _FILL_VERSION if any(len(e) == 5 for e in entries) else 1
     meta = {"format": FORMAT_NAME, "version": version, "config": config,
             "codebooks": cb_meta, "tensors": entries}
     meta_b = json.dumps(meta, separators=(",", ":"), allow_nan=False).encode()
+    if version >= COMPACT_VERSION:
+        meta_b = zlib.compress(meta_b, 9)
 
     blobs = {"legonet.meta": meta_b, "codebooks": b"".join(cb_bytes),
              "indices": b"".join(idx_bytes), "dense": b"".join(dense_bytes)}

@@ -5,7 +5,10 @@ length, entry offsets tiling the data area exactly), every codebook's K, dimensi
 tensor's dtype, shape (at most 16 dims, each < 2**62), codebook reference, block and bit width are
 checked against the real byte counts before anything is allocated or decoded; indices >= K,
 non-finite codebook values and bool bytes other than 0/1 are rejected; CRC-32s are verified unless
-``verify=False``. Every failure is a :class:`legonet.errors.FormatError` naming the file.
+``verify=False``. A version-3 file's compressed metadata is inflated to at most
+:data:`~legonet.format.lego_file.MAX_META_BYTES` (a zlib bomb is refused, not unpacked), its int8
+codebook scales and gain codes must be finite float32 values in range. Every failure is a
+:class:`legonet.errors.FormatError` naming the file.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import re
 import stat
 import struct
+import zlib
 from typing import Any
 
 import numpy as np
@@ -29,12 +33,21 @@ from legonet.format.lego_file import (
     _FILL_VERSION,
     _MAX_NDIM,
     CODEBOOK_DTYPES,
+    COMPACT_VERSION,
     DTYPES,
     FORMAT_NAME,
     FORMAT_VERSION,
+    MAX_META_BYTES,
     _crc,
 )
 from legonet.ops.bitpack import bits_for, packed_nbytes, unpack_bits
+from legonet.ops.scalar_codes import (
+    decode_codebook,
+    decode_gains,
+    float32_from_hex,
+    valid_codebook_scale,
+    valid_gain_code,
+)
 from legonet.ops.tiling import make_tiling
 
 # torch sizes are int64; a dimension near this bound can only be a lie told by a small file.
@@ -114,7 +127,23 @@ def _split_container(data: memoryview, source: str) -> tuple[dict[str, Any], dic
     return header["__metadata__"], {k: body[b:e] for b, e, k in spans}, version
 
 
+def _inflate(raw: bytes, source: str) -> bytes:
+    """The JSON of a version-3 file's zlib-compressed metadata, refusing more than MAX_META_BYTES."""
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(raw, MAX_META_BYTES + 1)
+    except zlib.error:
+        raise _fail(source, "the metadata is not valid zlib data (corrupt)") from None
+    if len(out) > MAX_META_BYTES:
+        raise _fail(source, f"the metadata inflates to more than {MAX_META_BYTES:,} bytes (corrupt or hostile)")
+    if not d.eof or d.unused_data:
+        raise _fail(source, "the metadata's zlib stream is truncated or followed by extra bytes (corrupt)")
+    return out
+
+
 def _parse_meta(raw: bytes, source: str, version: int) -> dict[str, Any]:
+    if version >= COMPACT_VERSION:
+        raw = _inflate(raw, source)
     meta = _parse_json(raw, source, "metadata")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME or type(meta.get("version")) is not int \
             or meta["version"] != version:
@@ -166,7 +195,7 @@ def deserialize(data: bytes | bytearray | memoryview, *, source: str = "<bytes>"
     except (ConfigError, TypeError, ValueError) as exc:
         raise _fail(source, f"invalid config in metadata ({str(exc)[:300]})") from None
 
-    codebooks = _read_codebooks(meta["codebooks"], blobs["codebooks"], source, verify)
+    codebooks, codebook_scales = _read_codebooks(meta["codebooks"], blobs["codebooks"], source, verify, version)
     tensors: dict[str, ClusteredTensor | torch.Tensor] = {}
     idx_off = dense_off = filled = 0
     for i, entry in enumerate(meta["tensors"]):
@@ -179,11 +208,15 @@ def deserialize(data: bytes | bytearray | memoryview, *, source: str = "<bytes>"
         elif len(entry) == 4:
             tensors[name], nbytes = _read_dense(name, dtype, shape, crc, blobs["dense"], dense_off, source, verify)
             dense_off += nbytes
-        elif len(entry) in (7, 8):
+        elif len(entry) in (7, 8) or (len(entry) == 9 and version >= COMPACT_VERSION):
             ct, nbytes = _read_clustered(entry, name, dtype, shape, crc, codebooks, blobs["indices"],
                                          idx_off, source, verify)
             idx_off += nbytes
-            if len(entry) == 8:
+            if len(entry) == 9:
+                ct.scale, ct.gain_code, nbytes = _read_gain_codes(entry, name, shape, blobs["dense"], dense_off,
+                                                                  source, verify)
+                dense_off += nbytes
+            elif len(entry) == 8:
                 scale, nbytes = _read_dense(f"{name} (scales)", "F16", (shape[0],), entry[7], blobs["dense"],
                                             dense_off, source, verify)
                 if not bool(torch.isfinite(scale).all()):
@@ -193,33 +226,53 @@ def deserialize(data: bytes | bytearray | memoryview, *, source: str = "<bytes>"
             tensors[name] = ct
         else:
             raise _fail(source, f"tensor entry {i} has {len(entry)} fields (expected 4, 7 or 8"
-                                + (", or 5 for a fill)" if version >= _FILL_VERSION else ")"))
+                                + (", 5 for a fill" if version >= _FILL_VERSION else "")
+                                + (", 9 for log-coded gains" if version >= COMPACT_VERSION else "") + ")")
     if dense_off != len(blobs["dense"]) or idx_off != len(blobs["indices"]):
         raise _fail(source, "blob sizes do not match the metadata (extra bytes)")
-    return CompressedModel(config=config, codebooks=codebooks, tensors=tensors)
+    return CompressedModel(config=config, codebooks=codebooks, tensors=tensors, codebook_scales=codebook_scales)
 
 
-def _read_codebooks(entries: list, blob: memoryview, source: str, verify: bool) -> list[torch.Tensor]:
-    out, off = [], 0
+def _read_codebooks(entries: list, blob: memoryview, source: str, verify: bool,
+                    version: int) -> tuple[list[torch.Tensor], dict[int, float]]:
+    out, scales, off = [], {}, 0
     for i, e in enumerate(entries):
-        if not (isinstance(e, list) and len(e) == 4 and _is_int(e[0], 1, 1 << 16) and _is_int(e[1], 1, 4096)
-                and isinstance(e[2], str) and e[2] in CODEBOOK_DTYPES and isinstance(e[3], str)):
+        int8 = (version >= COMPACT_VERSION and isinstance(e, list) and len(e) == 5 and e[2] == "I8")
+        if int8 and not valid_codebook_scale(float32_from_hex(e[4])):
+            raise _fail(source, f"codebook {i} has an invalid int8 scale {str(e[4])[:40]}")
+        if not (isinstance(e, list) and (len(e) == 4 or int8) and _is_int(e[0], 1, 1 << 16) and _is_int(e[1], 1, 4096)
+                and isinstance(e[2], str) and (e[2] in CODEBOOK_DTYPES or int8) and isinstance(e[3], str)):
             raise _fail(source, f"codebook entry {i} is malformed")
-        k, d, dt, crc = e
-        nbytes = k * d * CODEBOOK_DTYPES[dt].itemsize
+        k, d, dt, crc = e[:4]
+        nbytes = k * d * (1 if int8 else CODEBOOK_DTYPES[dt].itemsize)
         if nbytes > len(blob) - off:
             raise _fail(source, f"codebook {i} data too short (truncated or corrupt)")
         chunk = blob[off : off + nbytes]
         if verify and _crc(chunk) != crc:
             raise _fail(source, f"checksum mismatch in codebook {i} (the file is corrupt)")
-        cb = torch.frombuffer(bytearray(chunk), dtype=torch.uint8).view(CODEBOOK_DTYPES[dt]).reshape(k, d).float()
+        raw = torch.frombuffer(bytearray(chunk), dtype=torch.uint8)
+        if int8:
+            scales[i] = float32_from_hex(e[4])
+            cb = decode_codebook(raw.view(torch.int8).reshape(k, d), scales[i])
+        else:
+            cb = raw.view(CODEBOOK_DTYPES[dt]).reshape(k, d).float()
         if not bool(torch.isfinite(cb).all()):
             raise _fail(source, f"codebook {i} holds non-finite values")
         out.append(cb)
         off += nbytes
     if off != len(blob):
         raise _fail(source, "codebook blob size does not match the metadata")
-    return out
+    return out, scales
+
+
+def _read_gain_codes(entry, name, shape, blob, off, source, verify):
+    crc, code = entry[7], entry[8]
+    lo, step = (float32_from_hex(code[0]), float32_from_hex(code[1])) if isinstance(code, list) and len(code) == 2 \
+        else (None, None)
+    if not valid_gain_code(lo, step):
+        raise _fail(source, f"tensor {name!r} has an invalid gain code {str(code)[:60]}")
+    codes, nbytes = _read_dense(f"{name} (gain codes)", "U8", (shape[0],), crc, blob, off, source, verify)
+    return decode_gains(codes, lo, step), (lo, step), nbytes
 
 
 def _check_entry_head(entry: Any, i: int, source: str) -> tuple[str, str, tuple[int, ...], str]:

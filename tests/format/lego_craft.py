@@ -19,8 +19,10 @@ def crc(b: bytes) -> str:
     return f"{zlib.crc32(b) & 0xFFFFFFFF:08x}"
 
 
-def tiny_model_bytes(scope: str = "model", codebook_dtype: str = "float32", clusters: int = 3) -> bytes:
-    """A small compressed model with clustered tensors and kept tensors of several dtypes."""
+def tiny_model_bytes(scope: str = "model", codebook_dtype: str = "float32", clusters: int = 3,
+                     compact: bool = False) -> bytes:
+    """A small compressed model with clustered tensors and kept tensors of several dtypes; with
+    ``compact``, per-layer codebooks and row gains stored in 8 bits (format version 3)."""
     g = torch.Generator().manual_seed(0)
     sd = {
         "conv.weight": torch.randn(8, 3, 3, 3, generator=g),
@@ -30,23 +32,35 @@ def tiny_model_bytes(scope: str = "model", codebook_dtype: str = "float32", clus
         "mask": torch.tensor([True, False, True]),
         "half": torch.randn(4, generator=g).half(),
     }
+    if compact:
+        cfg = legonet.LegoConfig(block=(2, 2), clusters=clusters, scope="layer", scales="row", compact_storage=True)
+        cm = legonet.compress(sd, cfg)
+        assert cm.codebook_scales and all(t.gain_code is not None for t in cm.clustered.values())
+        return cm.to_bytes()
     cfg = legonet.LegoConfig(block=(2, 2), clusters=clusters, scope=scope, codebook_dtype=codebook_dtype)
     return legonet.compress(sd, cfg).to_bytes()
 
 
 def split(data: bytes) -> tuple[dict, dict, dict[str, bytes]]:
-    """(safetensors __metadata__, legonet meta JSON, {blob name: bytes})."""
+    """(safetensors __metadata__, legonet meta JSON, {blob name: bytes}); version-3 metadata is
+    zlib-compressed in the file."""
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
     body = data[8 + n :]
     blobs = {k: body[v["data_offsets"][0] : v["data_offsets"][1]] for k, v in header.items() if k != "__metadata__"}
-    return header["__metadata__"], json.loads(blobs["legonet.meta"]), blobs
+    raw = blobs["legonet.meta"]
+    if header["__metadata__"]["version"] == "3":
+        raw = zlib.decompress(raw)
+    return header["__metadata__"], json.loads(raw), blobs
 
 
 def join(md: dict, meta: dict, blobs: dict[str, bytes], *, fix_crc: bool = True) -> bytes:
-    """Rebuild a file; with ``fix_crc`` the metadata checksum is recomputed (tensor CRCs are the caller's)."""
+    """Rebuild a file; with ``fix_crc`` the metadata checksum is recomputed (tensor CRCs are the caller's).
+    The metadata is zlib-compressed when ``md`` says version 3."""
     blobs = dict(blobs)
     blobs["legonet.meta"] = json.dumps(meta, separators=(",", ":")).encode()
+    if md.get("version") == "3":
+        blobs["legonet.meta"] = zlib.compress(blobs["legonet.meta"])
     md = dict(md)
     if fix_crc:
         md["meta_crc32"] = crc(blobs["legonet.meta"])

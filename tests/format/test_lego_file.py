@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import struct
@@ -10,6 +11,7 @@ import sys
 import textwrap
 import threading
 import tracemalloc
+import zlib
 from pathlib import Path
 
 import pytest
@@ -32,9 +34,10 @@ def same_model(a: legonet.CompressedModel, b: legonet.CompressedModel) -> bool:
         sa[k].dtype == sb[k].dtype and sa[k].shape == sb[k].shape and torch.equal(raw(sa[k]), raw(sb[k])) for k in sa)
 
 
-@pytest.mark.parametrize("scope,dtype", [("model", "float32"), ("layer", "float16")])
-def test_round_trip_is_bit_exact(tmp_path, scope, dtype):
-    data = tiny_model_bytes(scope, dtype)
+@pytest.mark.parametrize("scope,dtype,compact", [("model", "float32", False), ("layer", "float16", False),
+                                                 ("layer", "float16", True)])
+def test_round_trip_is_bit_exact(tmp_path, scope, dtype, compact):
+    data = tiny_model_bytes(scope, dtype, compact=compact)
     cm = deserialize(data)
     path = tmp_path / "m.lego"
     assert cm.save(path) == path.stat().st_size == len(data)
@@ -131,8 +134,8 @@ def test_wrong_magic(tmp_path):
 
 def test_newer_version_is_named():
     md, meta, blobs = split(tiny_model_bytes())
-    with pytest.raises(FormatError, match="newer legonet \\(format version 3\\).*upgrade"):
-        deserialize(join({**md, "version": "3"}, meta, blobs))
+    with pytest.raises(FormatError, match="newer legonet \\(format version 4\\).*upgrade"):
+        deserialize(join({**md, "version": "4"}, meta, blobs))
     for v in ("0", "one", "", "1" * 40):
         with pytest.raises(FormatError, match="format version"):
             deserialize(join({**md, "version": v}, meta, blobs))
@@ -408,3 +411,99 @@ def test_the_writer_keeps_within_the_fill_limits_the_reader_enforces():
     assert cm.report().kept_bytes == 2 * ((1 << 22) + (1 << 22) + 1) + sum(
         t.numel() * t.element_size() for n, t in deserialize(tiny_model_bytes()).tensors.items()
         if isinstance(t, torch.Tensor))
+
+
+# -- version 3: compressed metadata, int8 codebooks, log-coded gains -------------------------------
+def test_compact_files_are_version_3_and_hold_their_codes():
+    md, meta, blobs = split(tiny_model_bytes(compact=True))
+    assert md["version"] == "3" and meta["version"] == 3
+    assert all(len(cb) == 5 and cb[2] == "I8" for cb in meta["codebooks"])
+    clustered = [e for e in meta["tensors"] if len(e) >= 7]
+    assert clustered and all(len(e) == 9 for e in clustered)
+    # codes are float32 bit patterns, 8 hex digits each, read back exactly
+    back = deserialize(tiny_model_bytes(compact=True))
+    lo, step = back.tensors[clustered[0][0]].gain_code
+    assert clustered[0][8] == [_hex(lo), _hex(step)] and meta["codebooks"][0][4] == _hex(back.codebook_scales[0])
+    # every other file stays at the version it had before
+    assert split(tiny_model_bytes())[0]["version"] == "1"
+
+
+@pytest.mark.parametrize("raw, message", [
+    (b"not zlib at all", "not valid zlib"),
+    (zlib.compress(b'{"format":"legonet"}')[:-3], "truncated"),
+    (zlib.compress(b'{"format":"legonet"}') + b"xx", "extra bytes"),
+])
+def test_bad_compressed_metadata_is_named(raw, message):
+    md, _meta, blobs = split(tiny_model_bytes(compact=True))
+    rebuilt = _container_bytes(dict(md, meta_crc32=crc(raw)), dict(blobs, **{"legonet.meta": raw}))
+    with pytest.raises(FormatError, match=f"x.lego: .*{message}"):
+        deserialize(rebuilt, source="x.lego")
+
+
+def test_metadata_that_inflates_past_the_limit_is_refused(monkeypatch):
+    from legonet.format import lego_reader
+
+    data = tiny_model_bytes(compact=True)
+    monkeypatch.setattr(lego_reader, "MAX_META_BYTES", 200)
+    with pytest.raises(FormatError, match="inflates to more than 200 bytes"):
+        deserialize(data)
+    md, meta, blobs = split(data)  # a zlib bomb: 100 MB of spaces in a few hundred bytes
+    bomb = zlib.compress(b" " * (100 << 20), 9)
+    monkeypatch.setattr(lego_reader, "MAX_META_BYTES", 1 << 20)
+    with pytest.raises(FormatError, match="inflates to more than"):
+        deserialize(_container_bytes(dict(md, meta_crc32=crc(bomb)), dict(blobs, **{"legonet.meta": bomb})))
+
+
+def test_compact_entries_need_version_3():
+    md, meta, blobs = split(tiny_model_bytes(compact=True))
+    md["version"], meta["version"] = "2", 2
+    with pytest.raises(FormatError, match="codebook entry 0 is malformed"):
+        deserialize(join(md, meta, blobs))
+    meta["codebooks"] = [cb[:2] + ["F16"] + cb[3:4] for cb in meta["codebooks"]]
+    blobs = dict(blobs, codebooks=bytes(2 * sum(cb[0] * cb[1] for cb in meta["codebooks"])))
+    with pytest.raises(FormatError, match="has 9 fields"):
+        deserialize(join(md, meta, blobs), verify=False)
+
+
+def _hex(v: float) -> str:
+    return struct.pack(">f", v).hex()
+
+
+@pytest.mark.parametrize("code", [[_hex(float("nan")), _hex(0.0)], [_hex(0.0), _hex(-0.5)], [_hex(100.0), _hex(0.0)],
+                                  [_hex(-120.0), _hex(0.0)], [0.0, 0.0], ["3F800000", _hex(0.0)], ["3f80000", "0"],
+                                  [_hex(0.0)], "code", None])
+def test_bad_gain_codes_are_rejected(code):
+    md, meta, blobs = split(tiny_model_bytes(compact=True))
+    next(e for e in meta["tensors"] if len(e) == 9)[8] = code
+    with pytest.raises(FormatError, match="invalid gain code"):
+        deserialize(join(md, meta, blobs), source="m.lego")
+
+
+@pytest.mark.parametrize("scale", [_hex(0.0), _hex(-0.25), _hex(float("inf")), _hex(float("nan")), 0.5, "1", None])
+def test_bad_int8_codebook_scales_are_rejected(scale):
+    md, meta, blobs = split(tiny_model_bytes(compact=True))
+    meta["codebooks"][0][4] = scale
+    with pytest.raises(FormatError, match="codebook 0 has an invalid int8 scale"):
+        deserialize(join(md, meta, blobs), source="m.lego")
+
+
+def test_gain_code_bytes_are_checked():
+    md, meta, blobs = split(tiny_model_bytes(compact=True))
+    d = bytearray(blobs["dense"])
+    d[0] ^= 0x01
+    with pytest.raises(FormatError, match="checksum mismatch"):
+        deserialize(join(md, meta, dict(blobs, dense=bytes(d))))
+    with pytest.raises(FormatError, match="too short|extra bytes"):
+        deserialize(join(md, meta, dict(blobs, dense=bytes(d[:-1]))), verify=False)
+
+
+def _container_bytes(md: dict, blobs: dict[str, bytes]) -> bytes:
+    """A file from raw blobs (the metadata blob as given, not re-encoded)."""
+    header: dict = {"__metadata__": md}
+    off = 0
+    for k in sorted(blobs):
+        header[k] = {"dtype": "U8", "shape": [len(blobs[k])], "data_offsets": [off, off + len(blobs[k])]}
+        off += len(blobs[k])
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    return struct.pack("<Q", len(h)) + h + b"".join(blobs[k] for k in sorted(blobs))

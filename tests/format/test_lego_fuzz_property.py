@@ -23,7 +23,8 @@ FUZZ = settings(max_examples=150, deadline=2000, derandomize=True,
 
 @functools.lru_cache(maxsize=None)
 def seeds() -> tuple[bytes, ...]:
-    return (tiny_model_bytes("model", "float32", 3), tiny_model_bytes("layer", "float16", 2))
+    return (tiny_model_bytes("model", "float32", 3), tiny_model_bytes("layer", "float16", 2),
+            tiny_model_bytes(compact=True))
 
 
 def _as_bytes(sd: dict[str, torch.Tensor]) -> dict[str, bytes]:
