@@ -23,7 +23,14 @@ from pathlib import Path
 import torch
 
 from legonet.artifact import ClusteredTensor, CompressedModel
-from legonet.compress import _fit_codebook, check_finite, clustered_tensor, select_tensors, stored_codebook
+from legonet.compact import compact_by_sqnr
+from legonet.compress import (
+    _fit_codebook,
+    check_finite,
+    clustered_tensor,
+    select_tensors,
+    stored_codebook,
+)
 from legonet.config import LegoConfig
 from legonet.errors import ConfigError
 from legonet.io.lazy import ShardedCheckpoint, open_sharded, read_tensor
@@ -190,4 +197,6 @@ def compress_sharded(
             say("assign", i + 1, len(names))
     tensors = {n: clustered[n] if n in clustered else dense[n] for n in ck.order}
     cm = CompressedModel(config=config, codebooks=codebooks, tensors=tensors)
+    if config.compact_storage:  # as compress() does
+        compact_by_sqnr(cm)
     return cm, cm.save(Path(output))
