@@ -64,6 +64,11 @@ def join(md: dict, meta: dict, blobs: dict[str, bytes], *, fix_crc: bool = True)
     md = dict(md)
     if fix_crc:
         md["meta_crc32"] = crc(blobs["legonet.meta"])
+    return container(md, blobs)
+
+
+def container(md: dict, blobs: dict[str, bytes]) -> bytes:
+    """The safetensors framing around ``blobs`` as given (the metadata blob is not re-encoded)."""
     header: dict = {"__metadata__": md}
     off = 0
     for k in sorted(blobs):

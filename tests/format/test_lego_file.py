@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lego_craft import crc, join, split, tiny_model_bytes
+from lego_craft import container, crc, join, split, tiny_model_bytes
 
 import legonet
 from legonet.errors import FormatError
@@ -435,7 +434,7 @@ def test_compact_files_are_version_3_and_hold_their_codes():
 ])
 def test_bad_compressed_metadata_is_named(raw, message):
     md, _meta, blobs = split(tiny_model_bytes(compact=True))
-    rebuilt = _container_bytes(dict(md, meta_crc32=crc(raw)), dict(blobs, **{"legonet.meta": raw}))
+    rebuilt = container(dict(md, meta_crc32=crc(raw)), dict(blobs, **{"legonet.meta": raw}))
     with pytest.raises(FormatError, match=f"x.lego: .*{message}"):
         deserialize(rebuilt, source="x.lego")
 
@@ -451,7 +450,7 @@ def test_metadata_that_inflates_past_the_limit_is_refused(monkeypatch):
     bomb = zlib.compress(b" " * (100 << 20), 9)
     monkeypatch.setattr(lego_reader, "MAX_META_BYTES", 1 << 20)
     with pytest.raises(FormatError, match="inflates to more than"):
-        deserialize(_container_bytes(dict(md, meta_crc32=crc(bomb)), dict(blobs, **{"legonet.meta": bomb})))
+        deserialize(container(dict(md, meta_crc32=crc(bomb)), dict(blobs, **{"legonet.meta": bomb})))
 
 
 def test_compact_entries_need_version_3():
@@ -496,14 +495,3 @@ def test_gain_code_bytes_are_checked():
     with pytest.raises(FormatError, match="too short|extra bytes"):
         deserialize(join(md, meta, dict(blobs, dense=bytes(d[:-1]))), verify=False)
 
-
-def _container_bytes(md: dict, blobs: dict[str, bytes]) -> bytes:
-    """A file from raw blobs (the metadata blob as given, not re-encoded)."""
-    header: dict = {"__metadata__": md}
-    off = 0
-    for k in sorted(blobs):
-        header[k] = {"dtype": "U8", "shape": [len(blobs[k])], "data_offsets": [off, off + len(blobs[k])]}
-        off += len(blobs[k])
-    h = json.dumps(header).encode()
-    h += b" " * (-len(h) % 8)
-    return struct.pack("<Q", len(h)) + h + b"".join(blobs[k] for k in sorted(blobs))
