@@ -127,6 +127,7 @@ def fit_layer_outputs(
     for name, ct in clustered.items():
         by_codebook.setdefault(ct.codebook, []).append(name)
     fitted = 0
+    changed: list[str] = []
     before = after = rows = 0.0
     for n_done, (cb_id, names) in enumerate(by_codebook.items()):
         if not all(n in covariances for n in names):
@@ -163,12 +164,13 @@ def fit_layer_outputs(
                 ct.indices = m.indices.to(ct.indices.dtype)
                 if ct.scale is not None:
                     ct.scale = m.gains
-            recode_compact(cm)  # 8-bit gains and codebooks back on their codes
-            for n in members:
-                clustered[n].sqnr_db = sqnr_db(original[n], cm.reconstruct(n))
+            changed += names
         fitted += len(names)
         before += sum(e for e, _ in start)
         after += sum(e for e, _ in end)
         rows += sum(r for _, r in start)
+    recode_compact(cm)  # 8-bit gains and codebooks back on their codes
+    for n in changed:
+        clustered[n].sqnr_db = sqnr_db(original[n], cm.reconstruct(n))
     mean = (lambda s: s / rows) if rows else (lambda _s: float("nan"))
     return LayerFitResult(fitted, len(clustered), mean(before), mean(after), time.perf_counter() - t0)
