@@ -59,6 +59,9 @@ def seed_corpus() -> list[bytes]:
                                    ("model", "float32", 1, (3, 3)), ("model", "float16", 200, (1, 1))]:
         cfg = legonet.LegoConfig(block=block, clusters=k, scope=scope, codebook_dtype=dtype)
         out.append(legonet.compress(tiny, cfg).to_bytes())
+    # format version 3: compressed metadata, int8 codebooks, log-coded row gains
+    compact = legonet.LegoConfig(block=(2, 2), clusters=2, scope="layer", scales="row", compact_storage=True)
+    out.append(legonet.compress(tiny, compact).to_bytes())
     # A slice of the bundled ResNet-20 (a real checkpoint's names and shapes), small enough that one
     # input costs milliseconds, not the ~0.3 s of decoding the whole model.
     sd = read_state_dict(ROOT / "legonet" / "data" / "resnet20_cifar10.safetensors")
@@ -99,11 +102,15 @@ def _split(data: bytes):
     header = json.loads(data[8 : 8 + n])
     body = data[8 + n :]
     blobs = {k: body[v["data_offsets"][0] : v["data_offsets"][1]] for k, v in header.items() if k != "__metadata__"}
-    return header["__metadata__"], json.loads(blobs["legonet.meta"]), blobs
+    raw = blobs["legonet.meta"]
+    if header["__metadata__"]["version"] == "3":  # compressed metadata
+        raw = zlib.decompress(raw)
+    return header["__metadata__"], json.loads(raw), blobs
 
 
 def _join(md, meta, blobs) -> bytes:
-    blobs = dict(blobs, **{"legonet.meta": json.dumps(meta, separators=(",", ":")).encode()})
+    raw = json.dumps(meta, separators=(",", ":")).encode()
+    blobs = dict(blobs, **{"legonet.meta": zlib.compress(raw) if md.get("version") == "3" else raw})
     md = dict(md, meta_crc32=f"{zlib.crc32(blobs['legonet.meta']) & 0xFFFFFFFF:08x}")
     header, off = {"__metadata__": md}, 0
     for k in sorted(blobs):
