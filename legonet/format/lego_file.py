@@ -67,7 +67,7 @@ from legonet.ops.bitpack import bits_for, pack_bits
 from legonet.ops.scalar_codes import codebook_levels, float32_hex, gain_levels
 
 FORMAT_NAME = "legonet"
-FORMAT_VERSION = 3  # the newest version this legonet reads; it writes 1 unless a tensor is a fill
+FORMAT_VERSION = 3  # the newest version this legonet reads; it writes the lowest that holds the file (see serialize)
 _FILL_VERSION = 2
 COMPACT_VERSION = 3
 # the largest metadata JSON a version-3 file may inflate to (a few KB per thousand tensors)

@@ -238,7 +238,8 @@ def _read_codebooks(entries: list, blob: memoryview, source: str, verify: bool,
     out, scales, off = [], {}, 0
     for i, e in enumerate(entries):
         int8 = (version >= COMPACT_VERSION and isinstance(e, list) and len(e) == 5 and e[2] == "I8")
-        if int8 and not valid_codebook_scale(float32_from_hex(e[4])):
+        scale = float32_from_hex(e[4]) if int8 else None
+        if int8 and not valid_codebook_scale(scale):
             raise _fail(source, f"codebook {i} has an invalid int8 scale {str(e[4])[:40]}")
         if not (isinstance(e, list) and (len(e) == 4 or int8) and _is_int(e[0], 1, 1 << 16) and _is_int(e[1], 1, 4096)
                 and isinstance(e[2], str) and (e[2] in CODEBOOK_DTYPES or int8) and isinstance(e[3], str)):
@@ -252,8 +253,8 @@ def _read_codebooks(entries: list, blob: memoryview, source: str, verify: bool,
             raise _fail(source, f"checksum mismatch in codebook {i} (the file is corrupt)")
         raw = torch.frombuffer(bytearray(chunk), dtype=torch.uint8)
         if int8:
-            scales[i] = float32_from_hex(e[4])
-            cb = decode_codebook(raw.view(torch.int8).reshape(k, d), scales[i])
+            scales[i] = scale
+            cb = decode_codebook(raw.view(torch.int8).reshape(k, d), scale)
         else:
             cb = raw.view(CODEBOOK_DTYPES[dt]).reshape(k, d).float()
         if not bool(torch.isfinite(cb).all()):
