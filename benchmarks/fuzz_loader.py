@@ -62,6 +62,10 @@ def seed_corpus() -> list[bytes]:
     # format version 3: compressed metadata, int8 codebooks, log-coded row gains
     compact = legonet.LegoConfig(block=(2, 2), clusters=2, scope="layer", scales="row", compact_storage=True)
     out.append(legonet.compress(tiny, compact).to_bytes())
+    # format version 4: an entropy-coded index stream (a sparse tensor's blocks are mostly one centroid)
+    sparse = torch.randn(32, 64, generator=g) * (torch.rand(32, 64, generator=g) < 0.15)
+    coded = legonet.LegoConfig(block=(2, 2), clusters=16, scope="layer", entropy_coding=True)
+    out.append(legonet.compress({**tiny, "sparse.weight": sparse}, coded).to_bytes())
     # A slice of the bundled ResNet-20 (a real checkpoint's names and shapes), small enough that one
     # input costs milliseconds, not the ~0.3 s of decoding the whole model.
     sd = read_state_dict(ROOT / "legonet" / "data" / "resnet20_cifar10.safetensors")
@@ -103,14 +107,14 @@ def _split(data: bytes):
     body = data[8 + n :]
     blobs = {k: body[v["data_offsets"][0] : v["data_offsets"][1]] for k, v in header.items() if k != "__metadata__"}
     raw = blobs["legonet.meta"]
-    if header["__metadata__"]["version"] == "3":  # compressed metadata
+    if header["__metadata__"]["version"] in ("3", "4"):  # compressed metadata
         raw = zlib.decompress(raw)
     return header["__metadata__"], json.loads(raw), blobs
 
 
 def _join(md, meta, blobs) -> bytes:
     raw = json.dumps(meta, separators=(",", ":")).encode()
-    blobs = dict(blobs, **{"legonet.meta": zlib.compress(raw) if md.get("version") == "3" else raw})
+    blobs = dict(blobs, **{"legonet.meta": zlib.compress(raw) if md.get("version") in ("3", "4") else raw})
     md = dict(md, meta_crc32=f"{zlib.crc32(blobs['legonet.meta']) & 0xFFFFFFFF:08x}")
     header, off = {"__metadata__": md}, 0
     for k in sorted(blobs):

@@ -129,6 +129,9 @@ class LegoConfig:
             codebook of every tensor clustered with an SQNR of at most 12 dB in 8 bits (log-coded
             gains, int8 codebooks; see :mod:`legonet.compact`): format version 3, which earlier
             legonet versions cannot read. Target mode always does (choosing the tensors by their planned error).
+        entropy_coding: write each tensor's indices entropy-coded by their own frequencies
+            (:mod:`legonet.ops.rans`) where that is smaller than bit-packing them: format version 4,
+            which earlier legonet versions cannot read. Target mode always does, and plans with it.
     """
 
     block: tuple[int, int] = (4, 4)
@@ -145,6 +148,7 @@ class LegoConfig:
     kmeans: KMeansConfig = field(default_factory=KMeansConfig)
     allow_nonfinite: bool = False
     compact_storage: bool = False
+    entropy_coding: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block", _as_block(self.block))
@@ -172,6 +176,8 @@ class LegoConfig:
             raise ConfigError(f"allow_nonfinite must be true or false, got {self.allow_nonfinite!r}")
         if not isinstance(self.compact_storage, bool):
             raise ConfigError(f"compact_storage must be true or false, got {self.compact_storage!r}")
+        if not isinstance(self.entropy_coding, bool):
+            raise ConfigError(f"entropy_coding must be true or false, got {self.entropy_coding!r}")
         if self.kept_dtype not in KEPT_DTYPES:
             raise ConfigError(f"kept_dtype must be one of {KEPT_DTYPES}, got {self.kept_dtype!r}")
         if self.codebook_dtype not in CODEBOOK_DTYPES:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from legonet.artifact import ClusteredTensor, CompressedModel, fills
-from legonet.ops.bitpack import bits_for, packed_nbytes
+from legonet.ops.rans import index_stream
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,8 @@ class Report:
     codebook_settings: list[tuple[str, int]] = field(default_factory=list)
     # clustered tensors whose row gains are 8-bit log codes (compact storage, format version 3)
     compact_tensors: int = 0
+    # clustered tensors whose index stream is entropy-coded (format version 4)
+    entropy_coded_tensors: int = 0
 
     @property
     def ratio(self) -> float:
@@ -89,7 +91,8 @@ class Report:
             ("bits per weight (file)", f"{self.bits_per_weight:.3f}"),
             ("paper's ratio (clustered tensors only)", f"{self.paper_ratio:.2f}x"),
             ("codebooks", self._codebooks_line()),
-            ("packed indices", _human(self.index_bytes)),
+            ("packed indices", _human(self.index_bytes) + (
+                f" (entropy-coded for {self.entropy_coded_tensors} tensors)" if self.entropy_coded_tensors else "")),
             ("per-row scales", _human(self.scale_bytes) + (
                 f" (8-bit log codes for {self.compact_tensors} tensors, else float16)" if self.compact_tensors
                 else " (float16)")),
@@ -158,12 +161,14 @@ def build_report(cm: CompressedModel, file_bytes: int | None = None) -> Report:
         file_bytes = len(cm.to_bytes())
     rows: list[TensorRow] = []
     filled = fills(cm.tensors)
-    orig = num = clustered_w = clustered_fp32 = idx_bytes = kept = scale_bytes = 0
+    orig = num = clustered_w = clustered_fp32 = idx_bytes = kept = scale_bytes = coded_tensors = 0
     for name, t in cm.tensors.items():
         if isinstance(t, ClusteredTensor):
             k = cm.codebooks[t.codebook].shape[0]
-            nb = packed_nbytes(t.tiling.num_blocks, bits_for(k))
+            stream, coded = index_stream(t.indices.cpu().numpy(), k, cm.config.entropy_coding)
+            nb = len(stream)
             idx_bytes += nb
+            coded_tensors += coded
             if t.scale is not None:
                 sb = t.shape[0] * (1 if t.gain_code is not None else 2)  # 8-bit log codes or float16
                 scale_bytes += sb
@@ -191,4 +196,5 @@ def build_report(cm: CompressedModel, file_bytes: int | None = None) -> Report:
         clusters=cm.config.clusters, block=cm.config.block, scope=cm.config.scope,
         clustered_fp32_bytes=clustered_fp32, tensors=rows, codebook_settings=settings,
         compact_tensors=sum(1 for t in cm.clustered.values() if t.gain_code is not None),
+        entropy_coded_tensors=coded_tensors,
     )

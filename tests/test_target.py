@@ -98,8 +98,9 @@ def test_caller_given_sensitivity_moves_bytes_to_the_sensitive_tensor():
     menu = (((1, 1), 4), ((1, 1), 16), ((1, 1), 256))
     _, equal = compress_to_ratio(sd, 6.0, menu=menu)
     _, weighted = compress_to_ratio(sd, 6.0, menu=menu, sensitivity={"a": 100.0, "b": 0.01})
-    assert equal["a"].nbytes == equal["b"].nbytes  # alike tensors, alike shares
-    assert weighted["a"].nbytes > weighted["b"].nbytes
+    # alike tensors, alike shares (to within the entropy estimates of their samples)
+    assert equal["a"].clusters == equal["b"].clusters and abs(equal["a"].nbytes - equal["b"].nbytes) < 0.01 * equal["a"].nbytes
+    assert weighted["a"].clusters > weighted["b"].clusters
     with pytest.raises(ConfigError, match="no sensitivity given for tensor 'b'"):
         compress_to_ratio(sd, 6.0, menu=menu, sensitivity={"a": 1.0})
 

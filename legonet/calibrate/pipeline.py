@@ -45,6 +45,7 @@ from legonet.datafree.fold_norms import (
 )
 from legonet.datafree.permute_channels import group_alike_channels
 from legonet.errors import ConfigError
+from legonet.ops.rans import index_stream
 from legonet.report import fp32_bytes
 from legonet.target import DEFAULT_MENU, KERNEL_MENU, Choice, compress_to_ratio
 
@@ -76,6 +77,43 @@ def _refilled_norm_bytes(model: nn.Module, planned: dict, pairs: dict, fold_norm
             if isinstance(t, torch.Tensor) and constant_fill(t) is not None:
                 total += 2 * t.numel()
     return total
+
+
+def _index_stream_bytes(cm: CompressedModel) -> dict[str, int]:
+    return {n: len(index_stream(ct.indices.cpu().numpy(), cm.codebooks[ct.codebook].shape[0], cm.config.entropy_coding)[0])
+            for n, ct in cm.clustered.items()}
+
+
+def _clustered_state(cm: CompressedModel) -> dict:
+    """What the layer fit may change: each clustered tensor's indices, gains and SQNR, and the codebooks."""
+    return {"tensors": {n: (ct.indices.clone(), None if ct.scale is None else ct.scale.clone(), ct.gain_code, ct.sqnr_db)
+                        for n, ct in cm.clustered.items()},
+            "codebooks": [cb.clone() for cb in cm.codebooks], "scales": dict(cm.codebook_scales)}
+
+
+def _undo_stream_growth(cm: CompressedModel, planned: dict[str, int], state: dict) -> list[str]:
+    """Where the layer fit's new indices entropy-code to more bytes in all than target mode planned
+    for, give codebooks back their state before the fit, those whose streams grew most first, until
+    the total is within the plan again (it was before the fit). Returns the tensors given back."""
+    now = _index_stream_bytes(cm)
+    excess = sum(now.values()) - sum(planned.values())
+    users: dict[int, list[str]] = {}
+    for n, ct in cm.clustered.items():
+        users.setdefault(ct.codebook, []).append(n)
+    growth = sorted(users.items(), key=lambda kv: -sum(now[n] - planned[n] for n in kv[1]))
+    undone: list[str] = []
+    for cb_id, names in growth:
+        if excess <= 0:
+            break
+        cm.codebooks[cb_id] = state["codebooks"][cb_id]
+        if cb_id in state["scales"]:
+            cm.codebook_scales[cb_id] = state["scales"][cb_id]
+        for n in names:
+            ct = cm.clustered[n]
+            ct.indices, ct.scale, ct.gain_code, ct.sqnr_db = state["tensors"][n]
+            excess -= now[n] - planned[n]
+        undone += names
+    return undone
 
 
 def calibrated_compress_to_ratio(model: nn.Module, target_ratio: float, calib: torch.Tensor,
@@ -176,8 +214,12 @@ def calibrated_compress(
     restore_scales(cm, sd, pairs)  # ... which are needed until then
     fit_result = None
     if layer_fit is not None:
+        planned_streams, before_fit = _index_stream_bytes(cm), _clustered_state(cm)
         fit_result = fit_layer_outputs(cm, original, covs, layer_fit, progress=say)
         del covs
+        undone = _undo_stream_growth(cm, planned_streams, before_fit)
+        if undone:
+            say(f"layer fit undone for {len(undone)} tensors whose new indices coded larger than the budget allows")
     # ... but re-estimation needs the trained affine parameters: folding absorbed the old statistics
     for prefix in folded:
         for key in (state_key(prefix, "weight"), state_key(prefix, "bias")):

@@ -35,6 +35,12 @@ bit pattern (exact, and of one width whatever the value, so that a later change 
 lengthen the metadata).
 Version 1 and 2 files are written exactly as before.
 
+Format version 4 (files of models with :attr:`~legonet.config.LegoConfig.entropy_coding` where
+coding made some index stream smaller) lets a clustered tensor's ``crc32`` field be
+``["rans", crc32, nbytes]``: its index stream is then ``nbytes`` bytes entropy-coded as
+:mod:`legonet.ops.rans` specifies, not bit-packed. Everything else is as in version 3 (a version-4
+file without compact storage still has its metadata zlib-compressed).
+
 ``sqnr_db`` is a number, ``null``, or the string ``"inf"``/``"-inf"`` (JSON has no infinities;
 ``"-inf"``, an all-zero tensor, was written as ``"inf"`` before this was fixed). The ``config``
 object omits ``allow_nonfinite`` when it is false, so default files are byte-identical to those of
@@ -63,13 +69,14 @@ from legonet.artifact import (
 )
 from legonet.errors import FormatError
 from legonet.io.atomic import atomic_path
-from legonet.ops.bitpack import bits_for, pack_bits
+from legonet.ops.rans import index_stream
 from legonet.ops.scalar_codes import codebook_levels, float32_hex, gain_levels
 
 FORMAT_NAME = "legonet"
-FORMAT_VERSION = 3  # the newest version this legonet reads; it writes the lowest that holds the file (see serialize)
+FORMAT_VERSION = 4  # the newest version this legonet reads; it writes the lowest that holds the file (see serialize)
 _FILL_VERSION = 2
 COMPACT_VERSION = 3
+ENTROPY_VERSION = 4
 # the largest metadata JSON a version-3 file may inflate to (a few KB per thousand tensors)
 MAX_META_BYTES = 1 << 28
 _BLOBS = ("legonet.meta", "codebooks", "indices", "dense")
@@ -110,7 +117,7 @@ def _sqnr_json(v: float | None) -> float | str | None:
 
 # Config keys added after the first format-1 writer: omitted from the file while at their default.
 _LATER_CONFIG_KEYS = {"allow_nonfinite": False, "scales": "none", "kept_dtype": "keep", "scale_stat": "rms",
-                      "unshrink": False, "compact_storage": False}
+                      "unshrink": False, "compact_storage": False, "entropy_coding": False}
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -136,13 +143,15 @@ def serialize(cm: CompressedModel) -> bytes:
         cb_meta.append([int(cb.shape[0]), int(cb.shape[1]), codebook_dtype, _crc(b)])
     idx_bytes, dense_bytes, entries = [], [], []
     filled = fills(cm.tensors)
+    coded_any = False
     for name, t in cm.tensors.items():
         if isinstance(t, ClusteredTensor):
             k = cm.codebooks[t.codebook].shape[0]
-            b = pack_bits(t.indices.cpu().numpy(), bits_for(k)).tobytes()
+            b, coded = index_stream(t.indices.cpu().numpy(), k, cm.config.entropy_coding)
             idx_bytes.append(b)
-            entry = [name, _dtype_name(t.dtype), list(t.shape), _crc(b), t.codebook,
-                     list(t.block), _sqnr_json(t.sqnr_db)]
+            coded_any |= coded
+            entry = [name, _dtype_name(t.dtype), list(t.shape), ["rans", _crc(b), len(b)] if coded else _crc(b),
+                     t.codebook, list(t.block), _sqnr_json(t.sqnr_db)]
             if t.scale is not None and t.gain_code is not None:
                 codes = gain_levels(t.scale, *t.gain_code)
                 if codes is None:
@@ -167,7 +176,8 @@ def serialize(cm: CompressedModel) -> bytes:
         if config.get(key) == default:
             config.pop(key, None)
     # the lowest version that holds what is present: files stay readable by older legonet versions
-    version = COMPACT_VERSION if compact else _FILL_VERSION if any(len(e) == 5 for e in entries) else 1
+    version = (ENTROPY_VERSION if coded_any else COMPACT_VERSION if compact
+               else _FILL_VERSION if any(len(e) == 5 for e in entries) else 1)
     meta = {"format": FORMAT_NAME, "version": version, "config": config,
             "codebooks": cb_meta, "tensors": entries}
     meta_b = json.dumps(meta, separators=(",", ":"), allow_nan=False).encode()

@@ -7,7 +7,10 @@ checked against the real byte counts before anything is allocated or decoded; in
 non-finite codebook values and bool bytes other than 0/1 are rejected; CRC-32s are verified unless
 ``verify=False``. A version-3 file's compressed metadata is inflated to at most
 :data:`~legonet.format.lego_file.MAX_META_BYTES` (a zlib bomb is refused, not unpacked), its int8
-codebook scales and gain codes must be finite float32 values in range. Every failure is a
+codebook scales and gain codes must be finite float32 values in range. A version-4 file's
+entropy-coded index streams must decode to exactly their tensor's number of blocks, consume their
+bytes exactly and end in the coder's initial state; decoding allocates only for the tensor's
+(already bounded) number of blocks. Every failure is a
 :class:`legonet.errors.FormatError` naming the file.
 """
 
@@ -35,11 +38,13 @@ from legonet.format.lego_file import (
     CODEBOOK_DTYPES,
     COMPACT_VERSION,
     DTYPES,
+    ENTROPY_VERSION,
     FORMAT_NAME,
     FORMAT_VERSION,
     MAX_META_BYTES,
     _crc,
 )
+from legonet.ops import rans
 from legonet.ops.bitpack import bits_for, packed_nbytes, unpack_bits
 from legonet.ops.scalar_codes import (
     decode_codebook,
@@ -199,7 +204,7 @@ def deserialize(data: bytes | bytearray | memoryview, *, source: str = "<bytes>"
     tensors: dict[str, ClusteredTensor | torch.Tensor] = {}
     idx_off = dense_off = filled = 0
     for i, entry in enumerate(meta["tensors"]):
-        name, dtype, shape, crc = _check_entry_head(entry, i, source)
+        name, dtype, shape, crc = _check_entry_head(entry, i, source, version)
         if name in tensors:
             raise _fail(source, f"tensor {name!r} appears twice")
         if len(entry) == 5 and crc == "fill" and version >= _FILL_VERSION:
@@ -276,7 +281,7 @@ def _read_gain_codes(entry, name, shape, blob, off, source, verify):
     return decode_gains(codes, lo, step), (lo, step), nbytes
 
 
-def _check_entry_head(entry: Any, i: int, source: str) -> tuple[str, str, tuple[int, ...], str]:
+def _check_entry_head(entry: Any, i: int, source: str, version: int) -> tuple[str, str, tuple[int, ...], Any]:
     if not isinstance(entry, list) or len(entry) < 4:
         raise _fail(source, f"tensor entry {i} is malformed")
     name, dtype, shape, crc = entry[:4]
@@ -287,7 +292,9 @@ def _check_entry_head(entry: Any, i: int, source: str) -> tuple[str, str, tuple[
     if not (isinstance(shape, list) and len(shape) <= _MAX_NDIM and all(_is_int(s, 0, _MAX_DIM) for s in shape)
             and math.prod(s for s in shape if s) <= _MAX_DIM):
         raise _fail(source, f"tensor {name!r} has an invalid shape {str(shape)[:80]}")
-    if not isinstance(crc, str):
+    coded = (version >= ENTROPY_VERSION and isinstance(crc, list) and len(crc) == 3 and crc[0] == "rans"
+             and isinstance(crc[1], str) and _is_int(crc[2], 1) and len(entry) in (7, 8, 9))
+    if not (isinstance(crc, str) or coded):
         raise _fail(source, f"tensor {name!r} has an invalid checksum field")
     return name, dtype, tuple(shape), crc
 
@@ -335,14 +342,24 @@ def _read_clustered(entry, name, dtype, shape, crc, codebooks, blob, off, source
         raise _fail(source, f"tensor {name!r} has an invalid sqnr field")
     tiling = make_tiling(shape, (block[0], block[1]))
     bits = bits_for(k)
+    coded = isinstance(crc, list)
     # numel <= num_blocks * d, so this check also bounds what reconstruction will allocate.
-    nbytes = packed_nbytes(tiling.num_blocks, bits)
+    packed = packed_nbytes(tiling.num_blocks, bits)
+    nbytes = crc[2] if coded else packed
+    if coded and nbytes >= packed:  # the writer bit-packs a stream that coding does not make smaller
+        raise _fail(source, f"tensor {name!r} has an entropy-coded stream longer than its packed indices")
     if nbytes > len(blob) - off:
         raise _fail(source, f"index data too short for tensor {name!r} (truncated or corrupt)")
     chunk = blob[off : off + nbytes]
-    if verify and _crc(chunk) != crc:
+    if verify and _crc(chunk) != (crc[1] if coded else crc):
         raise _fail(source, f"checksum mismatch in tensor {name!r} (the file is corrupt)")
-    idx = unpack_bits(np.frombuffer(chunk, dtype=np.uint8), bits, tiling.num_blocks)
+    if coded:
+        try:
+            idx = rans.decode(np.frombuffer(chunk, dtype=np.uint8), k, tiling.num_blocks)
+        except ValueError as exc:
+            raise _fail(source, f"tensor {name!r} has an invalid entropy-coded index stream ({exc})") from None
+    else:
+        idx = unpack_bits(np.frombuffer(chunk, dtype=np.uint8), bits, tiling.num_blocks)
     if idx.size and int(idx.max()) >= k:
         raise _fail(source, f"tensor {name!r} has index {int(idx.max())} >= K={k}")
     sqnr_db = {"inf": math.inf, "-inf": -math.inf}.get(sqnr, sqnr) if isinstance(sqnr, str) else sqnr

@@ -73,7 +73,7 @@ def _entries(cm):
     header = json.loads(data[8 : 8 + n])
     off = header["legonet.meta"]["data_offsets"]
     meta = data[8 + n + off[0] : 8 + n + off[1]]
-    if header["__metadata__"]["version"] == "3":  # target mode's files: compressed metadata
+    if header["__metadata__"]["version"] in ("3", "4"):  # target mode's files: compressed metadata
         meta = zlib.decompress(meta)
     return json.loads(meta)["tensors"]
 

@@ -20,9 +20,10 @@ def crc(b: bytes) -> str:
 
 
 def tiny_model_bytes(scope: str = "model", codebook_dtype: str = "float32", clusters: int = 3,
-                     compact: bool = False) -> bytes:
+                     compact: bool = False, entropy: bool = False) -> bytes:
     """A small compressed model with clustered tensors and kept tensors of several dtypes; with
-    ``compact``, per-layer codebooks and row gains stored in 8 bits (format version 3)."""
+    ``compact``, per-layer codebooks and row gains stored in 8 bits (format version 3); with
+    ``entropy``, a sparse tensor whose index stream is entropy-coded (format version 4)."""
     g = torch.Generator().manual_seed(0)
     sd = {
         "conv.weight": torch.randn(8, 3, 3, 3, generator=g),
@@ -32,6 +33,10 @@ def tiny_model_bytes(scope: str = "model", codebook_dtype: str = "float32", clus
         "mask": torch.tensor([True, False, True]),
         "half": torch.randn(4, generator=g).half(),
     }
+    if entropy:
+        sparse = torch.randn(32, 64, generator=g) * (torch.rand(32, 64, generator=g) < 0.15)
+        cfg = legonet.LegoConfig(block=(2, 2), clusters=16, scope="layer", entropy_coding=True)
+        return legonet.compress({**sd, "sparse.weight": sparse}, cfg).to_bytes()
     if compact:
         cfg = legonet.LegoConfig(block=(2, 2), clusters=clusters, scope="layer", scales="row", compact_storage=True)
         cm = legonet.compress(sd, cfg)
@@ -42,24 +47,24 @@ def tiny_model_bytes(scope: str = "model", codebook_dtype: str = "float32", clus
 
 
 def split(data: bytes) -> tuple[dict, dict, dict[str, bytes]]:
-    """(safetensors __metadata__, legonet meta JSON, {blob name: bytes}); version-3 metadata is
-    zlib-compressed in the file."""
+    """(safetensors __metadata__, legonet meta JSON, {blob name: bytes}); the metadata of version 3
+    and later is zlib-compressed in the file."""
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
     body = data[8 + n :]
     blobs = {k: body[v["data_offsets"][0] : v["data_offsets"][1]] for k, v in header.items() if k != "__metadata__"}
     raw = blobs["legonet.meta"]
-    if header["__metadata__"]["version"] == "3":
+    if header["__metadata__"]["version"] in ("3", "4"):
         raw = zlib.decompress(raw)
     return header["__metadata__"], json.loads(raw), blobs
 
 
 def join(md: dict, meta: dict, blobs: dict[str, bytes], *, fix_crc: bool = True) -> bytes:
     """Rebuild a file; with ``fix_crc`` the metadata checksum is recomputed (tensor CRCs are the caller's).
-    The metadata is zlib-compressed when ``md`` says version 3."""
+    The metadata is zlib-compressed when ``md`` says version 3 or 4."""
     blobs = dict(blobs)
     blobs["legonet.meta"] = json.dumps(meta, separators=(",", ":")).encode()
-    if md.get("version") == "3":
+    if md.get("version") in ("3", "4"):
         blobs["legonet.meta"] = zlib.compress(blobs["legonet.meta"])
     md = dict(md)
     if fix_crc:

@@ -133,8 +133,8 @@ def test_wrong_magic(tmp_path):
 
 def test_newer_version_is_named():
     md, meta, blobs = split(tiny_model_bytes())
-    with pytest.raises(FormatError, match="newer legonet \\(format version 4\\).*upgrade"):
-        deserialize(join({**md, "version": "4"}, meta, blobs))
+    with pytest.raises(FormatError, match="newer legonet \\(format version 5\\).*upgrade"):
+        deserialize(join({**md, "version": "5"}, meta, blobs))
     for v in ("0", "one", "", "1" * 40):
         with pytest.raises(FormatError, match="format version"):
             deserialize(join({**md, "version": v}, meta, blobs))
@@ -495,3 +495,80 @@ def test_gain_code_bytes_are_checked():
     with pytest.raises(FormatError, match="too short|extra bytes"):
         deserialize(join(md, meta, dict(blobs, dense=bytes(d[:-1]))), verify=False)
 
+
+
+# -- version 4: entropy-coded index streams --------------------------------------------------------
+def _coded_entry(meta):
+    return next(e for e in meta["tensors"] if isinstance(e[3], list))
+
+
+def test_entropy_coded_files_are_version_4_and_read_back_exactly():
+    data = tiny_model_bytes(entropy=True)
+    md, meta, blobs = split(data)
+    assert md["version"] == "4" and meta["version"] == 4
+    entry = _coded_entry(meta)
+    assert entry[0] == "sparse.weight" and entry[3][0] == "rans" and isinstance(entry[3][2], int)
+    back = deserialize(data)
+    assert back.to_bytes() == data
+    # the same model without the option: same indices, bit-packed, in a larger file of version 1
+    plain = legonet.LegoConfig.from_dict({**back.config.to_dict(), "entropy_coding": False})
+    flat = legonet.CompressedModel(config=plain, codebooks=back.codebooks, tensors=back.tensors)
+    assert split(flat.to_bytes())[0]["version"] == "1" and len(flat.to_bytes()) > len(data)
+    for name, t in deserialize(flat.to_bytes()).clustered.items():
+        assert torch.equal(t.indices, back.tensors[name].indices)
+
+
+@pytest.mark.parametrize("field", [["rans", "00000000"], ["rns", "00000000", 10], ["rans", "00000000", 0],
+                                   ["rans", "00000000", "10"], ["rans", 7, 10], ["rans", "00000000", True]])
+def test_bad_coded_stream_fields_are_rejected(field):
+    md, meta, blobs = split(tiny_model_bytes(entropy=True))
+    _coded_entry(meta)[3] = field
+    with pytest.raises(FormatError, match="'sparse.weight' has an invalid checksum field"):
+        deserialize(join(md, meta, blobs), source="m.lego")
+
+
+def test_coded_streams_need_version_4():
+    md, meta, blobs = split(tiny_model_bytes(entropy=True))
+    md["version"], meta["version"] = "3", 3
+    with pytest.raises(FormatError, match="invalid checksum field"):
+        deserialize(join(md, meta, blobs))
+
+
+def test_coded_stream_lies_are_rejected():
+    md, meta, blobs = split(tiny_model_bytes(entropy=True))
+    entry = _coded_entry(meta)
+    packed = 32 * 64 // 4 * 4 // 8  # 512 blocks of 4 bits
+    entry[3][2] = packed
+    with pytest.raises(FormatError, match="longer than its packed indices"):
+        deserialize(join(md, meta, blobs), verify=False)
+    _md, meta, _blobs = split(tiny_model_bytes(entropy=True))
+    entry = _coded_entry(meta)
+    entry[3][2] -= 1  # one byte less: the stream is cut, and the next tensor's bytes shift
+    with pytest.raises(FormatError, match="invalid entropy-coded index stream|checksum"):
+        deserialize(join(md, meta, blobs), verify=False)
+
+
+def test_damaged_coded_streams_are_named_even_unverified():
+    md, meta, blobs = split(tiny_model_bytes(entropy=True))
+    start = 0
+    for e in meta["tensors"]:  # the coded stream's offset in the indices blob (the others are packed)
+        if e[0] == "sparse.weight":
+            break
+        if len(e) >= 7:
+            start += _packed_len(e, meta)
+    n = _coded_entry(meta)[3][2]
+    for pos in range(start + 16 + 4, start + n, max(1, (n - 20) // 12)):  # past the table and the state
+        d = bytearray(blobs["indices"])
+        d[pos] ^= 0x3C
+        with pytest.raises(FormatError, match="'sparse.weight' has an invalid entropy-coded index stream"):
+            deserialize(join(md, meta, dict(blobs, indices=bytes(d))), verify=False)
+    with pytest.raises(FormatError, match="checksum mismatch in tensor 'sparse.weight'"):
+        deserialize(join(md, meta, dict(blobs, indices=bytes(d))))
+
+
+def _packed_len(entry, meta):
+    from legonet.ops.bitpack import bits_for, packed_nbytes
+    from legonet.ops.tiling import make_tiling
+
+    k = meta["codebooks"][entry[4]][0]
+    return packed_nbytes(make_tiling(tuple(entry[2]), tuple(entry[5])).num_blocks, bits_for(k))

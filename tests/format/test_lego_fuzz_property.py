@@ -24,7 +24,7 @@ FUZZ = settings(max_examples=150, deadline=2000, derandomize=True,
 @functools.lru_cache(maxsize=None)
 def seeds() -> tuple[bytes, ...]:
     return (tiny_model_bytes("model", "float32", 3), tiny_model_bytes("layer", "float16", 2),
-            tiny_model_bytes(compact=True))
+            tiny_model_bytes(compact=True), tiny_model_bytes(entropy=True))
 
 
 def _as_bytes(sd: dict[str, torch.Tensor]) -> dict[str, bytes]:
