@@ -126,6 +126,9 @@ def main(debug: bool) -> None:  # noqa: ARG001
 @click.option("--compact-storage", is_flag=True,
               help="Store the row gains and codebook of every tensor clustered at <= 12 dB SQNR in 8 bits and the "
                    "metadata compressed (format version 3; target mode always does).")
+@click.option("--entropy-coding", is_flag=True,
+              help="Entropy-code each tensor's indices by their own frequencies where that is smaller than "
+                   "bit-packing them (format version 4; target mode always does).")
 @click.option("--target-ratio", type=float, default=None,
               help="Choose per-tensor block/K to meet this whole-file ratio (ignores --block/--clusters/--scope).")
 @click.option("--arch", default=None,
@@ -174,7 +177,7 @@ def main(debug: bool) -> None:  # noqa: ARG001
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for k-means (default: PyTorch's; 1 is often faster on a busy machine).")
 def compress(src, output, block, clusters, scope, seed, include, exclude, codebook_dtype, per_tensor, quiet,
-             allow_nonfinite, scales, scale_stat, unshrink, compact_storage, target_ratio, arch, calib, calib_images, refine_epochs,
+             allow_nonfinite, scales, scale_stat, unshrink, compact_storage, entropy_coding, target_ratio, arch, calib, calib_images, refine_epochs,
              refine_feature_weight, refine_feature_fallback, refine_average, refine_precision, refine_boundary_share,
              norm_statistics, group_channels, device, threads):
     """Compress the checkpoint SRC (.safetensors, *.index.json or .pt) into a .lego file."""
@@ -190,7 +193,7 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
     config = LegoConfig(block=block, clusters=clusters, scope=scope, seed=seed,
                         include=tuple(include) or ("*",), exclude=tuple(exclude), codebook_dtype=codebook_dtype,
                         allow_nonfinite=allow_nonfinite, scales=scales, scale_stat=scale_stat, unshrink=unshrink,
-                        compact_storage=compact_storage)
+                        compact_storage=compact_storage, entropy_coding=entropy_coding)
     if calib is not None and (target_ratio is None or arch is None):
         raise click.UsageError("--calib needs --target-ratio and --arch")
     for flag, value in (("--refine-epochs", refine_epochs), ("--refine-feature-weight", refine_feature_weight),

@@ -42,6 +42,15 @@ def test_tiny_model_end_to_end(run, tmp_path, tiny_model):
     r = run("info", compact)
     assert "8-bit log codes for" in r.output
     assert legonet.load(compact).config.compact_storage
+    sparse = tmp_path / "sparse.safetensors"
+    g = torch.Generator().manual_seed(0)
+    save_file({"w.weight": torch.randn(64, 64, generator=g) * (torch.rand(64, 64, generator=g) < 0.1)}, sparse)
+    coded, packed = tmp_path / "coded.lego", tmp_path / "packed.lego"
+    for path, extra in ((coded, ["--entropy-coding"]), (packed, [])):
+        r = run("compress", sparse, "-o", path, "--block", "2", "--clusters", "16", *extra, "--quiet")
+        assert r.exit_code == 0, r.output
+    assert coded.stat().st_size < packed.stat().st_size and legonet.load(coded).config.entropy_coding
+    assert "(entropy-coded for 1 tensors)" in run("info", coded).output
     r = run("info", out, "--per-tensor")
     assert r.exit_code == 0 and "compression ratio" in r.output and "fc.weight" in r.output
     dense = tmp_path / "dense.safetensors"
