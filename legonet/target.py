@@ -242,6 +242,7 @@ def compress_to_ratio(
     progress: Callable[[str], None] | None = None,
     reserve: int = 0,
     sensitivity: Mapping[str, float] | None = None,
+    tables_out: dict[str, list[Choice]] | None = None,
 ) -> tuple[CompressedModel, dict[str, Choice]]:
     """Compress so that ``original fp32 bytes / file bytes >= target_ratio``.
 
@@ -263,6 +264,7 @@ def compress_to_ratio(
         sensitivity: optional ``{name: s}``: each tensor's distortion is multiplied by ``s`` in the
             allocation (a caller's per-layer sensitivity measure); default: every tensor counts
             equally (a Fisher-based measure was tried and dropped, see docs/issue4.md).
+        tables_out: optional dict, filled with every tensor's evaluated menu entries.
     Returns:
         The compressed model and the chosen setting per clustered tensor.
     """
@@ -288,6 +290,8 @@ def compress_to_ratio(
                                   covariance=(covariances or {}).get(n), seed=cfg.seed + i, entropy_coding=True)
         if not tables[n]:
             raise ConfigError(f"tensor {n!r} {tuple(sd[n].shape)} is too small for any menu setting; exclude it")
+    if tables_out is not None:
+        tables_out.update(tables)
     if sensitivity is not None:
         missing = [n for n in names if n not in sensitivity]
         if missing:
@@ -304,9 +308,15 @@ def compress_to_ratio(
     # container header and zlib-compressed metadata (ResNet-50: 5.3 KiB for 320 tensors, about 17
     # bytes each), corrected below if too low
     overhead = 512 + 24 * len(sd)
-    for _attempt in range(4):
-        picked = allocate(search, target_bytes - fixed - overhead)
-        plan = {n: tables[n][search[n].index(picked[n])] for n in names}
+    # index streams are planned at their estimated entropy-coded sizes, and a sample's estimate may
+    # be off; the last attempt plans them bit-packed, which the writer never exceeds
+    packed = {n: [replace(c, nbytes=_entry_bytes(tuple(sd[n].shape), c.block, c.clusters, c.compact)) for c in t]
+              for n, t in search.items()}
+    attempts = 6
+    for attempt in range(attempts):
+        space = packed if attempt == attempts - 1 else search
+        picked = allocate(space, target_bytes - fixed - overhead)
+        plan = {n: tables[n][space[n].index(picked[n])] for n in names}
         groups = [Group((n,), plan[n].block, plan[n].clusters, plan[n].scale_stat) for n in names]
         cm = compress_groups(sd, cfg, groups, element_weights=element_weights, progress=say)
         store_compact(cm, [n for n in names if plan[n].compact])

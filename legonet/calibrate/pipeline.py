@@ -31,6 +31,7 @@ from legonet.calibrate.layer_fit import (
 )
 from legonet.calibrate.refine import RefineConfig, RefineResult, refine_codebooks
 from legonet.calibrate.stats import input_statistics, model_device
+from legonet.calibrate.stream_budget import snapshot, spend_savings, undo_growth
 from legonet.compact import RECODE_RESERVE
 from legonet.compress import as_state_dict, select_tensors
 from legonet.config import NORM_STATISTICS, LegoConfig
@@ -45,7 +46,6 @@ from legonet.datafree.fold_norms import (
 )
 from legonet.datafree.permute_channels import group_alike_channels
 from legonet.errors import ConfigError
-from legonet.ops.rans import index_stream
 from legonet.report import fp32_bytes
 from legonet.target import DEFAULT_MENU, KERNEL_MENU, Choice, compress_to_ratio
 
@@ -77,43 +77,6 @@ def _refilled_norm_bytes(model: nn.Module, planned: dict, pairs: dict, fold_norm
             if isinstance(t, torch.Tensor) and constant_fill(t) is not None:
                 total += 2 * t.numel()
     return total
-
-
-def _index_stream_bytes(cm: CompressedModel) -> dict[str, int]:
-    return {n: len(index_stream(ct.indices.cpu().numpy(), cm.codebooks[ct.codebook].shape[0], cm.config.entropy_coding)[0])
-            for n, ct in cm.clustered.items()}
-
-
-def _clustered_state(cm: CompressedModel) -> dict:
-    """What the layer fit may change: each clustered tensor's indices, gains and SQNR, and the codebooks."""
-    return {"tensors": {n: (ct.indices.clone(), None if ct.scale is None else ct.scale.clone(), ct.gain_code, ct.sqnr_db)
-                        for n, ct in cm.clustered.items()},
-            "codebooks": [cb.clone() for cb in cm.codebooks], "scales": dict(cm.codebook_scales)}
-
-
-def _undo_stream_growth(cm: CompressedModel, planned: dict[str, int], state: dict) -> list[str]:
-    """Where the layer fit's new indices entropy-code to more bytes in all than target mode planned
-    for, give codebooks back their state before the fit, those whose streams grew most first, until
-    the total is within the plan again (it was before the fit). Returns the tensors given back."""
-    now = _index_stream_bytes(cm)
-    excess = sum(now.values()) - sum(planned.values())
-    users: dict[int, list[str]] = {}
-    for n, ct in cm.clustered.items():
-        users.setdefault(ct.codebook, []).append(n)
-    growth = sorted(users.items(), key=lambda kv: -sum(now[n] - planned[n] for n in kv[1]))
-    undone: list[str] = []
-    for cb_id, names in growth:
-        if excess <= 0:
-            break
-        cm.codebooks[cb_id] = state["codebooks"][cb_id]
-        if cb_id in state["scales"]:
-            cm.codebook_scales[cb_id] = state["scales"][cb_id]
-        for n in names:
-            ct = cm.clustered[n]
-            ct.indices, ct.scale, ct.gain_code, ct.sqnr_db = state["tensors"][n]
-            excess -= now[n] - planned[n]
-        undone += names
-    return undone
 
 
 def calibrated_compress_to_ratio(model: nn.Module, target_ratio: float, calib: torch.Tensor,
@@ -208,18 +171,26 @@ def calibrated_compress(
     reserve += _refilled_norm_bytes(model, planned, pairs, fold_norms)
     ranked = covs if layer_fit is not None and layer_fit.output_allocation else None
     # planned with the BatchNorm scales the file will not store (they end in the row gains) ...
+    tables: dict = {}
     cm, plan = compress_to_ratio(planned, target_ratio, config=cfg, element_weights=moments,
                                  covariances=ranked, menu=menu, kernel_menu=kernel_menu, progress=say,
-                                 reserve=reserve)
+                                 reserve=reserve, tables_out=tables)
     restore_scales(cm, sd, pairs)  # ... which are needed until then
     fit_result = None
     if layer_fit is not None:
-        planned_streams, before_fit = _index_stream_bytes(cm), _clustered_state(cm)
+        before_fit = snapshot(cm)
+        budget = sum(before_fit["bytes"].values())  # the clustered tensors' bytes target mode verified
         fit_result = fit_layer_outputs(cm, original, covs, layer_fit, progress=say)
-        del covs
-        undone = _undo_stream_growth(cm, planned_streams, before_fit)
+        undone = undo_growth(cm, budget, before_fit)
         if undone:
-            say(f"layer fit undone for {len(undone)} tensors whose new indices coded larger than the budget allows")
+            say(f"layer fit undone for {len(undone)} tensors whose new indices coded larger than the plan allows")
+        # the fit's indices entropy-code smaller than planned: those bytes buy finer settings
+        upgraded = spend_savings(
+            cm, planned, tables, plan, budget, element_weights=moments,
+            refit=lambda names: fit_layer_outputs(cm, original, {n: covs[n] for n in names if n in covs}, layer_fit))
+        if upgraded:
+            say(f"bytes the layer fit saved went to {len(upgraded)} tensors, clustered again at finer settings")
+        del covs
     # ... but re-estimation needs the trained affine parameters: folding absorbed the old statistics
     for prefix in folded:
         for key in (state_key(prefix, "weight"), state_key(prefix, "bias")):

@@ -1,0 +1,59 @@
+import torch
+
+from legonet.format import deserialize
+from legonet.calibrate.stream_budget import entry_bytes, snapshot, spend_savings, undo_growth
+from legonet.target import compress_to_ratio
+
+
+def sparse_state_dict(seed=0, n=3):
+    g = torch.Generator().manual_seed(seed)
+    return {f"l{i}.weight": torch.randn(64, 48, generator=g) * (torch.rand(64, 48, generator=g) < 0.3)
+            for i in range(n)}
+
+
+def test_undo_growth_gives_back_only_what_grew_until_the_budget_holds():
+    sd = sparse_state_dict()
+    cm, _ = compress_to_ratio(sd, 6.0)
+    assert cm.config.entropy_coding
+    state = snapshot(cm)
+    budget = sum(state["bytes"].values())
+    assert undo_growth(cm, budget, state) == []  # nothing grew
+    a, b = cm.tensors["l0.weight"], cm.tensors["l1.weight"]
+    k = cm.codebooks[a.codebook].shape[0]
+    a.indices = torch.arange(a.indices.numel()) % k  # spread: its stream grows
+    b.indices = torch.zeros_like(b.indices)  # one centroid: its stream shrinks
+    cm.codebooks[a.codebook] = cm.codebooks[a.codebook] + 1.0
+    assert sum(entry_bytes(cm).values()) > budget
+    assert undo_growth(cm, budget, state) == ["l0.weight"]
+    assert torch.equal(cm.tensors["l0.weight"].indices, state["tensors"]["l0.weight"].indices)
+    assert torch.equal(cm.codebooks[a.codebook], state["codebooks"][a.codebook])
+    assert not cm.tensors["l1.weight"].indices.any()
+    assert sum(entry_bytes(cm).values()) <= budget
+
+
+def test_spend_savings_upgrades_within_the_budget_and_refits_what_it_changed():
+    sd = sparse_state_dict(seed=1)
+    tables = {}
+    cm, plan = compress_to_ratio(sd, 8.0, tables_out=tables)
+    assert set(tables) == set(plan) and all(plan[n] in tables[n] for n in plan)
+    budget = sum(entry_bytes(cm).values())
+    # a step that leaves one tensor's stream far smaller than planned (as the layer fit's reassignment does)
+    cm.tensors["l2.weight"].indices = torch.zeros_like(cm.tensors["l2.weight"].indices)
+    shrunk = sum(entry_bytes(cm).values())
+    refitted = []
+    kept = spend_savings(cm, sd, tables, plan, budget, refit=refitted.extend)
+    assert kept and set(kept) <= set(refitted)
+    assert shrunk < sum(entry_bytes(cm).values()) <= budget  # the savings spent, within the budget
+    back = deserialize(cm.to_bytes())  # stored as the writer stores them (8-bit codes where planned)
+    for n in kept:
+        assert torch.equal(back.reconstruct(n), cm.reconstruct(n))
+
+
+def test_spend_savings_does_nothing_without_savings():
+    sd = sparse_state_dict(seed=2)
+    tables = {}
+    cm, plan = compress_to_ratio(sd, 8.0, tables_out=tables)
+    budget = sum(entry_bytes(cm).values())
+    before = cm.to_bytes()
+    assert spend_savings(cm, sd, tables, plan, budget, refit=lambda names: None) == []
+    assert cm.to_bytes() == before
