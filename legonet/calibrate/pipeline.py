@@ -184,10 +184,17 @@ def calibrated_compress(
         undone = undo_growth(cm, budget, before_fit)
         if undone:
             say(f"layer fit undone for {len(undone)} tensors whose new indices coded larger than the plan allows")
-        # the fit's indices entropy-code smaller than planned: those bytes buy finer settings
-        upgraded = spend_savings(
-            cm, planned, tables, plan, budget, element_weights=moments,
-            refit=lambda names: fit_layer_outputs(cm, original, {n: covs[n] for n in names if n in covs}, layer_fit))
+        # the fit's indices entropy-code smaller than planned: those bytes buy finer settings (twice:
+        # the refit of the upgraded tensors saves again)
+        upgraded: set[str] = set()
+        for _round in range(2):
+            kept = spend_savings(
+                cm, planned, tables, plan, budget, element_weights=moments,
+                refit=lambda names: fit_layer_outputs(cm, original, {n: covs[n] for n in names if n in covs}, layer_fit))
+            plan = {**plan, **kept}
+            upgraded.update(kept)
+            if not kept:
+                break
         if upgraded:
             say(f"bytes the layer fit saved went to {len(upgraded)} tensors, clustered again at finer settings")
         del covs

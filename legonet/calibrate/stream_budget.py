@@ -100,7 +100,7 @@ def spend_savings(
     refit: Callable[[list[str]], None],
     *,
     element_weights: Mapping[str, torch.Tensor] | None = None,
-) -> list[str]:
+) -> dict[str, Choice]:
     """Spend the bytes by which the clustered tensors fall short of ``budget`` on better settings.
 
     Each tensor's menu entries (``tables``, as target mode evaluated them) are costed as the fit
@@ -117,12 +117,12 @@ def spend_savings(
         plan: target mode's entry per tensor (each tensor with a codebook of its own).
         budget: bytes of the clustered tensors (streams, codebooks, gains) target mode verified.
     Returns:
-        The tensors whose new setting was kept.
+        ``{name: entry}`` for the tensors whose new setting was kept.
     """
     now = entry_bytes(cm)
     free = budget - sum(now.values()) - _META_MARGIN * len(tables)
     if free <= 0:
-        return []
+        return {}
     adjusted: dict[str, list[Choice]] = {}
     for n, entries in tables.items():
         shape, c = tuple(cm.tensors[n].shape), plan[n]
@@ -135,7 +135,7 @@ def spend_savings(
     new = {n: tables[n][adjusted[n].index(picked[n])] for n in tables}
     changed = [n for n in tables if new[n] != plan[n]]
     if not changed:
-        return []
+        return {}
     state = snapshot(cm)
     groups = [Group((n,), new[n].block, new[n].clusters, new[n].scale_stat) for n in changed]
     sub = compress_groups({n: weights[n] for n in changed}, cm.config, groups, element_weights=element_weights)
@@ -149,4 +149,4 @@ def spend_savings(
         cm.tensors[n] = replace(fresh, codebook=old.codebook)
     refit(changed)
     undone = set(undo_growth(cm, budget - _META_MARGIN * len(changed), state))
-    return [n for n in changed if n not in undone]
+    return {n: new[n] for n in changed if n not in undone}

@@ -55,5 +55,5 @@ def test_spend_savings_does_nothing_without_savings():
     cm, plan = compress_to_ratio(sd, 8.0, tables_out=tables)
     budget = sum(entry_bytes(cm).values())
     before = cm.to_bytes()
-    assert spend_savings(cm, sd, tables, plan, budget, refit=lambda names: None) == []
+    assert spend_savings(cm, sd, tables, plan, budget, refit=lambda names: None) == {}
     assert cm.to_bytes() == before
