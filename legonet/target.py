@@ -142,7 +142,7 @@ def evaluate_menu(
     scale_stats: tuple[str, ...] = SCALE_STATS,
     entropy_coding: bool = False,
 ) -> list[Choice]:
-    """Estimated distortion and exact bytes of every feasible menu entry for one tensor.
+    """Estimated distortion and bytes (exact where bit-packed) of every feasible menu entry for one tensor.
 
     Args:
         weight: ``(rows, ...)`` tensor.

@@ -71,10 +71,12 @@ CONFIGS = [
     LegoConfig(block=4, clusters=8, codebook_dtype="float16"),
     LegoConfig(block=4, clusters=8, scope="layer", exclude=("embed.*",)),
     LegoConfig(block=4, clusters=2, scope="layer", compact_storage=True),  # int8 codebooks, version 3
+    LegoConfig(block=2, clusters=64, entropy_coding=True),  # coded index streams where smaller, version 4
 ]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["all-blocks", "sampled", "fp16-codebook", "layer-scope", "compact"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["all-blocks", "sampled", "fp16-codebook", "layer-scope", "compact",
+                                                 "entropy"])
 def test_streaming_writes_the_same_bytes_as_the_in_memory_path(tmp_path, config):
     index = write_sharded(small_model(), tmp_path, shard_bytes=6_000)
     assert len({p for p in tmp_path.glob("*.safetensors")}) >= 3
@@ -83,6 +85,7 @@ def test_streaming_writes_the_same_bytes_as_the_in_memory_path(tmp_path, config)
     assert (tmp_path / "s.lego").read_bytes() == (tmp_path / "m.lego").read_bytes()
     assert n_s == n_m and list(cm_s.tensors) == list(read_state_dict(index))
     assert bool(cm_s.codebook_scales) == config.compact_storage
+    assert (cm_s.report().entropy_coded_tensors > 0) == config.entropy_coding
 
 
 def test_streaming_is_deterministic_and_round_trips(tmp_path):
