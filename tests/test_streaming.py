@@ -71,7 +71,7 @@ CONFIGS = [
     LegoConfig(block=4, clusters=8, codebook_dtype="float16"),
     LegoConfig(block=4, clusters=8, scope="layer", exclude=("embed.*",)),
     LegoConfig(block=4, clusters=2, scope="layer", compact_storage=True),  # int8 codebooks, version 3
-    LegoConfig(block=2, clusters=64, entropy_coding=True),  # coded index streams where smaller, version 4
+    LegoConfig(block=1, clusters=16, entropy_coding=True),  # coded index streams where smaller, version 4
 ]
 
 
