@@ -105,12 +105,16 @@ def _entry_bytes(shape: tuple[int, ...], block: tuple[int, int], k: int, compact
     """Bytes of a tensor's entry: its index stream, codebook and row gains. ``labels``: the
     assignment of a sample of its blocks, whose histogram estimates the entropy-coded stream (which
     the writer uses where smaller than the bit-packed one)."""
-    per_value = 1 if compact else 2
     count = make_tiling(shape, block).num_blocks
     stream = packed_nbytes(count, bits_for(k))
     if labels is not None and labels.numel():
         stream = min(stream, estimated_stream_nbytes(labels, k, count))
-    return stream + per_value * (k * block[0] * block[1] + shape[0])
+    return stream + side_nbytes(shape, block, k, compact)
+
+
+def side_nbytes(shape: tuple[int, ...], block: tuple[int, int], k: int, compact: bool) -> int:
+    """Bytes of a tensor's codebook and row gains beside its index stream (8-bit where ``compact``)."""
+    return (1 if compact else 2) * (k * block[0] * block[1] + shape[0])
 
 
 def estimated_stream_nbytes(labels: torch.Tensor, k: int, count: int) -> int:

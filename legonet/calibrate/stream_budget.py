@@ -28,7 +28,7 @@ from legonet.artifact import CompressedModel
 from legonet.compact import store_compact
 from legonet.compress import Group, compress_groups
 from legonet.ops.rans import index_stream
-from legonet.target import Choice, allocate
+from legonet.target import Choice, allocate, side_nbytes
 
 # bytes kept free per re-planned tensor: its metadata fields (K, block, codes) may lengthen a little
 _META_MARGIN = 48
@@ -51,12 +51,13 @@ def entry_bytes(cm: CompressedModel) -> dict[str, int]:
     return out
 
 
-def snapshot(cm: CompressedModel) -> dict:
-    """What the layer fit and :func:`spend_savings` may change: each clustered tensor and the codebooks."""
+def snapshot(cm: CompressedModel, nbytes: dict[str, int] | None = None) -> dict:
+    """What the layer fit and :func:`spend_savings` may change: each clustered tensor and the codebooks;
+    ``nbytes``: :func:`entry_bytes` of ``cm`` if the caller has it (coding every stream takes seconds)."""
     return {"tensors": {n: replace(ct, indices=ct.indices.clone(), scale=None if ct.scale is None else ct.scale.clone())
                         for n, ct in cm.clustered.items()},
             "codebooks": [cb.clone() for cb in cm.codebooks], "scales": dict(cm.codebook_scales),
-            "bytes": entry_bytes(cm)}
+            "bytes": entry_bytes(cm) if nbytes is None else nbytes}
 
 
 def undo_growth(cm: CompressedModel, budget: int, state: dict) -> list[str]:
@@ -88,7 +89,7 @@ def undo_growth(cm: CompressedModel, budget: int, state: dict) -> list[str]:
 
 
 def _overhead(shape: tuple[int, ...], c: Choice) -> int:
-    return (1 if c.compact else 2) * (c.clusters * c.block[0] * c.block[1] + shape[0])
+    return side_nbytes(shape, c.block, c.clusters, c.compact)
 
 
 def spend_savings(
@@ -136,7 +137,7 @@ def spend_savings(
     changed = [n for n in tables if new[n] != plan[n]]
     if not changed:
         return {}
-    state = snapshot(cm)
+    state = snapshot(cm, now)
     groups = [Group((n,), new[n].block, new[n].clusters, new[n].scale_stat) for n in changed]
     sub = compress_groups({n: weights[n] for n in changed}, cm.config, groups, element_weights=element_weights)
     store_compact(sub, [n for n in changed if new[n].compact])
