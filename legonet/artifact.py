@@ -104,12 +104,16 @@ class CompressedModel:
         codebook_scales: ``{codebook index: scale}`` of the codebooks stored as int8 values times a
             float32 scale (:mod:`legonet.ops.scalar_codes`; those codebooks hold exactly the
             decoded values); the others are stored in ``config.codebook_dtype``.
+        source_dtypes: ``{name: dtype}`` of the kept tensors stored in a narrower dtype than the
+            input had (``config.kept_dtype="float16"``, as target mode does): the dense
+            reconstruction is cast back to it, so a decompressed checkpoint has the input's dtypes.
     """
 
     config: LegoConfig
     codebooks: list[torch.Tensor]
     tensors: dict[str, ClusteredTensor | torch.Tensor] = field(default_factory=dict)
     codebook_scales: dict[int, float] = field(default_factory=dict)
+    source_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
 
     # -- views -----------------------------------------------------------------------------------
     @property
@@ -124,8 +128,24 @@ class CompressedModel:
         """Dense tensor ``name``: centroids gathered by index and untiled (original shape and dtype)."""
         t = self.tensors[name]
         if isinstance(t, torch.Tensor):
-            return t
+            return t.to(self.source_dtypes.get(name, t.dtype))
         return dequantize(self.codebooks[t.codebook], t.indices, t.tiling, t.scale).to(t.dtype)
+
+    def adopt_dtypes(self, source: Mapping[str, torch.Tensor]) -> None:
+        """Record the dtypes of ``source`` (the checkpoint this model was compressed from) so that
+        the reconstruction has them: pipelines that compute in float32 (calibration) or store kept
+        tensors in float16 (target mode) would otherwise change them. Clustered tensors take the
+        source dtype as theirs; kept tensors keep their stored bytes and are cast on reconstruction."""
+        for name, t in self.tensors.items():
+            src = source.get(name)
+            if not isinstance(src, torch.Tensor) or not src.is_floating_point():
+                continue
+            if isinstance(t, ClusteredTensor):
+                t.dtype = src.dtype
+            elif t.is_floating_point() and t.dtype != src.dtype:
+                self.source_dtypes[name] = src.dtype
+            else:
+                self.source_dtypes.pop(name, None)
 
     def to_state_dict(self) -> dict[str, torch.Tensor]:
         """Dense reconstruction of every tensor, same names, shapes and dtypes as the input."""
@@ -158,7 +178,8 @@ class CompressedModel:
         return build_report(self)
 
 
-def fit_error(own: dict[str, tuple[int, ...]], given: dict[str, tuple[int, ...]], subject: str) -> ArchitectureError | None:
+def fit_error(own: dict[str, tuple[int, ...]], given: dict[str, tuple[int, ...]], subject: str,
+              arch: str | None = None) -> ArchitectureError | None:
     """The error naming every way the shapes ``given`` disagree with a model's ``own``, or None.
 
     ``subject`` starts the message, e.g. ``"model.pt: weights do not fit"``.
@@ -178,13 +199,16 @@ def fit_error(own: dict[str, tuple[int, ...]], given: dict[str, tuple[int, ...]]
     if bad:
         parts.append(f"{len(bad)} with the wrong shape (e.g. {bad[0]}: {tuple(given[bad[0]])} "
                      f"vs {tuple(own[bad[0]])} in the model)")
-    return ArchitectureError(f"{subject} the architecture: " + "; ".join(parts))
+    named = f" {arch!r}" if arch else ""
+    return ArchitectureError(f"{subject} the architecture{named}: " + "; ".join(parts))
 
 
-def load_weights(module: nn.Module, sd: dict[str, torch.Tensor], source: str = "weights") -> None:
-    """``module.load_state_dict(sd)`` with one clear error for every way the two can disagree."""
+def load_weights(module: nn.Module, sd: dict[str, torch.Tensor], source: str = "weights",
+                 arch: str | None = None) -> None:
+    """``module.load_state_dict(sd)`` with one clear error for every way the two can disagree
+    (naming ``source``, the file, and ``arch``, the architecture's name, where given)."""
     err = fit_error({k: tuple(v.shape) for k, v in module.state_dict().items()},
-                    {k: tuple(v.shape) for k, v in sd.items()}, f"{source}: weights do not fit")
+                    {k: tuple(v.shape) for k, v in sd.items()}, f"{source}: weights do not fit", arch)
     if err is not None:
         raise err
     module.load_state_dict(sd, strict=False)

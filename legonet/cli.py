@@ -23,6 +23,22 @@ def _one_line(msg: object) -> str:
     return " ".join(str(msg).split()) or "(no message)"
 
 
+# The library's errors name its Python arguments; on the command line the user knows the flags.
+_FLAGS = (
+    (re.compile(r"\ballow_nonfinite\b"), "--allow-nonfinite"),
+    (re.compile(r"\b(scope|scales|scale_stat)='([\w-]+)'"), lambda m: f"--{m[1].replace('_', '-')} {m[2]}"),
+    (re.compile(r"\btarget_ratio\b"), "--target-ratio"),
+    (re.compile(r"\blower K\b"), "lower K (--clusters)"),
+)
+
+
+def _in_flags(msg: str) -> str:
+    """``msg`` with the Python argument names it mentions replaced by the CLI's flags."""
+    for pattern, flag in _FLAGS:
+        msg = pattern.sub(flag, msg)
+    return msg
+
+
 class _Cli(click.Group):
     """Every failure: one line on stderr naming the problem, non-zero exit; ``--debug`` re-raises.
 
@@ -61,7 +77,7 @@ class _Cli(click.Group):
         except LegoError as exc:
             if debug:
                 raise
-            click.echo(f"legonet: error: {_one_line(exc)}", err=True)
+            click.echo(f"legonet: error: {_in_flags(_one_line(exc))}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("legonet: interrupted", err=True)
@@ -188,7 +204,7 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
     from legonet.compress import compress as do_compress
     from legonet.config import LegoConfig
     from legonet.io.checkpoints import read_state_dict
-    from legonet.report import build_report
+    from legonet.report import LOW_SQNR_DB, build_report
 
     config = LegoConfig(block=block, clusters=clusters, scope=scope, seed=seed,
                         include=tuple(include) or ("*",), exclude=tuple(exclude), codebook_dtype=codebook_dtype,
@@ -206,10 +222,14 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
     from legonet.cli_target import compress_to_ratio_from_options, parse_device
 
     device = parse_device(device)
-    from legonet.io.atomic import check_writable
+    from legonet.io.atomic import check_writable, refuse_overwriting
+    from legonet.io.checkpoints import checkpoint_files
     from legonet.progress import progress_bars
 
     check_writable(output)
+    refuse_overwriting(output, checkpoint_files(src))
+    if calib is not None:
+        refuse_overwriting(output, [calib], "calibration data")
     from legonet.streaming import compress_sharded, is_sharded_index
 
     sd = None
@@ -221,6 +241,8 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
     else:
         with _console().status(f"reading {src}", spinner="dots") if not quiet else _null():
             sd = read_state_dict(src)
+        if arch is not None:  # a mismatch is known now, not after minutes of clustering
+            _check_fit(arch, sd, src)
         if target_ratio is None:
             with progress_bars(not quiet) as bars:
                 cm = do_compress(sd, config, bars=bars)
@@ -234,10 +256,18 @@ def compress(src, output, block, clusters, scope, seed, include, exclude, codebo
                                                     refinement, pipeline, device,
                                                     status.update if status is not None else None, notes)
         nbytes = cm.save(output)
+    report = build_report(cm, nbytes)
     if not quiet:
-        click.echo(build_report(cm, nbytes).render(per_tensor=per_tensor))
+        click.echo(report.render(per_tensor=per_tensor))
         for line in notes:
             click.echo(line)
+    worst = report.worst_tensor
+    if target_ratio is None and worst is not None and worst.sqnr_db < LOW_SQNR_DB:
+        # said even with --quiet: a file that has lost the model's accuracy should not pass unnoticed
+        click.echo(f"legonet: warning: lowest tensor SQNR {worst.sqnr_db:.1f} dB ({worst.name}); below "
+                   f"{LOW_SQNR_DB:g} dB models usually lose most of their accuracy. For a size that keeps it, try: "
+                   f"legonet compress {src} -o {output} --target-ratio 8" + (f" --arch {arch}" if arch else "")
+                   + " (add --arch NAME for a zoo architecture)" * (arch is None), err=True)
     if allow_nonfinite and sd is not None:
         from legonet.compress import nonfinite_tensors
 
@@ -270,7 +300,10 @@ def info(file, per_tensor, as_json, no_verify):
     cm = load(file, verify=not no_verify)
     rep = build_report(cm, file.stat().st_size)
     if as_json:
-        click.echo(json.dumps(rep.to_dict() | {"config": cm.config.to_dict()}, indent=2))
+        config = cm.config.to_dict()
+        if rep.block is None:  # tensors have settings of their own (target mode): the config's are unused
+            del config["block"], config["clusters"]
+        click.echo(json.dumps(rep.to_dict() | {"config": config}, indent=2))
     else:
         click.echo(rep.render(per_tensor=per_tensor))
 
@@ -280,17 +313,42 @@ def info(file, per_tensor, as_json, no_verify):
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The .safetensors file to write.")
 def decompress(file, output):
-    """Write the dense weights of a .lego file as .safetensors (same names, shapes, dtypes)."""
+    """Write the dense weights of a .lego file as .safetensors (the names, shapes and dtypes of the
+    checkpoint it was compressed from)."""
     from safetensors.torch import save as st_save
 
+    from legonet.artifact import fills
     from legonet.format import load
-    from legonet.io.atomic import atomic_path
+    from legonet.io.atomic import atomic_path, check_writable, refuse_overwriting
 
-    sd = {k: v.contiguous() for k, v in load(file).to_state_dict().items()}
+    check_writable(output)
+    refuse_overwriting(output, [file])
+    cm = load(file)
+    sd = {k: v.contiguous() for k, v in cm.to_state_dict().items()}
     data = st_save(sd, metadata={"source": "legonet decompress"})
     with atomic_path(output) as tmp:
         tmp.write_bytes(data)
-    click.echo(f"wrote {output} ({len(sd)} tensors, {len(data):,} bytes)")
+    click.echo(f"wrote {output} ({len(sd)} tensors, {len(data):,} bytes): the compressed model's values "
+               "under the names and shapes of the checkpoint it came from")
+    constant = fills(cm.tensors)
+    folded = [k for k in constant if k.endswith("running_mean") and constant[k] == 0.0]
+    if folded:
+        click.echo(f"{len(folded)} BatchNorm layers are in inference form: their statistics are folded into "
+                   "weight and bias (running mean 0, variance 1 - eps), which gives the same outputs in eval mode")
+    narrow = [k for k, t in cm.dense.items() if str(t.dtype) == "torch.float16"]
+    if narrow and cm.config.kept_dtype == "float16" and not cm.source_dtypes:  # written before files recorded the dtypes they narrowed
+        click.echo(f"{len(narrow)} kept tensors are float16 as stored: this file does not record the dtype they had")
+
+
+def _check_fit(arch: str, sd, src: Path) -> None:
+    """Raise :class:`ArchitectureError` naming the file unless ``sd`` fits ``arch`` (no weights loaded)."""
+    from legonet.artifact import fit_error
+    from legonet.zoo import skeleton
+
+    own = {k: tuple(v.shape) for k, v in skeleton(arch).state_dict().items()}
+    err = fit_error(own, {k: tuple(v.shape) for k, v in sd.items()}, f"{src}: weights do not fit", arch)
+    if err is not None:
+        raise err
 
 
 def _load_model(arch: str, weights: Path):
@@ -300,7 +358,7 @@ def _load_model(arch: str, weights: Path):
     spec = get_arch(arch)
     model = build(arch)
     sd = read_state_dict(weights)
-    load_weights(model, sd, str(weights))
+    load_weights(model, sd, str(weights), arch)
     return model, spec
 
 
@@ -349,7 +407,10 @@ def demo(output, block, clusters):
     from legonet.report import build_report
     from legonet.zoo import build, get_arch
 
+    from legonet.io.atomic import refuse_overwriting
+
     weights, data = bundled("resnet20_cifar10.safetensors"), bundled("cifar10-test-1000.npz")
+    refuse_overwriting(output, [weights, data], "bundled demo data")
     spec = get_arch("resnet20")
     images = load_images(data)
     console = _console()
@@ -382,7 +443,7 @@ def demo(output, block, clusters):
                + ("; the paper's method does not keep this model's accuracy (see the README)" if drop > 3 else ""))
 
 
-# issue 5: C export and footprint (bodies in legonet/export/cli.py)
+# export and footprint commands (bodies in legonet/export/cli.py)
 from legonet.export.cli import export_c_cmd, footprint_cmd  # noqa: E402
 
 main.add_command(export_c_cmd)

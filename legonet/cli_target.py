@@ -75,4 +75,8 @@ def compress_to_ratio_from_options(sd, config, target_ratio, arch, calib, calib_
     options = {k: v for k, v in pipeline.items() if v is not None}
     cm, _plan = calibrated_compress_to_ratio(model, target_ratio, x, config=config, refine=refine,
                                              progress=progress, on_refine_step=on_step, **options)
+    # the model's state has what the checkpoint may lack (BatchNorm's num_batches_tracked) and
+    # computed in float32: the file keeps the checkpoint's own names and dtypes (it only shrinks)
+    cm.tensors = {k: v for k, v in cm.tensors.items() if k in sd}
+    cm.adopt_dtypes(sd)
     return cm

@@ -70,7 +70,7 @@ def check_finite(sd: Mapping[str, torch.Tensor], allow_nonfinite: bool = False) 
         bad = int((~torch.isfinite(sd[name])).sum())
         more = f" (and {len(bad_names) - 1} more tensor(s))" if len(bad_names) > 1 else ""
         raise CheckpointError(f"tensor {name!r} holds {bad} non-finite value(s) (NaN or Inf){more}; "
-                              "clean the checkpoint, exclude the tensor, or allow_nonfinite to keep such tensors "
+                              "clean the checkpoint, exclude the tensor, or pass allow_nonfinite to keep such tensors "
                               "uncompressed")
     return bad_names
 
@@ -285,7 +285,9 @@ def compress_groups(
         tensors[name] = clustered_tensor(t, codebooks[cb_of[name]], cb_of[name], labels[name].clone(),
                                          block_of[name], scales[name])
     say("done")
-    return CompressedModel(config=config, codebooks=codebooks, tensors=tensors)
+    cm = CompressedModel(config=config, codebooks=codebooks, tensors=tensors)
+    cm.adopt_dtypes(sd)
+    return cm
 
 
 def _block_weights(w: torch.Tensor | None, t: torch.Tensor, block: tuple[int, int]) -> torch.Tensor | None:

@@ -149,15 +149,21 @@ def render_table(arch: str, entries: list[Entry], devices: tuple[Device, ...] = 
     return "\n".join(lines)
 
 
-def plot(arch: str, entries: list[Entry], path, devices: tuple[Device, ...] = STM32F7) -> None:
-    """Bar chart of the schemes (log scale) with the devices' memories as lines, like the paper's Figure 2."""
+def pyplot():
+    """matplotlib's pyplot on a file-only backend; :class:`LegoError` saying how to install it if absent."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise LegoError("plotting needs matplotlib: pip install 'legonet[bench]'") from None
+        raise LegoError("plotting needs matplotlib, which is not installed: pip install matplotlib") from None
+    return plt
+
+
+def plot(arch: str, entries: list[Entry], path, devices: tuple[Device, ...] = STM32F7) -> None:
+    """Bar chart of the schemes (log scale) with the devices' memories as lines, like the paper's Figure 2."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 5))
     names = [e.scheme for e in entries]
     vals = [e.nbytes / MIB for e in entries]

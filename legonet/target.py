@@ -207,6 +207,81 @@ def _output_choice(weight, blocks, bw, centroids, block, k, stat, cov, sample, g
     return _choice(tuple(weight.shape), block, k, float(err.mean()), stat, labels if entropy_coding else None)
 
 
+def coarsest_nbytes(shape: tuple[int, ...], menu=DEFAULT_MENU, kernel_menu=KERNEL_MENU) -> tuple[int, int] | None:
+    """``(fewest, packed)`` bytes of the coarsest setting a tensor of ``shape`` can get, before any
+    clustering: ``fewest`` if its index stream coded to nothing but its table and lane states (a
+    bound no file goes below), ``packed`` bit-packed; ``None`` if no menu entry fits the tensor
+    (the same rule as :func:`evaluate_menu`: K at most half the blocks)."""
+    best = None
+    for block, k in menu_for(shape, menu, kernel_menu):
+        count = make_tiling(shape, block).num_blocks
+        if k > count // 2:
+            continue
+        side = side_nbytes(shape, block, k, compact=True)
+        packed = packed_nbytes(count, bits_for(k))
+        cost = (side + min(packed, k + 4 * rans.lanes(count)), side + packed)
+        best = cost if best is None else (min(best[0], cost[0]), min(best[1], cost[1]))
+    return best
+
+
+@dataclass(frozen=True)
+class Reach:
+    """What target mode can reach for a model, known before any clustering."""
+
+    fp32_bytes: int
+    fixed_bytes: int  # tensors kept (float16, constants as one-value fills), header, metadata, reserve
+    fewest_bytes: int  # with every clustered tensor at its coarsest setting, streams coded to nothing
+    packed_bytes: int  # the same, streams bit-packed
+
+    @property
+    def most(self) -> float:
+        """A ratio no file can pass."""
+        return self.fp32_bytes / self.fewest_bytes
+
+    @property
+    def packed(self) -> float:
+        """The ratio of the coarsest settings with bit-packed indices (entropy coding gains a little more)."""
+        return self.fp32_bytes / self.packed_bytes
+
+
+def reach(sd: Mapping[str, torch.Tensor], names: list[str], *, menu=DEFAULT_MENU, kernel_menu=KERNEL_MENU,
+          reserve: int = 0) -> Reach:
+    """How far target mode can compress ``sd`` with ``names`` clustered (cheap: no clustering).
+
+    Raises :class:`ConfigError` naming a tensor too small for every menu setting."""
+    chosen = set(names)
+    kept = {k: t.half() if t.is_floating_point() else t for k, t in sd.items() if k not in chosen}
+    filled = fills(kept)
+    fixed = sum(t.numel() * t.element_size() for k, t in kept.items() if k not in filled)
+    fixed += _overhead(len(sd)) + reserve
+    fewest = packed = fixed
+    for n in names:
+        cost = coarsest_nbytes(tuple(sd[n].shape), menu, kernel_menu)
+        if cost is None:
+            raise ConfigError(f"tensor {n!r} {tuple(sd[n].shape)} is too small for any menu setting; exclude it")
+        fewest, packed = fewest + cost[0], packed + cost[1]
+    return Reach(fp32_bytes(sd), fixed, fewest, packed)
+
+
+def _overhead(num_tensors: int) -> int:
+    """Container header and zlib-compressed metadata, a first guess (ResNet-50: 5.3 KiB for 320
+    tensors, about 17 bytes each), corrected by :func:`compress_to_ratio` if too low."""
+    return 512 + 24 * num_tensors
+
+
+def check_reachable(sd: Mapping[str, torch.Tensor], names: list[str], target_ratio: float, *, menu=DEFAULT_MENU,
+                    kernel_menu=KERNEL_MENU, reserve: int = 0) -> Reach:
+    """Raise :class:`ConfigError` at once if no file of ``sd`` can meet ``target_ratio``, saying the
+    highest ratio within reach; returns the :class:`Reach`."""
+    r = reach(sd, names, menu=menu, kernel_menu=kernel_menu, reserve=reserve)
+    if target_ratio > r.most:
+        raise ConfigError(f"target ratio {target_ratio:g} is out of reach for this model: even the coarsest "
+                          f"settings leave a file of at least {r.fewest_bytes:,} bytes, at most {r.most:.1f}x "
+                          f"(about {r.packed:.1f}x where indices do not entropy-code smaller); "
+                          "lower target_ratio")
+    return r
+
+
 def allocate(tables: Mapping[str, list[Choice]], budget: int) -> dict[str, Choice]:
     """Per tensor, the entry minimising ``distortion + lambda*bytes`` for the smallest lambda that fits.
 
@@ -285,6 +360,7 @@ def compress_to_ratio(
         raise ConfigError("no tensor to cluster")
     element_weights = element_weights or {}
     fp32 = fp32_bytes(sd)
+    check_reachable(sd, names, target_ratio, menu=menu, kernel_menu=kernel_menu, reserve=reserve)
     target_bytes = int(fp32 / target_ratio) - reserve
     tables = {}
     for i, n in enumerate(names):
@@ -309,9 +385,12 @@ def compress_to_ratio(
     kept = {k: t.half() if t.is_floating_point() else t for k, t in sd.items() if k not in chosen_set}
     filled = fills(kept)
     fixed = sum(t.numel() * t.element_size() for k, t in kept.items() if k not in filled)
-    # container header and zlib-compressed metadata (ResNet-50: 5.3 KiB for 320 tensors, about 17
-    # bytes each), corrected below if too low
-    overhead = 512 + 24 * len(sd)
+    overhead = _overhead(len(sd))  # corrected below if too low
+    smallest = sum(min(c.nbytes for c in t) for t in tables.values())
+    if smallest > target_bytes - fixed - overhead:
+        raise ConfigError(f"target ratio {target_ratio:g} is out of reach for this model: its coarsest settings "
+                          f"are estimated at {smallest + fixed + overhead + reserve:,} bytes, about "
+                          f"{fp32 / (smallest + fixed + overhead + reserve):.1f}x; lower target_ratio")
     # index streams are planned at their estimated entropy-coded sizes, and a sample's estimate may
     # be off; the last attempt plans them bit-packed, which the writer never exceeds
     packed = {n: [replace(c, nbytes=_entry_bytes(tuple(sd[n].shape), c.block, c.clusters, c.compact)) for c in t]

@@ -101,3 +101,103 @@ def test_success_still_exits_zero(files):
     assert run("info", str(files / "good.lego")).exit_code == 0
     assert run("--version").exit_code == 0
     assert run("compress", "--help").exit_code == 0
+
+
+def _digest(path):
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("spell", ["{d}/m.safetensors", "{d}/./m.safetensors", "{d}/link.safetensors",
+                                   "{d}/hard.safetensors"])
+def test_compress_refuses_to_write_over_its_input(files, spell):
+    import os
+
+    src = files / "m.safetensors"
+    os.symlink(src, files / "link.safetensors")
+    os.link(src, files / "hard.safetensors")
+    before = _digest(src)
+    line = one_line_error(run("compress", str(src), "-o", spell.format(d=files), "-k", "2"))
+    assert "refusing to write" in line and "it is the input" in line
+    assert _digest(src) == before and not list(files.glob(".*.partial"))
+
+
+def test_decompress_and_demo_refuse_to_write_over_their_input(files):
+    good = files / "good.lego"
+    before = _digest(good)
+    line = one_line_error(run("decompress", str(good), "-o", str(good)))
+    assert "refusing to write" in line and _digest(good) == before
+    from legonet.cli import bundled
+
+    weights = bundled("resnet20_cifar10.safetensors")
+    before = _digest(weights)
+    assert "refusing to write" in one_line_error(run("demo", "-o", str(weights)))
+    assert _digest(weights) == before
+
+
+def test_sharded_input_shards_are_inputs_too(files):
+    import json
+
+    shard = files / "m.safetensors"
+    (files / "m.index.json").write_text(json.dumps({"weight_map": {"w": "m.safetensors", "b": "m.safetensors"}}))
+    before = _digest(shard)
+    line = one_line_error(run("compress", str(files / "m.index.json"), "-o", str(shard), "-k", "2"))
+    assert "refusing to write" in line and _digest(shard) == before
+
+
+def test_unreachable_target_is_refused_at_once_with_the_highest_ratio(files):
+    import re
+    import time
+
+    start = time.perf_counter()
+    line = one_line_error(run("compress", str(files / "m.safetensors"), "-o", str(files / "x.lego"),
+                              "--target-ratio", "100000"))
+    assert time.perf_counter() - start < 30  # no clustering ran (seconds on a busy machine, not minutes)
+    most = float(re.search(r"at most ([0-9.]+)x", line)[1])
+    assert "out of reach" in line and "--target-ratio" in line and 1 < most < 100000
+    # the figure said is the bound the check uses: a target at it is not refused before clustering
+    from safetensors.torch import load_file
+
+    from legonet.target import check_reachable, reach
+
+    sd = load_file(str(files / "m.safetensors"))
+    assert f"{reach(sd, ['w']).most:.1f}" == f"{most:.1f}"
+    check_reachable(sd, ["w"], reach(sd, ["w"]).most)
+
+
+def test_arch_mismatch_is_found_before_any_work(files, resnet20_path):
+    line = one_line_error(run("compress", str(resnet20_path), "-o", str(files / "x.lego"), "--target-ratio", "8",
+                              "--arch", "resnet56"))
+    assert f"{resnet20_path}: weights do not fit the architecture 'resnet56'" in line
+
+
+def test_errors_name_the_cli_flags_not_python_arguments(files):
+    line = one_line_error(run("compress", str(files / "nan.safetensors"), "-o", str(files / "x.lego")))
+    assert "--allow-nonfinite" in line and "allow_nonfinite" not in line
+    line = one_line_error(run("compress", str(files / "m.safetensors"), "-o", str(files / "x.lego"), "-k", "100",
+                              "--scope", "layer"))
+    assert "--scope model" in line and "scope=" not in line and "--clusters" in line
+
+
+def test_paper_setting_warns_when_the_error_is_that_large(files):
+    ok = run("compress", str(files / "m.safetensors"), "-o", str(files / "x.lego"), "-k", "2", "-q")
+    assert ok.exit_code == 0
+    assert "legonet: warning: lowest tensor SQNR" in ok.stderr and "--target-ratio" in ok.stderr
+    fine = run("compress", str(files / "m.safetensors"), "-o", str(files / "y.lego"), "--block", "1",
+               "-k", "256", "-q")
+    assert fine.exit_code == 0 and "warning" not in fine.stderr
+
+
+def test_decompress_gives_back_the_input_names_and_dtypes(files):
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(1)
+    src = files / "big.safetensors"
+    save_file({"a.weight": torch.randn(64, 64, generator=g), "a.bias": torch.randn(64, generator=g),
+               "steps": torch.tensor(3)}, str(src))
+    assert run("compress", str(src), "-o", str(files / "t.lego"), "--target-ratio", "4", "-q").exit_code == 0
+    result = run("decompress", str(files / "t.lego"), "-o", str(files / "t.safetensors"))
+    assert result.exit_code == 0, result.output
+    a, b = load_file(str(src)), load_file(str(files / "t.safetensors"))
+    assert list(a) == list(b) and all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape for k in a)

@@ -61,3 +61,23 @@ def test_vgg16_and_table():
 def test_unknown_architecture():
     with pytest.raises(ArchitectureError):
         footprint("no-such-net")
+
+
+def test_plot_without_matplotlib_says_how_to_install_it_before_any_output(tmp_path, monkeypatch):
+    import builtins
+
+    from click.testing import CliRunner
+
+    from legonet.cli import main
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.split(".")[0] == "matplotlib":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    r = CliRunner().invoke(main, ["footprint", "--arch", "resnet20", "--plot", str(tmp_path / "f.png")])
+    assert r.exit_code == 1 and r.output.splitlines() == [
+        "legonet: error: plotting needs matplotlib, which is not installed: pip install matplotlib"]

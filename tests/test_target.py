@@ -68,6 +68,26 @@ def test_report_names_the_mixed_codebook_settings():
     assert {s for s, _ in rep.codebook_settings} == expected
     line = dict(rep.summary_lines())["codebooks"]
     assert line.startswith(f"{len(cm.codebooks)}") and rep.codebook_settings[0][0] in line
+    # each tensor's own setting is in its row; no file-wide setting that no tensor uses
+    rows = {r.name: r for r in rep.tensors}
+    assert all(rows[n].block == c.block and rows[n].clusters == c.clusters for n, c in plan.items())
+    assert len(expected) > 1 and rep.block is None and rep.clusters is None
+    assert all(rows[n].indices in ("packed", "entropy-coded") and rows[n].gains in ("float16", "8-bit")
+               for n in plan)
+
+
+def test_unreachable_targets_are_refused_before_any_clustering(monkeypatch):
+    from legonet import target
+
+    def no_kmeans(*_a, **_k):
+        raise AssertionError("clustered before refusing")
+
+    monkeypatch.setattr(target, "evaluate_menu", no_kmeans)
+    with pytest.raises(ConfigError, match=r"out of reach .* at most [0-9.]+x"):
+        compress_to_ratio(model_sd(), 5000.0, menu=MENU)
+    sd = model_sd()
+    r = target.reach(sd, [n for n, t in sd.items() if t.ndim >= 2])
+    assert r.fewest_bytes < r.packed_bytes and r.most > r.packed > 1
 
 
 def test_menu_tries_each_gain_statistic_and_the_plan_uses_it():

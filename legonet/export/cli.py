@@ -60,6 +60,12 @@ def footprint_cmd(arch, blocks, clusters, scope, palette_bits, plot_path, as_jso
         blocks = blocks * len(clusters)
     if len(blocks) != len(clusters):
         raise ConfigError(f"give one --clusters per --block (got {len(blocks)} blocks, {len(clusters)} K values)")
+    if plot_path:  # before any work: no table printed, then an error
+        from legonet.footprint import pyplot
+        from legonet.io.atomic import check_writable
+
+        pyplot()
+        check_writable(plot_path)
     configs = [LegoConfig(block=b, clusters=k, scope=scope) for b, k in zip(blocks, clusters)]
     entries = footprint(arch, configs, tuple(palette_bits))
     if as_json:

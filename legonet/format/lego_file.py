@@ -41,6 +41,11 @@ coding made some index stream smaller) lets a clustered tensor's ``crc32`` field
 :mod:`legonet.ops.rans` specifies, not bit-packed. Everything else is as in version 3 (a version-4
 file without compact storage still has its metadata zlib-compressed).
 
+Any version may carry ``"source_dtypes": {dtype: [name, ...]}``: kept floating tensors stored in a
+narrower dtype than the checkpoint they came from had (target mode stores them in float16), listed
+under the dtype a reader restores them to; ``{dtype: "*"}`` (the only key then) stands for every kept
+float16 tensor of the file. Readers that do not know the key read the stored dtype.
+
 ``sqnr_db`` is a number, ``null``, or the string ``"inf"``/``"-inf"`` (JSON has no infinities;
 ``"-inf"``, an all-zero tensor, was written as ``"inf"`` before this was fixed). The ``config``
 object omits ``allow_nonfinite`` when it is false, so default files are byte-identical to those of
@@ -180,6 +185,8 @@ def serialize(cm: CompressedModel) -> bytes:
                else _FILL_VERSION if any(len(e) == 5 for e in entries) else 1)
     meta = {"format": FORMAT_NAME, "version": version, "config": config,
             "codebooks": cb_meta, "tensors": entries}
+    if cm.source_dtypes:  # only where some kept tensor was narrowed: other files are written as before
+        meta["source_dtypes"] = _source_dtypes_entry(cm)
     meta_b = json.dumps(meta, separators=(",", ":"), allow_nan=False).encode()
     if version >= COMPACT_VERSION:
         meta_b = zlib.compress(meta_b, 9)
@@ -188,6 +195,19 @@ def serialize(cm: CompressedModel) -> bytes:
              "indices": b"".join(idx_bytes), "dense": b"".join(dense_bytes)}
     header = {"format": FORMAT_NAME, "version": str(version), "meta_crc32": _crc(meta_b)}
     return _container(blobs, header)
+
+
+def _source_dtypes_entry(cm: CompressedModel) -> dict[str, Any]:
+    """``{dtype: [names]}``, or ``{dtype: "*"}`` when every kept float16 tensor came from that one
+    dtype (the usual case, target mode on a float32 checkpoint: a few bytes instead of every name)."""
+    widen: dict[str, list[str]] = {}
+    for name in cm.tensors:
+        if name in cm.source_dtypes:
+            widen.setdefault(_dtype_name(cm.source_dtypes[name]), []).append(name)
+    half = [n for n, t in cm.dense.items() if t.dtype == torch.float16]
+    if len(widen) == 1 and next(iter(widen.values())) == half:
+        return {next(iter(widen)): "*"}
+    return dict(sorted(widen.items()))
 
 
 def _container(blobs: dict[str, bytes], metadata: dict[str, str]) -> bytes:

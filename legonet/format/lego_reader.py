@@ -235,7 +235,30 @@ def deserialize(data: bytes | bytearray | memoryview, *, source: str = "<bytes>"
                                 + (", 9 for log-coded gains" if version >= COMPACT_VERSION else "") + ")")
     if dense_off != len(blobs["dense"]) or idx_off != len(blobs["indices"]):
         raise _fail(source, "blob sizes do not match the metadata (extra bytes)")
-    return CompressedModel(config=config, codebooks=codebooks, tensors=tensors, codebook_scales=codebook_scales)
+    return CompressedModel(config=config, codebooks=codebooks, tensors=tensors, codebook_scales=codebook_scales,
+                           source_dtypes=_read_source_dtypes(meta.get("source_dtypes"), tensors, source))
+
+
+def _read_source_dtypes(entry: Any, tensors: dict, source: str) -> dict[str, torch.dtype]:
+    """``{name: dtype}`` from the optional ``source_dtypes`` map: floating dtypes, each naming kept
+    floating tensors of the file, every name at most once."""
+    if entry is None:
+        return {}
+    if not isinstance(entry, dict):
+        raise _fail(source, "source_dtypes is malformed")
+    out: dict[str, torch.dtype] = {}
+    for dtype, names in entry.items():
+        if names == "*" and len(entry) == 1:  # every kept float16 tensor
+            names = [n for n, t in tensors.items() if isinstance(t, torch.Tensor) and t.dtype == torch.float16]
+        if dtype not in DTYPES or not DTYPES[dtype].is_floating_point or not isinstance(names, list):
+            raise _fail(source, f"source_dtypes has an invalid entry {str(dtype)[:20]!r}")
+        for name in names:
+            t = tensors.get(name) if isinstance(name, str) else None
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or name in out:
+                raise _fail(source, f"source_dtypes names {str(name)[:80]!r}, not a kept floating tensor "
+                                    "of the file (or twice)")
+            out[name] = DTYPES[dtype]
+    return out
 
 
 def _read_codebooks(entries: list, blob: memoryview, source: str, verify: bool,

@@ -106,6 +106,27 @@ def check_writable(target: str | os.PathLike) -> Path:
     return folder
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file (also through ``./``, ``..``, symbolic or hard links)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): then they can only be one path spelt twice
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def refuse_overwriting(target: str | os.PathLike, inputs, what: str = "input") -> None:
+    """Raise :class:`OutputError` if ``target`` is one of ``inputs`` (a file the command reads).
+
+    Commands call this before any work: writing the output over its own input would replace the
+    user's file by something else (a compressed model over the checkpoint it came from).
+    """
+    target = Path(target)
+    for src in inputs:
+        if _same_file(target, Path(src)):
+            same = "" if os.path.normpath(target) == os.path.normpath(src) else f" (the same file as {src})"
+            raise OutputError(f"refusing to write {target}: it is the {what}{same}; choose another output path")
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``target`` atomically.

@@ -103,6 +103,24 @@ def _load_torch(path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+def checkpoint_files(path: str | os.PathLike) -> list[Path]:
+    """The files reading ``path`` touches: the file itself and, for a sharded index, its shards.
+
+    Best effort and cheap (the index's JSON only): what cannot be parsed here is reported by
+    :func:`read_state_dict`. Commands use it to refuse an output path that would overwrite an input.
+    """
+    p = Path(path)
+    files = [p]
+    if p.is_file() and p.name.endswith(".json"):
+        try:
+            wm = json.loads(p.read_bytes()).get("weight_map")
+        except (OSError, ValueError, RecursionError, AttributeError):
+            return files
+        if isinstance(wm, dict):
+            files += [p.parent / s for s in dict.fromkeys(wm.values()) if isinstance(s, str) and s]
+    return files
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Dense ``{name: tensor}`` from a checkpoint or .lego file; raises :class:`CheckpointError`.
 

@@ -1,15 +1,20 @@
 """Built-in architectures (no weights): name -> constructor and input normalisation.
 
-``get_arch("module:callable")`` imports any other architecture; such a callable takes no arguments
-and returns an ``nn.Module``; its normalisation defaults to none (mean 0, std 1) unless the module
-object has ``legonet_mean``/``legonet_std`` attributes.
+``get_arch("module:callable")`` or ``get_arch("path/to/file.py:callable")`` imports any other
+architecture; such a callable takes no arguments and returns an ``nn.Module``. Its input
+normalisation and size are read from attributes of the *callable* (not of its module):
+``legonet_mean`` and ``legonet_std`` (per channel, on [0, 1] pixels; default mean 0, std 1) and
+``legonet_input_size`` (``(channels, height, width)``, default ``(3, 32, 32)``).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
@@ -45,18 +50,43 @@ def get_arch(name: str) -> ArchSpec:
     if name in ZOO:
         return ZOO[name]
     if ":" in name:
-        mod_name, _, attr = name.partition(":")
-        try:
-            mod = importlib.import_module(mod_name)
-            fn = getattr(mod, attr)
-        except (ImportError, AttributeError) as exc:
-            raise ArchitectureError(f"cannot import architecture {name!r}: {exc}") from None
+        where, _, attr = name.rpartition(":")
+        fn = getattr(_import_source(where, name), attr, None)
+        if fn is None:
+            raise ArchitectureError(f"cannot import architecture {name!r}: {where} has no {attr!r}")
         if not callable(fn):
             raise ArchitectureError(f"architecture {name!r} is not callable")
-        mean = getattr(fn, "legonet_mean", (0.0, 0.0, 0.0))
-        std = getattr(fn, "legonet_std", (1.0, 1.0, 1.0))
-        return ArchSpec(name, fn, tuple(mean), tuple(std))
-    raise ArchitectureError(f"unknown architecture {name!r}; built in: {', '.join(ZOO)}, or give module:callable")
+        try:
+            mean = tuple(float(v) for v in getattr(fn, "legonet_mean", (0.0, 0.0, 0.0)))
+            std = tuple(float(v) for v in getattr(fn, "legonet_std", (1.0, 1.0, 1.0)))
+            size = tuple(int(v) for v in getattr(fn, "legonet_input_size", (3, 32, 32)))
+        except (TypeError, ValueError):
+            raise ArchitectureError(f"architecture {name!r}: legonet_mean, legonet_std and legonet_input_size "
+                                    "must be sequences of numbers") from None
+        if len(mean) != len(std) or len(size) != 3 or min(std, default=1.0) <= 0:
+            raise ArchitectureError(f"architecture {name!r}: legonet_mean and legonet_std need one value per "
+                                    "channel (std > 0) and legonet_input_size is (channels, height, width)")
+        return ArchSpec(name, fn, mean, std, size)
+    raise ArchitectureError(f"unknown architecture {name!r}; built in: {', '.join(ZOO)}, or give "
+                            "module:callable or path/to/file.py:callable")
+
+
+def _import_source(where: str, name: str):
+    """The module ``where`` names: a Python file (``path/to/file.py``) or an importable module."""
+    try:
+        if where.endswith(".py") or os.sep in where or "/" in where:
+            path = Path(where)
+            if not path.is_file():
+                raise ArchitectureError(f"cannot import architecture {name!r}: {where} is not a file")
+            spec = importlib.util.spec_from_file_location(f"legonet_user_arch_{path.stem}", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+        return importlib.import_module(where)
+    except ArchitectureError:
+        raise
+    except Exception as exc:  # the user's own file may fail in any way: one line naming it
+        raise ArchitectureError(f"cannot import architecture {name!r}: {type(exc).__name__}: {exc}") from None
 
 
 def build(name: str) -> nn.Module:

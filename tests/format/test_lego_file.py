@@ -572,3 +572,48 @@ def _packed_len(entry, meta):
 
     k = meta["codebooks"][entry[4]][0]
     return packed_nbytes(make_tiling(tuple(entry[2]), tuple(entry[5])).num_blocks, bits_for(k))
+
+
+def _narrowed_model_bytes() -> bytes:
+    """Kept float32 tensors stored as float16 (``kept_dtype="float16"``, as target mode does)."""
+    g = torch.Generator().manual_seed(0)
+    sd = {"fc.weight": torch.randn(8, 12, generator=g), "fc.bias": torch.randn(8, generator=g),
+          "half": torch.randn(4, generator=g).half(), "steps": torch.tensor(3)}
+    return legonet.compress(sd, legonet.LegoConfig(block=2, clusters=4, kept_dtype="float16")).to_bytes()
+
+
+def test_narrowed_kept_tensors_come_back_in_their_source_dtype():
+    cm = deserialize(_narrowed_model_bytes())
+    assert cm.tensors["fc.bias"].dtype == torch.float16  # stored narrow ...
+    sd = cm.to_state_dict()
+    assert sd["fc.bias"].dtype == torch.float32 and sd["half"].dtype == torch.float16  # ... restored
+    assert sd["fc.weight"].dtype == torch.float32 and sd["steps"].dtype == torch.int64
+    _md, meta, _blobs = split(_narrowed_model_bytes())
+    assert meta["source_dtypes"] == {"F32": ["fc.bias"]}  # not "*": "half" was float16 already
+    g = torch.Generator().manual_seed(0)
+    uniform = legonet.compress({"w": torch.randn(8, 12, generator=g), "b": torch.randn(8, generator=g),
+                                "c": torch.randn(3, generator=g)}, legonet.LegoConfig(block=2, clusters=4,
+                                                                                      kept_dtype="float16"))
+    assert split(uniform.to_bytes())[1]["source_dtypes"] == {"F32": "*"}
+    back = deserialize(uniform.to_bytes()).to_state_dict()
+    assert back["b"].dtype == back["c"].dtype == torch.float32
+    # files without a narrowed tensor do not carry the key (written as before)
+    assert "source_dtypes" not in split(tiny_model_bytes())[1]
+
+
+@pytest.mark.parametrize("value, message", [
+    ([1], "source_dtypes is malformed"),
+    ({"I64": ["fc.bias"]}, "invalid entry"),
+    ({"F64": "fc.bias"}, "invalid entry"),
+    ({"F32": ["nope"]}, "not a kept floating tensor"),
+    ({"F32": ["fc.weight"]}, "not a kept floating tensor"),
+    ({"F32": ["steps"]}, "not a kept floating tensor"),
+    ({"F32": ["fc.bias"], "F64": ["fc.bias"]}, "or twice"),
+    ({"F32": "*", "F64": ["fc.bias"]}, "invalid entry"),
+    ({"F32": "fc.bias"}, "invalid entry"),
+])
+def test_source_dtype_lies_are_rejected(value, message):
+    md, meta, blobs = split(_narrowed_model_bytes())
+    meta["source_dtypes"] = value
+    with pytest.raises(FormatError, match=message):
+        deserialize(join(md, meta, blobs), source="m.lego")

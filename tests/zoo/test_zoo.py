@@ -37,3 +37,26 @@ def test_unknown_arch_and_import_path():
         get_arch("no_such_module:fn")
     assert get_arch("tests.conftest:TinyNet").build()(torch.randn(1, 3, 8, 8)).shape == (1, 5)
     assert set(ZOO) >= {"resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet50_cifar"}
+
+
+def test_architecture_from_a_python_file_with_its_normalisation(tmp_path):
+    (tmp_path / "mynet.py").write_text(
+        "from torch import nn\n"
+        "def net():\n"
+        "    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.LazyLinear(2))\n"
+        "net.legonet_mean = (0.5,)\n"
+        "net.legonet_std = (0.25,)\n"
+        "net.legonet_input_size = (1, 12, 12)\n")
+    spec = get_arch(f"{tmp_path}/mynet.py:net")
+    assert (spec.mean, spec.std, spec.input_size) == ((0.5,), (0.25,), (1, 12, 12))
+    assert isinstance(build(f"{tmp_path}/mynet.py:net"), torch.nn.Sequential)
+    with pytest.raises(ArchitectureError, match="has no 'nope'"):
+        get_arch(f"{tmp_path}/mynet.py:nope")
+    with pytest.raises(ArchitectureError, match="is not a file"):
+        get_arch(f"{tmp_path}/absent.py:net")
+    (tmp_path / "broken.py").write_text("raise RuntimeError('bad file')\n")
+    with pytest.raises(ArchitectureError, match="RuntimeError: bad file"):
+        get_arch(f"{tmp_path}/broken.py:net")
+    (tmp_path / "oddnorm.py").write_text("def net():\n    pass\nnet.legonet_std = (0.0, 1.0, 1.0)\n")
+    with pytest.raises(ArchitectureError, match="std > 0"):
+        get_arch(f"{tmp_path}/oddnorm.py:net")
