@@ -19,11 +19,12 @@ from pathlib import Path
 from torch import nn
 
 from legonet.errors import ArchitectureError
-from legonet.zoo import resnet50, resnet_cifar, vgg
+from legonet.zoo import efficientnet_lite, mobilenet_v2, resnet50, resnet_cifar, vgg
 
 CIFAR_RESNET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 RESNET50_CIFAR_NORM = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+EFFICIENTNET_LITE_NORM = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,10 @@ ZOO: dict[str, ArchSpec] = {
        for d in (20, 32, 44, 56, 110)},
     "resnet50_cifar": ArchSpec("resnet50_cifar", resnet50.resnet50_cifar, *RESNET50_CIFAR_NORM),
     "vgg16": ArchSpec("vgg16", vgg.vgg16, *IMAGENET_NORM, input_size=(3, 224, 224)),
+    "mobilenet_v2": ArchSpec("mobilenet_v2", mobilenet_v2.mobilenet_v2, *IMAGENET_NORM, input_size=(3, 224, 224)),
+    **{name: ArchSpec(name, getattr(efficientnet_lite, name), *EFFICIENTNET_LITE_NORM,
+                      input_size=(3, variant.resolution, variant.resolution))
+       for name, variant in efficientnet_lite.VARIANTS.items()},
 }
 
 
