@@ -444,9 +444,10 @@ def demo(output, block, clusters):
 
 
 # export and footprint commands (bodies in legonet/export/cli.py)
-from legonet.export.cli import export_c_cmd, footprint_cmd  # noqa: E402
+from legonet.export.cli import export_c_cmd, export_onnx_cmd, footprint_cmd  # noqa: E402
 
 main.add_command(export_c_cmd)
+main.add_command(export_onnx_cmd)
 main.add_command(footprint_cmd)
 
 

@@ -201,3 +201,14 @@ def test_decompress_gives_back_the_input_names_and_dtypes(files):
     assert result.exit_code == 0, result.output
     a, b = load_file(str(src)), load_file(str(files / "t.safetensors"))
     assert list(a) == list(b) and all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape for k in a)
+
+
+def test_exports_refuse_to_write_over_their_input(files):
+    good = files / "good.lego"
+    before = _digest(good)
+    assert "refusing to write" in one_line_error(run("export-onnx", str(good), "--arch", "resnet20", "-o", str(good)))
+    (files / "c").mkdir()
+    inside = files / "c" / "model.c"
+    inside.write_bytes(good.read_bytes())
+    line = one_line_error(run("export-c", str(inside), "--arch", "resnet20", "-o", str(files / "c")))
+    assert "refusing to write" in line and _digest(inside) == before == _digest(good)

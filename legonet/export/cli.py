@@ -19,22 +19,42 @@ def _blocks(_ctx, _param, values: tuple[str, ...]) -> tuple[tuple[int, int], ...
     return tuple(out)
 
 
+def _input_size(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*[x,]\s*(\d+)\s*[x,]\s*(\d+)\s*", value)
+    if not m:
+        raise click.BadParameter(f"expected C,H,W (e.g. 3,224,224), got {value!r}")
+    return tuple(int(g) for g in m.groups())
+
+
 @click.command(name="export-c")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--arch", required=True, help="Zoo architecture the .lego file was compressed from (e.g. resnet20).")
+@click.option("--arch", required=True,
+              help="Architecture the .lego file was compressed from: zoo name (e.g. resnet20), module:callable "
+                   "or path/file.py:callable (the callable returns the nn.Module).")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Folder to write model.h, model.c and main.c into.")
-def export_c_cmd(file, arch, output):
-    """Write portable C99 (model.h, model.c, example main.c) running FILE.lego on a microcontroller."""
+              help="Folder to write model.h, model.c, main.c and the Cortex-M7 firmware files into.")
+@click.option("--input-size", callback=_input_size, metavar="C,H,W",
+              help="Input shape without the batch (default: the architecture's; 3,32,32 for a callable).")
+def export_c_cmd(file, arch, output, input_size):
+    """Write portable C99 (model.h, model.c, example main.c, Cortex-M7 firmware) running FILE.lego on a
+    microcontroller: weights decoded block by block from flash, activations in one static arena."""
     from legonet.export.c import export_c
     from legonet.format import load
 
-    info = export_c(load(file), arch, output)
-    click.echo(f"wrote {', '.join(str(output / f) for f in info.files)}")
-    click.echo(f"flash (const arrays): {info.flash_bytes:,} B = codebook {info.codebook_bytes:,} + indices "
-               f"{info.index_bytes:,} + dense tensors {info.dense_bytes:,}")
-    click.echo(f"peak RAM (static buffers): {info.ram_bytes:,} B = activations {info.activation_bytes:,} + "
-               f"decode scratch {info.scratch_bytes:,} (plus the caller's image+logits: {info.io_bytes:,} B)")
+    from legonet.export.c.codegen import OUTPUT_FILES
+    from legonet.io.atomic import refuse_overwriting
+
+    for name in OUTPUT_FILES:
+        refuse_overwriting(output / name, [file])
+    info = export_c(load(file), arch, output, input_size)
+    click.echo(f"wrote {', '.join(info.files)} in {output}")
+    click.echo(f"flash (const arrays): {info.flash_bytes:,} B = codebooks {info.codebook_bytes:,} + indices "
+               f"{info.index_bytes:,} + row gains {info.scale_bytes:,} + dense tensors {info.dense_bytes:,}")
+    click.echo(f"peak RAM (static buffers): {info.ram_bytes:,} B = activation arena {info.activation_bytes:,} "
+               f"(without reuse: {info.activation_sum_bytes:,}) + decode scratch {info.scratch_bytes:,} "
+               f"(plus the caller's image+outputs: {info.io_bytes:,} B)")
 
 
 @click.command(name="footprint")
@@ -76,3 +96,27 @@ def footprint_cmd(arch, blocks, clusters, scope, palette_bits, plot_path, as_jso
     if plot_path:
         plot(arch, entries, plot_path)
         click.echo(f"wrote {plot_path}")
+
+
+@click.command(name="export-onnx")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--arch", required=True,
+              help="Architecture the .lego file was compressed from: zoo name, module:callable or path/file.py:callable.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The .onnx file to write.")
+@click.option("--input-size", callback=_input_size, metavar="C,H,W",
+              help="Input shape without the batch (default: the architecture's).")
+def export_onnx_cmd(file, arch, output, input_size):
+    """Write an ONNX file of FILE.lego whose weights stay compressed (rebuilt in the graph from
+    codebooks and bit-packed indices); input float32 NCHW, batch dynamic."""
+    from legonet.export.onnx import export_onnx
+    from legonet.format import load
+    from legonet.io.atomic import refuse_overwriting
+
+    refuse_overwriting(output, [file])
+    info = export_onnx(load(file), arch, output, input_size)
+    lego_bytes = Path(file).stat().st_size
+    shape = ", ".join(str(d) for d in info.input_shape)
+    click.echo(f"wrote {output}: {info.onnx_bytes:,} B, {info.onnx_bytes / lego_bytes:.2f}x the .lego file "
+               f"({lego_bytes:,} B); {info.clustered} tensors rebuilt from codebooks, {info.kept} kept; "
+               f"input float32 ({shape})")

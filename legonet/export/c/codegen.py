@@ -1,44 +1,59 @@
-"""C99 code generation: ``export_c(cm, arch, out_dir)`` writes model.h, model.c and main.c.
+"""C99 code generation: ``export_c(cm, arch_or_module, out_dir)`` writes a self-contained C model.
 
-model.c holds the codebook, the packed indices and the dense tensors as ``const`` arrays (flash on a
-microcontroller), a few ``static`` float buffers (RAM: activation slots planned by
-:mod:`legonet.export.c.graph` and one block-row decode scratch), the runtime kernels it needs
-(``templates/runtime.c``) and ``legonet_infer``. It includes only <stdint.h>, <string.h>, <math.h>
-and never allocates. The sizes reported are the byte sizes of those generated arrays.
+model.c holds the weights as ``const`` arrays (flash on a microcontroller; encodings in
+:mod:`legonet.export.c.weights`), two ``static`` float buffers (RAM: the activation arena laid out by
+:mod:`legonet.export.c.memory`, and a scratch that four weight rows are decoded into), the runtime
+kernels the network needs (``templates/runtime.c``) and ``legonet_infer``. It includes only <stdint.h>, <string.h> and
+<math.h> and never allocates. Beside it: model.h, an example host driver (main.c, images on stdin,
+logits on stdout) and a Cortex-M7 firmware for the emulated MPS2-AN500 board
+(:mod:`legonet.export.c.firmware`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
-import torch
+from torch import nn
 
-from legonet.artifact import ClusteredTensor, CompressedModel
-from legonet.errors import ArchitectureError, LegoError
-from legonet.export.c.graph import Graph, lower
+from legonet.artifact import CompressedModel
+from legonet.errors import OutputError
+from legonet.export.c.firmware import FIRMWARE_FILES, firmware_files
+from legonet.export.c.graph import ACTIVATIONS, Graph, Op, Post, chw
+from legonet.export.c.memory import MemoryPlan, plan_memory
+from legonet.export.c.network import Network, lower_network
+from legonet.export.c.weights import FlashData, cname, float_literal
 from legonet.io.atomic import atomic_path
-from legonet.nn.functional import pack_indices, prepare_codebook
-from legonet.ops.bitpack import bits_for
+
+_SCALAR_OPS = ("add", "sub", "rsub", "mul", "div", "rdiv")
+_BINARY_OPS = ("add", "sub", "mul", "div")
+# runtime sections each op kind needs besides "common"
+_SECTIONS = {"conv": ("weights", "conv"), "linear": ("weights", "linear"), "maxpool": ("pool", "maxpool"),
+             "avgpool": ("pool", "avgpool"), "concat": ("concat",)}
 
 
 @dataclass(frozen=True)
 class ExportInfo:
-    """What an export holds, in bytes of the generated arrays.
+    """What an export holds, in bytes.
 
     Attributes:
-        flash_bytes: every ``const`` data array (codebooks, packed indices, dense tensors, mean/std);
-            excludes code and the small per-layer descriptors (see ``arm-none-eabi-size`` for those).
-        codebook_bytes, index_bytes, dense_bytes, scale_bytes: the parts of ``flash_bytes``
-            (``scale_bytes``: optional per-row gains of clustered tensors, as float32).
-        ram_bytes: every ``static`` buffer: activation slots plus decode scratch (peak RAM of
-            inference; the caller's image and logits buffers are extra: ``io_bytes``).
-        activation_bytes, scratch_bytes: the parts of ``ram_bytes``.
-        io_bytes: uint8 image plus float logits the caller passes in.
+        flash_bytes: every ``const`` data array (``lgd_*``: codebooks, packed indices, row gains,
+            dense tensors, per-channel multipliers/offsets of folded BatchNorm and biases, input
+            mean/std); excludes code and the small per-layer descriptors (``lgw_*``/``lgp_*``; see
+            ``arm-none-eabi-size`` for those).
+        codebook_bytes, index_bytes, scale_bytes, dense_bytes: the parts of ``flash_bytes``
+            (``scale_bytes``: the row gains of clustered tensors).
+        ram_bytes: every ``static`` buffer (``lgb_*``): the activation arena plus the decode scratch
+            (the peak RAM of inference; the caller's image and logits buffers are extra: ``io_bytes``).
+        activation_bytes: the arena; ``activation_sum_bytes``: every activation buffer added up,
+            the arena it would take without reuse.
+        scratch_bytes: four decoded weight rows (the conv and linear kernels take four outputs at a time).
+        io_bytes: the uint8 image plus the float outputs the caller passes in.
+        ops: operations in ``legonet_infer``; files: the files written.
     """
 
     flash_bytes: int
@@ -51,195 +66,198 @@ class ExportInfo:
     io_bytes: int
     files: tuple[str, ...]
     scale_bytes: int = 0
+    activation_sum_bytes: int = 0
+    ops: int = 0
 
 
-def _cname(name: str) -> str:
-    return re.sub(r"[^0-9A-Za-z_]", "_", name)
+# every file export_c writes into its folder
+OUTPUT_FILES = ("model.h", "model.c", "main.c", *FIRMWARE_FILES)
 
 
-def _floats(values: np.ndarray) -> str:
-    vals = [f"{float(v):.9g}" for v in values.reshape(-1).astype(np.float32)]
-    vals = [v + ("f" if any(ch in v for ch in ".e") else ".0f") for v in vals]
-    return ",\n".join(", ".join(vals[i:i + 8]) for i in range(0, len(vals), 8))
-
-
-def _bytes(values: np.ndarray) -> str:
-    vals = [f"0x{int(v):02x}" for v in values.reshape(-1)]
-    return ",\n".join(", ".join(vals[i:i + 16]) for i in range(0, len(vals), 16))
-
-
-def _kernels(needed: set[str]) -> str:
+def _kernels(sections: set[str]) -> str:
     src = (resources.files("legonet.export.c") / "templates" / "runtime.c").read_text()
     parts = re.findall(r"/\*@kernel (\w+)\*/\n(.*?)/\*@end\*/", src, flags=re.S)
-    return "\n".join(body for kind, body in parts if kind in needed | {"common"})
+    return "\n".join(body for kind, body in parts if kind in sections | {"common"})
 
 
-class _Emitter:
-    def __init__(self, cm: CompressedModel) -> None:
-        self.cm = cm
-        self.lines: list[str] = []
-        self.sizes = {"codebook": 0, "index": 0, "dense": 0, "scale": 0}
-        self.done: set[str] = set()
-        self.scratch = 1
+class _Writer:
+    """Turns the ops into C calls, collecting the descriptors they reference."""
 
-    def array(self, cname: str, ctype: str, body: str, count: int, part: str, elem: int) -> None:
-        self.lines.append(f"static const {ctype} {cname}[{count}] = {{\n{body}\n}};")
-        self.sizes[part] += count * elem
+    def __init__(self, net: Network, plan: MemoryPlan, flash: FlashData) -> None:
+        self.g: Graph = net.graph
+        self.plan, self.flash = plan, flash
+        self.descriptors: list[str] = []
 
-    def dense(self, name: str) -> str:
-        cname = "lgd_" + _cname(name)
-        if name not in self.done:
-            t = self.cm.tensors[name]
-            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                raise ArchitectureError(f"C export: tensor {name!r} must be a dense float tensor")
-            self.array(cname, "float", _floats(t.float().numpy()), t.numel(), "dense", 4)
-            self.done.add(name)
-        return cname
+    def buf(self, v: int) -> str:
+        off = self.plan.offsets[v]
+        return f"lgb_arena + {off}" if off else "lgb_arena"
 
-    def weight(self, name: str) -> str:
-        """A ``lg_weight`` descriptor for tensor ``name`` (clustered or dense); returns its C name."""
-        wname = "lgw_" + _cname(name)
-        t = self.cm.tensors[name]
-        if isinstance(t, ClusteredTensor):
-            scale = getattr(t, "scale", None)  # optional per-row gains (w = blocks * scale[row])
-            book = self.cm.codebooks[t.codebook]
-            cb = f"lgd_codebook{t.codebook}"
-            if scale is None and t.dtype != torch.float32:
-                # reconstruct() rounds to the tensor's dtype; rounding the centroids once is the same
-                book = prepare_codebook(book, t.dtype, torch.float32)
-                cb += "_" + str(t.dtype).removeprefix("torch.")
-            if cb not in self.done:
-                self.array(cb, "float", _floats(book.numpy()), book.numel(), "codebook", 4)
-                self.done.add(cb)
-            width = bits_for(book.shape[0])
-            packed = pack_indices(t.indices, width).numpy()
-            pname = "lgd_" + _cname(name)
-            self.array(pname, "uint8_t", _bytes(packed), packed.size, "index", 1)
-            sname = "0"
-            if scale is not None:
-                sname = pname + "_scale"
-                self.array(sname, "float", _floats(scale.float().numpy()), scale.numel(), "scale", 4)
-            tl = t.tiling
-            br, bc = tl.block
-            self.scratch = max(self.scratch, br * tl.grid[1] * bc)
-            self.lines.append(f"static const lg_weight {wname} = {{0, {cb}, {pname}, {sname}, {tl.rows}u, {tl.cols}u, "
-                              f"{br}u, {bc}u, {tl.grid[1]}u, {width}u}};")
-        else:
-            rows, cols = t.shape[0], t.numel() // t.shape[0]
-            self.lines.append(f"static const lg_weight {wname} = {{{self.dense(name)}, 0, 0, 0, {rows}u, {cols}u, "
-                              f"1u, 1u, {cols}u, 0u}};")
-        return wname
+    def post(self, name: str, post: Post) -> str:
+        """The initialiser of an ``lg_post``, its arrays emitted to flash."""
+        mul = self.flash.floats(f"lgd_{name}_mul", post.mul) if post.mul is not None else "0"
+        add = self.flash.floats(f"lgd_{name}_add", post.add) if post.add is not None else "0"
+        lo, hi = (float_literal(post.lo), float_literal(post.hi))
+        return f"{{{mul}, {add}, {ACTIVATIONS.index(post.act)}u, {lo}, {hi}}}"
 
-
-def _forward(g: Graph, em: _Emitter) -> list[str]:
-    def buf(v: int) -> str:
-        return f"lgb_slot{g.slot_of[v]}"
-
-    body = []
-    for op in g.ops:
-        c, h, w = g.shapes[op.src[0]] if op.src else g.shapes[op.dst]
-        oc, oh, ow = g.shapes[op.dst]
-        a = op.attrs
+    def call(self, i: int, op: Op) -> list[str]:
+        g, a, name = self.g, op.attrs, f"{i}_{cname(op.name)}"
+        out = self.buf(op.output)
+        src = self.buf(op.inputs[0]) if op.inputs else ""
+        n = g.numel(op.output)
         if op.kind == "conv":
-            wn = em.weight(op.layer + ".weight")
-            bias = em.dense(op.layer + ".bias") if a["bias"] else "0"
-            body.append(f"lg_conv2d({buf(op.src[0])}, {c}u, {h}u, {w}u, {buf(op.dst)}, {oh}u, {ow}u, &{wn}, {bias}, "
-                        f"{a['k'][0]}u, {a['k'][1]}u, {a['s'][0]}u, {a['s'][1]}u, {a['p'][0]}u, {a['p'][1]}u, "
-                        f"{a['groups']}u, lgb_scratch);  /* {op.layer} */")
-        elif op.kind == "bn":
-            p = [em.dense(f"{op.layer}.{k}") for k in ("weight", "bias", "running_mean", "running_var")]
-            body.append(f"lg_batchnorm({buf(op.dst)}, {oc}u, {oh * ow}u, {', '.join(p)}, {a['eps']!r}f);  /* {op.layer} */")
-        elif op.kind == "relu":
-            body.append(f"lg_relu({buf(op.dst)}, {oc * oh * ow}u);")
-        elif op.kind == "add":
-            body.append(f"lg_add({buf(op.dst)}, {buf(op.src[1])}, {oc * oh * ow}u);")
-        elif op.kind == "shortcut_a":
-            body.append(f"lg_shortcut_a({buf(op.src[0])}, {c}u, {h}u, {w}u, {buf(op.dst)}, {a['pad']}u);")
-        elif op.kind == "maxpool":
-            body.append(f"lg_maxpool({buf(op.src[0])}, {c}u, {h}u, {w}u, {buf(op.dst)}, {oh}u, {ow}u, "
-                        f"{a['k']}u, {a['s']}u, {a['p']}u);")
-        elif op.kind == "gap":
-            body.append(f"lg_gap({buf(op.src[0])}, {c}u, {h * w}u, {buf(op.dst)});")
-        elif op.kind == "linear":
-            wn = em.weight(op.layer + ".weight")
-            bias = em.dense(op.layer + ".bias") if a["bias"] else "0"
-            body.append(f"lg_linear({buf(op.src[0])}, {buf(op.dst)}, &{wn}, {bias}, lgb_scratch);  /* {op.layer} */")
-        else:  # pragma: no cover - lower() only emits the kinds above
-            raise AssertionError(op.kind)
-    return body
+            (c, h, w), (o, oh, ow) = chw(g.shapes[op.inputs[0]]), chw(g.shapes[op.output])
+            fields = [c, h, w, o, oh, ow, *a["kernel"], *a["stride"], *a["dilation"], *a["pad"], a["groups"]]
+            self.descriptors.append(f"static const lg_conv_params lgp_{name} = {{{', '.join(f'{v}u' for v in fields)}, "
+                                    f"{self.post(name, a['post'])}}};")
+            return [f"lg_conv2d({src}, {out}, &{self.flash.weight(a['weight'])}, &lgp_{name}, lgb_scratch);"]
+        if op.kind == "linear":
+            w = self.flash.weight(a["weight"])
+            rows = n // g.shapes[op.output][-1]
+            self.descriptors.append(f"static const lg_post lgp_{name} = {self.post(name, a['post'])};")
+            return [f"lg_linear({src}, {out}, &{w}, {rows}u, &lgp_{name}, lgb_scratch);"]
+        if op.kind in ("pointwise", "scalar", "binary"):
+            self.descriptors.append(f"static const lg_post lgp_{name} = {self.post(name, a['post'])};")
+            channels = g.shapes[op.output][1] if len(g.shapes[op.output]) > 1 else 1
+            if op.kind == "pointwise":
+                return [f"lg_pointwise({src}, {out}, {channels}u, {n // channels}u, &lgp_{name});"]
+            if op.kind == "scalar":
+                code = _SCALAR_OPS.index(a["op"])
+                return [f"lg_scalar({src}, {out}, {n}u, {code}u, {float_literal(a['value'])}, &lgp_{name});"]
+            full = [int(g.numel(v) == n) for v in op.inputs]
+            return [f"lg_binary({src}, {self.buf(op.inputs[1])}, {out}, {channels}u, {n // channels}u, {full[0]}u, "
+                    f"{full[1]}u, {_BINARY_OPS.index(a['op'])}u, &lgp_{name});"]
+        if op.kind in ("maxpool", "avgpool"):
+            (c, h, w), (_, oh, ow) = chw(g.shapes[op.inputs[0]]), chw(g.shapes[op.output])
+            dil = a.get("dilation", (1, 1))
+            fields = [c, h, w, oh, ow, *a["kernel"], *a["stride"], *a["pad"], *dil, int(a.get("count_include_pad", 0)),
+                      a.get("divisor", 0)]
+            values = ", ".join(f"{v}u" for v in fields)
+            self.descriptors.append(f"static const lg_pool_params lgp_{name} = {{{values}}};")
+            return [f"lg_{op.kind}({src}, {out}, &lgp_{name});"]
+        if op.kind == "mean":
+            c, h, w = chw(g.shapes[op.inputs[0]])
+            return [f"lg_mean({src}, {out}, {c}u, {h * w}u);"]
+        if op.kind == "pad":
+            (c, h, w), (oc, oh, ow) = chw(g.shapes[op.inputs[0]]), chw(g.shapes[op.output])
+            starts = [p[0] for p in a["pads"]]
+            return [f"lg_pad({src}, {out}, {c}u, {h}u, {w}u, {oc}u, {oh}u, {ow}u, {starts[0]}u, {starts[1]}u, "
+                    f"{starts[2]}u, {float_literal(a['value'])});"]
+        if op.kind == "slice":
+            (_, h, w), (oc, oh, ow) = chw(g.shapes[op.inputs[0]]), chw(g.shapes[op.output])
+            return [f"lg_slice({src}, {out}, {h}u, {w}u, {oc}u, {oh}u, {ow}u, "
+                    + ", ".join(f"{v}u" for v in (*a["start"], *a["step"])) + ");"]
+        if op.kind == "concat":
+            shape, d = g.shapes[op.output], a["dim"]
+            outer, stride, lines, at = math.prod(shape[:d]), math.prod(shape[d:]), [], 0
+            for v in op.inputs:
+                chunk = math.prod(g.shapes[v][d:])
+                lines.append(f"lg_copy({self.buf(v)}, {out} + {at}, {outer}u, {chunk}u, {stride}u);")
+                at += chunk
+            return lines
+        if op.kind == "alias":
+            return []
+        raise AssertionError(op.kind)  # lowering emits only the kinds above
 
 
-def generate(cm: CompressedModel, arch: str) -> tuple[dict[str, str], ExportInfo]:
-    """The three files' text and their :class:`ExportInfo`, for zoo architecture ``arch``."""
-    from legonet.nn.convert import check_fits
-    from legonet.zoo import build, get_arch
+def _input_lines(net: Network, plan: MemoryPlan) -> list[str]:
+    c, h, w = net.input_shape
+    dst = f"(lgb_arena + {plan.offsets[0]})" if plan.offsets[0] else "lgb_arena"
+    return [f"for (c = 0; c < {c}u; c++)",
+            f"    for (i = 0; i < {h * w}u; i++)",
+            f"        {dst}[c * {h * w}u + i] = ((float)image[i * {c}u + c] / 255.0f - lgd_mean[c]) / lgd_std[c];"]
 
-    spec = get_arch(arch)
-    with torch.device("meta"):
-        model = build(arch)
-    check_fits(model, cm)
-    g = lower(model, spec.input_size)
-    em = _Emitter(cm)
-    body = _forward(g, em)
-    cin, hin, win = spec.input_size
-    if len(spec.mean) != cin or len(spec.std) != cin:
-        raise ArchitectureError(f"C export: {arch} normalisation has {len(spec.mean)} channels, input has {cin}")
-    em.array("lgd_mean", "float", _floats(np.array(spec.mean)), cin, "dense", 4)
-    em.array("lgd_std", "float", _floats(np.array(spec.std)), cin, "dense", 4)
-    slots = [f"static float lgb_slot{i}[{n}];" for i, n in enumerate(g.slot_floats)]
-    classes = g.shapes[g.output][0]
-    act, scratch = 4 * sum(g.slot_floats), 4 * em.scratch
-    info = ExportInfo(flash_bytes=sum(em.sizes.values()), codebook_bytes=em.sizes["codebook"],
-                      index_bytes=em.sizes["index"], dense_bytes=em.sizes["dense"], ram_bytes=act + scratch,
-                      activation_bytes=act, scratch_bytes=scratch, io_bytes=cin * hin * win + 4 * classes,
-                      files=("model.h", "model.c", "main.c"), scale_bytes=em.sizes["scale"])
-    header = f"""/* Generated by legonet export-c from a .lego file: {arch}, {len(cm.codebooks)} codebook(s). */
+
+def generate(cm: CompressedModel, arch_or_module: str | nn.Module, input_shape=None, *, mean=None, std=None
+             ) -> tuple[dict[str, str], ExportInfo]:
+    """The files' text and their :class:`ExportInfo` (see :func:`export_c` for the arguments)."""
+    net = lower_network(cm, arch_or_module, input_shape, mean, std)
+    plan = plan_memory(net.graph)
+    flash = FlashData(cm)
+    writer = _Writer(net, plan, flash)
+    body: list[str] = []
+    for i, op in enumerate(net.graph.ops):
+        if op.kind == "input":
+            body += _input_lines(net, plan)
+            continue
+        lines = writer.call(i, op)
+        if lines:
+            lines[0] += f"  /* {op.name} */"
+        body += lines
+    flash.floats("lgd_mean", net.mean)
+    flash.floats("lgd_std", net.std)
+    c, h, w = net.input_shape
+    outputs = net.graph.numel(net.graph.output)
+    scratch = max(1, flash.scratch_floats)
+    arena = max(1, plan.arena_floats)
+    sections = {s for op in net.graph.ops for s in _SECTIONS.get(op.kind, (op.kind,))} - {"input", "alias"}
+    files = {"model.h": _header(net, outputs, sum(flash.sizes.values()), 4 * (arena + scratch), 4 * arena),
+             "model.c": "\n".join([
+                 f"/* Generated by legonet export-c from a .lego file: {net.label}. Portable C99, no malloc. */",
+                 "#include <stdint.h>", "#include <string.h>", "#include <math.h>", '#include "model.h"', "",
+                 _kernels(sections), "/* ---- weights and constants (const: flash) ---- */", *flash.lines, "",
+                 "/* ---- per-layer settings (const: flash) ---- */", *writer.descriptors, "",
+                 "/* ---- RAM: the activation arena and four decoded weight rows ---- */",
+                 f"static float lgb_arena[{arena}];", f"static float lgb_scratch[{scratch}];", "",
+                 "void legonet_infer(const uint8_t *image, float *logits)", "{", "    uint32_t c, i;",
+                 *("    " + line for line in body),
+                 f"    memcpy(logits, {writer.buf(net.graph.output)}, sizeof(float) * {outputs}u);", "}", ""]),
+             "main.c": (resources.files("legonet.export.c") / "templates" / "main.c").read_text()}
+    sizes = flash.sizes
+    info = ExportInfo(flash_bytes=sum(sizes.values()), codebook_bytes=sizes["codebook"], index_bytes=sizes["index"],
+                      dense_bytes=sizes["dense"], scale_bytes=sizes["gain"], ram_bytes=4 * (arena + scratch),
+                      activation_bytes=4 * arena, scratch_bytes=4 * scratch, io_bytes=c * h * w + 4 * outputs,
+                      activation_sum_bytes=4 * plan.activation_floats, files=(),
+                      ops=sum(op.kind not in ("input", "alias") for op in net.graph.ops))
+    files.update(firmware_files(info))
+    return files, replace(info, files=tuple(files))
+
+
+def _header(net: Network, outputs: int, flash: int, ram: int, arena: int) -> str:
+    c, h, w = net.input_shape
+    return f"""/* Generated by legonet export-c from a .lego file: {net.label}. */
 #ifndef LEGONET_MODEL_H
 #define LEGONET_MODEL_H
 #include <stdint.h>
 
-#define LEGONET_IN_C {cin}
-#define LEGONET_IN_H {hin}
-#define LEGONET_IN_W {win}
-#define LEGONET_NUM_CLASSES {classes}
-/* Bytes of the const data arrays (flash) and of the static buffers (RAM) in model.c. */
-#define LEGONET_FLASH_DATA_BYTES {info.flash_bytes}u
-#define LEGONET_RAM_BYTES {info.ram_bytes}u
+#define LEGONET_IN_C {c}
+#define LEGONET_IN_H {h}
+#define LEGONET_IN_W {w}
+#define LEGONET_NUM_CLASSES {outputs}
+/* Bytes of the const data arrays (flash), of all static buffers (RAM) and of the activation arena. */
+#define LEGONET_FLASH_DATA_BYTES {flash}u
+#define LEGONET_RAM_BYTES {ram}u
+#define LEGONET_ARENA_BYTES {arena}u
 
-/* image: LEGONET_IN_H x LEGONET_IN_W x LEGONET_IN_C uint8 RGB (HWC); logits: LEGONET_NUM_CLASSES floats. */
+/* image: LEGONET_IN_H x LEGONET_IN_W x LEGONET_IN_C uint8 (HWC), normalised as the network expects;
+ * logits: LEGONET_NUM_CLASSES floats (the network's output, flattened). */
 void legonet_infer(const uint8_t *image, float *logits);
 
 #endif
 """
-    kinds = {op.kind for op in g.ops}
-    inp = f"lgb_slot{g.slot_of[0]}"
-    source = "\n".join([
-        f"/* Generated by legonet export-c: {arch}. Portable C99, no malloc. */",
-        "#include <stdint.h>", "#include <string.h>", "#include <math.h>", '#include "model.h"', "",
-        _kernels(kinds), "/* ---- weights (const: flash) ---- */", *em.lines, "",
-        "/* ---- buffers (RAM): activation slots and one block-row decode scratch ---- */", *slots,
-        f"static float lgb_scratch[{em.scratch}];", "",
-        "void legonet_infer(const uint8_t *image, float *logits)", "{",
-        "    uint32_t c, i;",
-        f"    for (c = 0; c < {cin}u; c++)",
-        f"        for (i = 0; i < {hin * win}u; i++)",
-        f"            {inp}[c * {hin * win}u + i] = ((float)image[i * {cin}u + c] / 255.0f - lgd_mean[c]) / lgd_std[c];",
-        *("    " + line for line in body),
-        f"    memcpy(logits, lgb_slot{g.slot_of[g.output]}, sizeof(float) * {classes}u);",
-        "}", ""])
-    main_c = (resources.files("legonet.export.c") / "templates" / "main.c").read_text()
-    return {"model.h": header, "model.c": source, "main.c": main_c}, info
 
 
-def export_c(cm: CompressedModel, arch: str, out_dir: str | os.PathLike) -> ExportInfo:
-    """Write model.h, model.c and main.c for ``cm`` on zoo architecture ``arch`` into ``out_dir``
-    (created if needed; each file written atomically). Returns the sizes."""
-    files, info = generate(cm, arch)
+def export_c(cm: CompressedModel, arch_or_module: str | nn.Module, out_dir: str | os.PathLike, input_shape=None, *,
+             mean=None, std=None) -> ExportInfo:
+    """Write the C export of ``cm`` into ``out_dir`` (created if needed; each file written atomically).
+
+    Args:
+        cm: a compressed model (e.g. ``legonet.format.load(path)``), every kind legonet writes.
+        arch_or_module: a zoo architecture name (or ``"module:callable"``) or an ``nn.Module``
+            whose state dict ``cm`` fits; any CNN ``torch.fx`` can trace, within the supported ops.
+        input_shape: ``(C, H, W)``; defaults to the zoo entry's, required for a module.
+        mean, std: per-channel normalisation of the uint8 image, ``(x/255 - mean) / std``;
+            default: the zoo entry's, the module's ``legonet_mean``/``legonet_std``, else 0 and 1.
+    Returns:
+        The sizes (:class:`ExportInfo`): flash data, arena and scratch RAM.
+    Raises:
+        ArchitectureError: naming the first fx node the runtime cannot run, or tensors that do not fit.
+    """
+    files, info = generate(cm, arch_or_module, input_shape, mean=mean, std=std)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise LegoError(f"cannot create output folder {out}: {exc.strerror}") from None
+        raise OutputError(f"cannot create output folder {out}: {exc.strerror}") from None
     for name, text in files.items():
         with atomic_path(out / name) as tmp:
             tmp.write_text(text)
