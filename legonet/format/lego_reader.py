@@ -371,6 +371,9 @@ def _read_clustered(entry, name, dtype, shape, crc, codebooks, blob, off, source
     nbytes = crc[2] if coded else packed
     if coded and nbytes >= packed:  # the writer bit-packs a stream that coding does not make smaller
         raise _fail(source, f"tensor {name!r} has an entropy-coded stream longer than its packed indices")
+    if coded and tiling.num_blocks > rans.MAX_SYMBOLS_PER_BYTE * nbytes:  # before decoding allocates
+        raise _fail(source, f"tensor {name!r} declares {tiling.num_blocks:,} blocks for an entropy-coded stream "
+                            f"of {nbytes:,} bytes (more than {rans.MAX_SYMBOLS_PER_BYTE} per byte)")
     if nbytes > len(blob) - off:
         raise _fail(source, f"index data too short for tensor {name!r} (truncated or corrupt)")
     chunk = blob[off : off + nbytes]

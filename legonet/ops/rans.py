@@ -19,6 +19,11 @@ order, and for each: ``slot = x & (M - 1)``, ``s`` the symbol whose cumulative r
 ``x = f[s] * (x >> PRECISION) + slot - cum[s]``, then while ``x < 2**23``, ``x = (x << 8) | next byte``.
 A valid stream is consumed exactly and leaves every lane's state at ``2**23`` (the encoder's initial
 state): a check on top of the file's CRC.
+
+A stream holds at most :data:`MAX_SYMBOLS_PER_BYTE` symbols per byte of its own length: a symbol
+that takes every slot costs no bits, so without this bound a few bytes could make a reader allocate
+for any number of symbols. The writer bit-packs a stream that would code denser (only a tensor whose
+blocks nearly all share one centroid comes near it).
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ PRECISION = 14  # frequencies sum to 2**14
 _M = 1 << PRECISION
 _L = 1 << 23  # lower bound of a normalised state; states live in [2**23, 2**31)
 MAX_SYMBOLS = 4096  # at most this many distinct symbols are entropy-coded (each needs a frequency >= 1)
+# at most this many symbols per byte of a coded stream (0.002 bit per symbol): bounds what a reader
+# allocates by the bytes it was given
+MAX_SYMBOLS_PER_BYTE = 4096
 _LANE_SYMBOLS = 4096  # symbols per lane before another lane is added (4 bytes of state each) ...
 _MAX_LANES = 256  # ... up to this many: they let numpy decode a lane-step at a time
 
@@ -199,4 +207,6 @@ def index_stream(indices: np.ndarray, k: int, entropy_coding: bool) -> tuple[byt
     if int((counts > 0).sum()) > MAX_SYMBOLS:
         return fixed, False
     coded = encode(idx, frequency_codes(counts))
-    return (coded, True) if len(coded) < len(fixed) else (fixed, False)
+    if len(coded) < len(fixed) and idx.size <= MAX_SYMBOLS_PER_BYTE * len(coded):
+        return coded, True
+    return fixed, False

@@ -617,3 +617,25 @@ def test_source_dtype_lies_are_rejected(value, message):
     meta["source_dtypes"] = value
     with pytest.raises(FormatError, match=message):
         deserialize(join(md, meta, blobs), source="m.lego")
+
+
+def test_a_coded_stream_cannot_declare_more_blocks_than_its_bytes_allow():
+    # A symbol holding every slot costs no bits: without a bound, a file of a few KB could declare
+    # a 2**40-block tensor whose "stream" decodes, and the reader would allocate terabytes.
+    md, meta, blobs = split(tiny_model_bytes(entropy=True))
+    entry = _coded_entry(meta)
+    entry[2] = [1 << 20, 1 << 20]
+    with pytest.raises(FormatError, match="more than 4096 per byte"):
+        deserialize(join(md, meta, blobs), verify=False)
+
+
+def test_the_writer_bit_packs_streams_denser_than_the_reader_accepts(monkeypatch):
+    from legonet.ops import rans
+
+    idx = torch.zeros(300_000, dtype=torch.long)  # nearly one centroid: a few hundred bytes coded
+    idx[0] = 1
+    stream, coded = rans.index_stream(idx.numpy(), 4, True)
+    assert coded and 300_000 <= rans.MAX_SYMBOLS_PER_BYTE * len(stream)
+    monkeypatch.setattr(rans, "MAX_SYMBOLS_PER_BYTE", 300_000 // len(stream) - 1)
+    stream, coded = rans.index_stream(idx.numpy(), 4, True)
+    assert not coded and len(stream) == 300_000 * 2 // 8
