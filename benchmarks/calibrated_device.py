@@ -27,15 +27,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from legonet.cli_target import compress_to_ratio_from_options, parse_device  # noqa: E402
-from legonet.config import LegoConfig  # noqa: E402
+import legonet  # noqa: E402
+from legonet.artifact import load_weights  # noqa: E402
+from legonet.cli.compress import parse_device  # noqa: E402
+from legonet.data import load_images, to_input  # noqa: E402
 from legonet.io.checkpoints import read_state_dict  # noqa: E402
 from legonet.report import build_report  # noqa: E402
+from legonet.zoo import build, get_arch  # noqa: E402
 
 DEFAULT_CALIB = ROOT.parent / "shared" / "data" / "cifar10-calib.npz"
-# the CLI's refinement options, none given: RefineConfig's defaults
-DEFAULT_REFINEMENT = {"epochs": None, "feature_weight": None, "feature_fallback": None, "average": None,
-                      "precision": None}
 
 
 def main() -> None:
@@ -51,17 +51,14 @@ def main() -> None:
     device = parse_device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"calibrated_{args.arch}_{args.ratio:g}x_{device.type}"
-    timeline: list[tuple[float, str]] = []
     t0 = time.perf_counter()
-
-    def progress(msg: str) -> None:
-        timeline.append((round(time.perf_counter() - t0, 1), msg))
-        print(f"{timeline[-1][0]:7.1f} s  {msg}", flush=True)
-
     sd = read_state_dict(args.weights)
-    cm = compress_to_ratio_from_options(sd, LegoConfig(), args.ratio, args.arch, args.calib, args.calib_images, 0,
-                                        DEFAULT_REFINEMENT, {}, device, progress)
+    spec, model = get_arch(args.arch), build(args.arch)
+    load_weights(model, {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, str(args.weights))
+    x = to_input(load_images(args.calib, labels=False).subset(args.calib_images, 0).x, spec.mean, spec.std)
+    cm = legonet.compress(model.eval(), target_ratio=args.ratio, calib=x, device=device)
     seconds = time.perf_counter() - t0
+    timeline = [(name, round(s, 1)) for name, s in cm.log.steps]
     nbytes = cm.save(args.out / f"{stem}.lego")
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "arch": args.arch,
            "target_ratio": args.ratio, "device": str(device),

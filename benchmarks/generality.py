@@ -42,10 +42,11 @@ from benchmarks.generality_models import MODELS
 from benchmarks.peers import PEER_METHODS, coreml_available
 from legonet.artifact import load_weights
 from legonet.calibrate.pipeline import calibrated_compress
-from legonet.compress import compress
+from legonet import compress
 from legonet.config import LegoConfig
 from legonet.data import ImageSet, load_images, to_input
 from legonet.datafree.pipeline import datafree_compress
+from legonet.runlog import RunLog
 from legonet.evaluate import top1, wilson_interval
 from legonet.report import fp32_bytes
 from legonet.zoo import RESNET50_CIFAR_NORM, ArchSpec
@@ -127,10 +128,11 @@ def measure(name: str, sd: dict[str, torch.Tensor], held: ImageSet, calib: torch
     rows.append(legonet_row("paper (model-wide 4x4, K=32)", compress(sd, LegoConfig(block=4, clusters=32)),
                             time.time() - t0))
     for ratio in RATIOS:
-        notes: list[str] = []
+        log = RunLog()
         t0 = time.time()
-        cm, _ = datafree_compress(MODELS[name](), ratio, sd, on_correction=lambda r: notes.append(r.describe()))
-        rows.append(legonet_row("legonet data-free", cm, time.time() - t0, target=ratio, bias_correction=notes[0]))
+        cm, _ = datafree_compress(MODELS[name](), ratio, sd, log=log)
+        correction = next(n for n in log.notes if n.startswith("data-free bias correction"))
+        rows.append(legonet_row("legonet data-free", cm, time.time() - t0, target=ratio, bias_correction=correction))
     for ratio in RATIOS:
         model = MODELS[name]()
         load_weights(model, sd)

@@ -1,4 +1,4 @@
-"""Time legonet's k-means at the large K of the reproduction sweeps (issue 3's bottleneck).
+"""Time legonet's k-means at the large K of the reproduction sweeps (the bottleneck of the reproduction sweeps).
 
     python benchmarks/large_k.py --ks 1024 2048
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from legonet.compress import select_tensors
+from legonet.clustering import select_tensors
 from legonet.config import LegoConfig
 from legonet.io.checkpoints import read_state_dict
 from legonet.ops.kmeans import kmeans

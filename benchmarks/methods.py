@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from legonet.compress import compress
-from legonet.config import KMeansConfig, LegoConfig
+from legonet import compress
+from legonet.config import KMeansConfig, LegoConfig, TargetConfig
 from legonet.data import ImageSet
 from legonet.report import build_report
 from legonet.zoo import ArchSpec
@@ -57,10 +57,10 @@ def _output(cm) -> MethodOutput:
 def legonet_target(sd: dict[str, torch.Tensor], arch: ArchSpec, calib: ImageSet | None,  # noqa: ARG001
                    *, ratio: float, **setting: Any) -> MethodOutput:
     """Target-ratio mode, data-free, as the CLI with --arch: BatchNorm statistics folded, per-tensor
-    block/K chosen to meet ``ratio`` (file bytes), then data-free bias correction."""
-    from legonet.datafree.pipeline import datafree_compress
-
-    cm, _plan = datafree_compress(arch.build(), ratio, sd, config=legonet_config(setting) if setting else None)
+    block/K chosen to meet ``ratio`` (file bytes), then data-free bias correction. ``setting``:
+    TargetConfig keys."""
+    model = _model(arch, sd)
+    cm = compress(model, TargetConfig.from_dict(setting), target_ratio=ratio)
     return _output(cm)
 
 
@@ -68,17 +68,21 @@ def legonet_target_calibrated(sd: dict[str, torch.Tensor], arch: ArchSpec, calib
                               *, ratio: float, images: int = 1024, **setting: Any) -> MethodOutput:
     """Target-ratio mode with calibration: activation-aware clustering, BatchNorm re-estimation and
     codebook refinement by distillation (the CLI's defaults with ``--calib``)."""
-    from legonet.artifact import load_weights
-    from legonet.calibrate.pipeline import calibrated_compress_to_ratio
     from legonet.data import to_input
 
     if calib is None:
         raise ValueError("legonet-target-calib needs calibration images")
+    x = to_input(calib.subset(images, 0).x, arch.mean, arch.std)
+    cm = compress(_model(arch, sd), TargetConfig.from_dict(setting), target_ratio=ratio, calib=x)
+    return _output(cm)
+
+
+def _model(arch: ArchSpec, sd: dict[str, torch.Tensor]) -> torch.nn.Module:
+    from legonet.artifact import load_weights
+
     model = arch.build()
     load_weights(model, {k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
-    x = to_input(calib.subset(images, 0).x, arch.mean, arch.std)
-    cm, _plan = calibrated_compress_to_ratio(model, ratio, x, config=legonet_config(setting) if setting else None)
-    return _output(cm)
+    return model.eval()
 
 
 LEGONET_METHODS = {

@@ -1,7 +1,7 @@
 """Re-measure the paper's claims and the peers in one command.
 
     python -m benchmarks.reproduce                  # the paper's claims + peers, results in benchmarks/results/
-    python -m benchmarks.reproduce --experiments target     # + legonet's target mode (issue 4), resumable
+    python -m benchmarks.reproduce --experiments target     # + legonet's target mode, resumable
     python -m benchmarks.reproduce --quick          # smoke run on the bundled ResNet-20 (~minutes)
     python -m benchmarks.reproduce --models resnet20,resnet56 --experiments headline,fig4
     python -m benchmarks.reproduce --fresh --out /tmp/run   # from an empty cache (timing a cold run)
@@ -37,8 +37,8 @@ from benchmarks.summary import render
 from legonet.errors import LegoError
 
 EXPERIMENTS = ("headline", "fig4", "fig3", "arrangement", "peers", "target")
-# what the default command runs: the paper's claims and the peers (issue 3). ``target`` (legonet's
-# target-ratio mode, issue 4: calibrated points cost minutes each, ~13 min on ResNet-50) is opt-in;
+# what the default command runs: the paper's claims and the peers. ``target`` (legonet's
+# target-ratio mode: calibrated points cost minutes each, ~13 min on ResNet-50) is opt-in;
 # benchmarks/target_mode.py measures it on the whole test set.
 DEFAULT_EXPERIMENTS = EXPERIMENTS[:-1]
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -81,7 +81,7 @@ def plan(model: str, quick: bool, args: argparse.Namespace) -> dict[str, Any]:
     """What to run for one model: subset sizes and grids (the --quick plan is a small smoke run).
 
     The full plan aims at 90 minutes on 2 otherwise idle cores for the three models together (not
-    yet demonstrated: docs/repro.md has the measured stage times): sweeps on a seeded test subset,
+    yet demonstrated: docs/reproduce.md has the measured stage times): sweeps on a seeded test subset,
     only the headline on every test image; every method of one model on the same subset.
     """
     spec = MODELS[model]
@@ -96,12 +96,12 @@ def plan(model: str, quick: bool, args: argparse.Namespace) -> dict[str, Any]:
          # (5.9 M vectors) one 8-bit setting ran over 10 minutes and was stopped, so none there.
          "vector_bits": args.vector_bits if args.vector_bits is not None else (() if model == "resnet50" else (1, 2, 3, 4, 6, 8)),
          "seeds": (0, 1, 2), "calib_images": 512, "defer_headline": False,
-         # beyond the paper (issue 4): target-ratio mode; the calibrated one distils for minutes per point
+         # beyond the paper: target-ratio mode; the calibrated one distils for minutes per point
          "target": [("legonet-target", {"ratio": 8.0}), ("legonet-target", {"ratio": 16.0}),
                     ("legonet-target-calib", {"ratio": 8.0}), ("legonet-target-calib", {"ratio": 16.0})]}
     if model == "resnet50":
         # 87x ResNet-20's blocks: one arrangement seed, fewer calibration images for its data-driven pick,
-        # and the calibrated target mode (~12 min a point) only at the ratios of issue 4's targets.
+        # and the calibrated target mode (~12 min a point) only at the ratios of its published targets.
         # Its three whole-test-set evaluations (~5 min each on an idle machine) run after every sweep.
         p.update(seeds=(0,), calib_images=256, defer_headline=True,
                  target=[("legonet-target", {"ratio": 16.0}),

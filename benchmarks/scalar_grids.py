@@ -1,4 +1,4 @@
-"""Why legonet's data-free mode trails int4 on ResNet-56: scalar 4-bit grids compared (issue 4).
+"""Why legonet's data-free mode trails int4 on ResNet-56: scalar 4-bit grids compared.
 
     python benchmarks/scalar_grids.py --arch resnet56 --weights ../shared/models/resnet56_cifar10.safetensors
 

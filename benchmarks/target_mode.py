@@ -1,4 +1,4 @@
-"""Accuracy of legonet's target-ratio mode (issue #4): data-free, calibrated, calibrated + refinement.
+"""Accuracy of legonet's target-ratio mode: data-free, calibrated, calibrated + refinement.
 
     python benchmarks/target_mode.py --arch resnet50_cifar \
         --weights ../shared/models/resnet50_cifar10.safetensors.index.json \
@@ -36,11 +36,12 @@ from pathlib import Path
 import torch
 
 from legonet.artifact import load_weights
-from legonet.calibrate.distill import FEATURE_GATES
-from legonet.calibrate.layer_fit import LayerFitConfig
+from legonet.config import FEATURE_GATES
+from legonet.config import LayerFitConfig
 from legonet.calibrate.pipeline import calibrated_compress
-from legonet.calibrate.refine import RefineConfig
-from legonet.config import FEATURE_FALLBACKS, NORM_STATISTICS, PRECISIONS
+from legonet.config import RefineConfig
+from legonet.config import FEATURE_FALLBACKS, NORM_STATISTICS, PRECISIONS, TargetConfig
+from legonet.runlog import RunLog
 from legonet.data import load_images, to_input
 from legonet.datafree.pipeline import datafree_compress
 from legonet.evaluate import top1, wilson_interval
@@ -141,7 +142,7 @@ def main() -> None:
         refined = fitted = None
         grouped = 0
         if mode == "data-free":  # as the CLI with --arch and no --calib: BatchNorm folding, bias correction
-            cm, plan = datafree_compress(build(args.arch), ratio, sd)
+            cm, plan = datafree_compress(build(args.arch), ratio, sd, log=RunLog())
         else:
             model = build(args.arch)
             load_weights(model, f32)
@@ -155,9 +156,9 @@ def main() -> None:
             options = {"layer_fit": None} if args.no_layer_fit else {}
             if args.no_reassign and not args.no_layer_fit:
                 options = {"layer_fit": LayerFitConfig(reassign=False)}
-            cm, plan, steps = calibrated_compress(model, ratio, x, refine=refine,
-                                                  norm_statistics=args.norm_statistics,
-                                                  group_channels=not args.no_group_channels, **options)
+            config = TargetConfig(refine=refine, norm_statistics=args.norm_statistics,
+                                  group_channels=not args.no_group_channels, **options)
+            cm, plan, steps = calibrated_compress(model, ratio, x, config=config)
             refined, fitted, grouped = steps.refine, steps.layer_fit, steps.grouped_channels
         seconds = time.time() - t0
         rep = cm.report()

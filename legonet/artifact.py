@@ -18,6 +18,7 @@ from legonet.config import LegoConfig
 from legonet.errors import ArchitectureError
 from legonet.ops.quant import dequantize
 from legonet.ops.tiling import Tiling, make_tiling
+from legonet.runlog import RunLog
 
 # A fill may hold at most MAX_FILL elements, MAX_FILL_TOTAL in one file: the reader allocates them
 # from a few bytes of metadata, so their size must be bounded (BatchNorm statistics need far less).
@@ -114,6 +115,8 @@ class CompressedModel:
     tensors: dict[str, ClusteredTensor | torch.Tensor] = field(default_factory=dict)
     codebook_scales: dict[int, float] = field(default_factory=dict)
     source_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+    # what the run that made it did (not stored in the file): see legonet.runlog
+    log: RunLog | None = field(default=None, repr=False, compare=False)
 
     # -- views -----------------------------------------------------------------------------------
     @property

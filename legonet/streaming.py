@@ -24,7 +24,7 @@ import torch
 
 from legonet.artifact import ClusteredTensor, CompressedModel
 from legonet.compact import compact_by_sqnr
-from legonet.compress import (
+from legonet.clustering import (
     _fit_codebook,
     check_finite,
     clustered_tensor,

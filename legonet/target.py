@@ -24,30 +24,31 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import torch
 
 from legonet.artifact import CompressedModel, fills
 from legonet.compact import store_compact
-from legonet.compress import (
+from legonet.clustering import (
     Group,
     as_state_dict,
     check_finite,
     compress_groups,
     select_tensors,
 )
-from legonet.config import SCALE_STATS, LegoConfig
+from legonet.config import SCALE_STATS, TargetConfig
 from legonet.errors import ConfigError
 from legonet.ops import rans
 from legonet.ops.bitpack import bits_for, packed_nbytes
-from legonet.ops.kmeans import assign, kmeans
+from legonet.ops.lloyd import nearest, quick_kmeans
 from legonet.ops.output_lsq import gain_fitted_errors
 from legonet.ops.quant import choose_row_scales, normalized_blocks
 from legonet.ops.scalar_codes import COMPACT_MIN_DISTORTION
 from legonet.ops.tiling import make_tiling, tile
 from legonet.report import fp32_bytes
+from legonet.runlog import RunLog
 
 # (block, K) settings offered to every tensor: from 1/32 to 8 bits per weight. The scalar 1x1
 # entries cover 2 to 8 bits per weight with a tiny codebook: vector entries at the same rate (2x2
@@ -67,7 +68,7 @@ DEFAULT_MENU: tuple[tuple[tuple[int, int], int], ...] = (
 # kernel). Aligned blocks keep each kernel's spatial pattern in one vector, where square blocks cut
 # kernels apart: on ResNet-50's 3x3 convolutions, at equal bits per weight they reach 10-40 % lower
 # output error (e.g. ``layer2.1.conv2``: 1x9 K=8 at 0.34 bit, relative error 0.20, against 4x4
-# K=64 at 0.49 bit, 0.23; see docs/issue4.md, session 12). For 3x3 kernels: 0.22 to 0.89 bits per weight.
+# K=64 at 0.49 bit, 0.23; see docs/design-notes.md). For 3x3 kernels: 0.22 to 0.89 bits per weight.
 KERNEL_MENU: tuple[tuple[tuple[int, int], int], ...] = (
     ((1, 1), 8), ((1, 1), 16), ((1, 1), 32), ((1, 1), 64), ((1, 1), 256),
     ((2, 1), 16), ((2, 1), 64), ((2, 1), 256),
@@ -108,7 +109,9 @@ def _entry_bytes(shape: tuple[int, ...], block: tuple[int, int], k: int, compact
     count = make_tiling(shape, block).num_blocks
     stream = packed_nbytes(count, bits_for(k))
     if labels is not None and labels.numel():
-        stream = min(stream, estimated_stream_nbytes(labels, k, count))
+        coded = estimated_stream_nbytes(labels, k, count)
+        if count <= rans.MAX_SYMBOLS_PER_BYTE * coded:  # the writer's rule: denser streams are bit-packed
+            stream = min(stream, coded)
     return stream + side_nbytes(shape, block, k, compact)
 
 
@@ -174,17 +177,17 @@ def evaluate_menu(
         if k > n // 2:
             continue
         fit = torch.randperm(n, generator=g)[:sample] if n > sample else torch.arange(n)
-        # a quick estimate: random seeding and few iterations rank the settings well enough
-        res = kmeans(blocks[fit], k, seed=seed, init="random", max_iters=12, tol=1e-3, max_fit_points=None,
-                     weights=None if bw is None else bw[fit])
+        # a quick estimate: random seeding and few plain Lloyd iterations rank the settings well enough
+        centroids = quick_kmeans(blocks[fit], k, weights=None if bw is None else bw[fit], iters=12, tol=1e-3,
+                                 generator=g)
         if covariance is not None:
-            out.append(_output_choice(weight, blocks, bw, res.centroids, block, k, stat, covariance, sample, g,
+            out.append(_output_choice(weight, blocks, bw, centroids, block, k, stat, covariance, sample, g,
                                       entropy_coding))
             continue
         test = torch.randperm(n, generator=g)[:sample] if n > sample else torch.arange(n)
         xt = blocks[test]
         wt = torch.ones_like(xt) if bw is None else bw[test]
-        labels, d = assign(xt, res.centroids, None if bw is None else wt)
+        labels, d = nearest(xt, centroids, None if bw is None else wt)
         signal = float((wt * xt * xt).sum())
         out.append(_choice(tuple(weight.shape), block, k, float(d.sum()) / max(signal, 1e-30), stat,
                            labels if entropy_coding else None))
@@ -198,7 +201,7 @@ def _output_choice(weight, blocks, bw, centroids, block, k, stat, cov, sample, g
     # about ``sample`` blocks, but whole rows and at least _OUTPUT_ROWS of them: a mean over a few rows is noisy
     picked = torch.randperm(gr, generator=g)[: min(gr, max(sample // gc, -(-_OUTPUT_ROWS // br)))]
     test = (picked[:, None] * gc + torch.arange(gc)).reshape(-1)
-    labels, _ = assign(blocks[test], centroids, None if bw is None else bw[test])
+    labels, _ = nearest(blocks[test], centroids, None if bw is None else bw[test])
     q = centroids[labels].reshape(-1, gc, br, bc).permute(0, 2, 1, 3).reshape(-1, gc * bc)[:, : til.cols]
     rows = (picked[:, None] * br + torch.arange(br)).reshape(-1)
     real = rows < til.rows
@@ -313,12 +316,12 @@ def compress_to_ratio(
     model_or_state_dict,
     target_ratio: float,
     *,
-    config: LegoConfig | None = None,
+    config: TargetConfig | None = None,
     element_weights: Mapping[str, torch.Tensor] | None = None,
     covariances: Mapping[str, torch.Tensor] | None = None,
     menu=DEFAULT_MENU,
     kernel_menu=KERNEL_MENU,
-    progress: Callable[[str], None] | None = None,
+    log: RunLog | None = None,
     reserve: int = 0,
     sensitivity: Mapping[str, float] | None = None,
     tables_out: dict[str, list[Choice]] | None = None,
@@ -328,11 +331,12 @@ def compress_to_ratio(
     Args:
         model_or_state_dict: module or state dict.
         target_ratio: required whole-file ratio (> 1).
-        config: base settings (include/exclude, seed, k-means); scope, scales, codebook and kept
-            dtypes are set by this mode (one float16 codebook per tensor, row gains with the
+        config: which tensors (include/exclude), seed and k-means settings
+            (:meth:`TargetConfig.clustering`: one float16 codebook per tensor, row gains with the
             unshrink correction, float16 kept tensors, compact storage: the codebook and gains of
             every tensor whose choice says ``compact`` in 8 bits, entropy-coded index streams, planned
             at their estimated size); each tensor's gain statistic comes with its choice.
+        log: where the steps report progress and their time (``"estimating settings"``, ``"clustering"``).
         element_weights: optional ``{name: (1 or rows, cols)}`` importance weights (calibration).
         covariances: optional ``{name: (cols, cols)}`` input second-moment matrices (calibration):
             those tensors' menu entries are ranked by relative output error (see :func:`evaluate_menu`).
@@ -342,17 +346,15 @@ def compress_to_ratio(
         reserve: bytes to leave free below the target (for metadata that a later step may lengthen).
         sensitivity: optional ``{name: s}``: each tensor's distortion is multiplied by ``s`` in the
             allocation (a caller's per-layer sensitivity measure); default: every tensor counts
-            equally (a Fisher-based measure was tried and dropped, see docs/issue4.md).
+            equally (a Fisher-based measure was tried and dropped, see docs/design-notes.md).
         tables_out: optional dict, filled with every tensor's evaluated menu entries.
     Returns:
         The compressed model and the chosen setting per clustered tensor.
     """
     if not (isinstance(target_ratio, (int, float)) and target_ratio > 1):
         raise ConfigError(f"target ratio must be a number > 1, got {target_ratio!r}")
-    say = progress or (lambda _m: None)
-    base = config or LegoConfig()
-    cfg = replace(base, scope="layer", scales="row", unshrink=True, codebook_dtype="float16", kept_dtype="float16",
-                  compact_storage=True, entropy_coding=True)
+    log = log or RunLog()
+    cfg = (config or TargetConfig()).clustering()
     sd = as_state_dict(model_or_state_dict)
     check_finite(sd, cfg.allow_nonfinite)
     names = select_tensors(sd, cfg)
@@ -363,13 +365,14 @@ def compress_to_ratio(
     check_reachable(sd, names, target_ratio, menu=menu, kernel_menu=kernel_menu, reserve=reserve)
     target_bytes = int(fp32 / target_ratio) - reserve
     tables = {}
-    for i, n in enumerate(names):
-        say(f"estimating settings {i + 1}/{len(names)}: {n}")
-        entries = menu_for(sd[n].shape, menu, kernel_menu)
-        tables[n] = evaluate_menu(sd[n], entries, element_weights=element_weights.get(n),
-                                  covariance=(covariances or {}).get(n), seed=cfg.seed + i, entropy_coding=True)
-        if not tables[n]:
-            raise ConfigError(f"tensor {n!r} {tuple(sd[n].shape)} is too small for any menu setting; exclude it")
+    with log.step("estimating settings"):
+        for i, n in enumerate(names):
+            entries = menu_for(sd[n].shape, menu, kernel_menu)
+            tables[n] = evaluate_menu(sd[n], entries, element_weights=element_weights.get(n),
+                                      covariance=(covariances or {}).get(n), seed=cfg.seed + i, entropy_coding=True)
+            if not tables[n]:
+                raise ConfigError(f"tensor {n!r} {tuple(sd[n].shape)} is too small for any menu setting; exclude it")
+            log.advance(i + 1, len(names))
     if tables_out is not None:
         tables_out.update(tables)
     if sensitivity is not None:
@@ -401,7 +404,8 @@ def compress_to_ratio(
         picked = allocate(space, target_bytes - fixed - overhead)
         plan = {n: tables[n][space[n].index(picked[n])] for n in names}
         groups = [Group((n,), plan[n].block, plan[n].clusters, plan[n].scale_stat) for n in names]
-        cm = compress_groups(sd, cfg, groups, element_weights=element_weights, progress=say)
+        with log.step("clustering"):
+            cm = compress_groups(sd, cfg, groups, element_weights=element_weights, progress=log.report)
         store_compact(cm, [n for n in names if plan[n].compact])
         size = len(cm.to_bytes())
         if size <= target_bytes:

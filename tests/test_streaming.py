@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from legonet.cli import main
-from legonet.compress import compress
+from legonet import compress
 from legonet.config import LegoConfig
 from legonet.errors import CheckpointError
 from legonet.io.checkpoints import read_state_dict
@@ -134,7 +134,7 @@ _MEASURE = textwrap.dedent("""
     import json, sys, torch
     from legonet.config import LegoConfig
     from legonet.streaming import compress_sharded
-    from legonet.compress import compress
+    from legonet import compress
     from legonet.io.checkpoints import read_state_dict
 
     def status(key):
@@ -182,7 +182,7 @@ def test_streaming_memory_stays_near_one_tensor_on_a_model_larger_than_a_shard(t
 
 @pytest.mark.parametrize("shape,block", [((30, 7), (4, 4)), ((64, 3, 3, 3), (2, 8)), ((9, 100), (4, 1))])
 def test_block_slabs_concatenate_to_the_tiling_and_slab_sqnr_matches_the_whole_tensor(shape, block):
-    from legonet.compress import clustered_tensor, sqnr_db
+    from legonet.clustering import clustered_tensor, sqnr_db
     from legonet.ops.tiling import make_tiling, tile, untile
     from legonet.streaming import block_slabs
 

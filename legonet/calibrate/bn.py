@@ -8,7 +8,7 @@ Replacing the stored statistics outright also replaces what they were measured o
 statistics come from its training batches (augmented, in train mode), and the rest of the network
 was trained against them. Measured on the original ResNet-50 of the benchmark, statistics
 re-estimated on 1,024 calibration images cost 0.6 point of top-1 with no compression at all (see
-docs/issue4.md, session 13). :func:`reestimate_batchnorm` with ``reference=`` (the original model)
+docs/design-notes.md). :func:`reestimate_batchnorm` with ``reference=`` (the original model)
 therefore measures both models on the same images and moves the stored statistics only by the
 change compression made.
 """
@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from legonet.calibrate.data import Batch, batch_length, run_model
 from legonet.errors import ConfigError
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -31,7 +32,7 @@ def _norms(model: nn.Module) -> dict[str, _BN]:
 
 
 @torch.no_grad()
-def _measure(model: nn.Module, batches: Iterable[torch.Tensor],
+def _measure(model: nn.Module, batches: Iterable[Batch],
              on_batch: Callable[[int], None] | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Reset the running statistics of ``model``'s BatchNorm layers and recompute them on ``batches``
     (train-mode forward passes, cumulative average); ``{name: (mean, var)}``. Left in eval mode."""
@@ -45,9 +46,9 @@ def _measure(model: nn.Module, batches: Iterable[torch.Tensor],
         m.train()
     try:
         for x in batches:
-            model(x)
+            run_model(model, x)
             if on_batch:
-                on_batch(x.shape[0])
+                on_batch(batch_length(x))
     finally:
         for m in bns.values():
             m.momentum = saved[m]
@@ -56,15 +57,16 @@ def _measure(model: nn.Module, batches: Iterable[torch.Tensor],
 
 
 @torch.no_grad()
-def reestimate_batchnorm(model: nn.Module, batches: Callable[[], Iterable[torch.Tensor]] | Iterable[torch.Tensor],
+def reestimate_batchnorm(model: nn.Module, batches: Callable[[], Iterable[Batch]] | Iterable[Batch],
                          on_batch: Callable[[int], None] | None = None, *,
                          reference: nn.Module | None = None) -> int:
     """Recompute the running statistics of every BatchNorm layer of ``model`` on calibration batches.
 
     Args:
         model: the (compressed) network, modified in place; left in eval mode.
-        batches: input batches ``(B, C, H, W)``, already normalised; with ``reference``, a callable
-            returning a fresh iterable (the batches are passed through both models).
+        batches: calibration batches (tensors, tuples of arguments or dicts of keyword arguments, see
+            :mod:`legonet.calibrate.data`); with ``reference``, a callable returning a fresh iterable
+            (the batches are passed through both models).
         reference: the original network, whose BatchNorm layers (same names) hold the statistics to
             start from. Per channel, the compressed layer's input on the calibration images is taken
             as an affine map ``a * y + c`` of the original's (``a = sqrt(var_c / var_o)``,

@@ -12,9 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LOSSES = ("kl", "mse")
-FEATURE_GATES = ("explained", "none")
-
 
 def relative_error(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """``|s - t|^2 / |t|^2`` over the whole batch (a scalar tensor)."""
@@ -41,11 +38,14 @@ def feature_term(student: torch.Tensor, teacher: torch.Tensor, weight: float, ga
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
-    """``"kl"``: KL divergence of the teacher's softmax from the student's (temperature 1, mean over
-    the batch); ``"mse"``: mean squared error of the logits. Both ``(N, classes)``."""
+    """``"kl"``: KL divergence of the teacher's softmax over the last axis from the student's
+    (temperature 1, mean over every other position: images, or the tokens of a batch of sequences);
+    ``"mse"``: mean squared error. Both ``(..., classes)``."""
     if kind == "mse":
         return F.mse_loss(student, teacher)
-    return F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
+    classes = student.shape[-1]
+    return F.kl_div(F.log_softmax(student.reshape(-1, classes), -1), F.log_softmax(teacher.reshape(-1, classes), -1),
+                    log_target=True, reduction="batchmean")
 
 
 # teacher outputs (and features) are cached for the whole run only up to this many elements (256 MiB of float32)

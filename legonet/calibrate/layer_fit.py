@@ -11,7 +11,8 @@ their old indices, codebook and gains unless their summed output error went down
 
 ResNet-50 at 64x (1/2 bit per weight, the calibrated defaults): the mean relative output error of
 its 54 tensors goes from 0.37 to 0.11 in about two minutes (to 0.18 in one minute keeping the indices
-k-means chose; both with damp 0.01, the default since is 0.3: 0.38 -> 0.12 under that H; docs/issue4.md, with held-out checks of single layers). Tensors
+k-means chose; both with damp 0.01, the default since is 0.3: 0.38 -> 0.12 under that H;
+docs/design-notes.md, with held-out checks of single layers). Tensors
 without an input covariance (grouped convolutions, layers other than Conv2d/Linear) keep what
 clustering gave them; refinement still tunes them.
 """
@@ -26,51 +27,12 @@ import torch
 
 from legonet.artifact import CompressedModel
 from legonet.compact import recode_compact
-from legonet.compress import sqnr_db, stored_codebook
+from legonet.clustering import sqnr_db, stored_codebook
+from legonet.config import LayerFitConfig
 from legonet.errors import ConfigError
 from legonet.ops.error_feedback import assign_with_error_feedback
 from legonet.ops.output_lsq import Member, fit_codebook, optimal_gains, output_error, row_weights
 from legonet.ops.quant import storable_gains
-
-
-@dataclass(frozen=True)
-class LayerFitConfig:
-    """Settings of the layer-output fit.
-
-    Attributes:
-        rounds: alternations of (index assignment, codebook fit, gain fit).
-        reassign: choose the block indices again at the start of every round, with error feedback
-            under ``H`` (:mod:`legonet.ops.error_feedback`), instead of keeping those clustering chose.
-        cg_iters: conjugate-gradient steps per codebook fit.
-        damp: ``H + damp * mean(diag H) * I``: a ridge toward the plain weight error. GPTQ damps
-            by 0.01 only so that ``H`` can be inverted; here the ridge also hedges against what the
-            fit cannot see: ``H`` is measured on the original network's inputs, and the compressed
-            network feeds each layer other inputs, with energy in directions the original's barely
-            take. ResNet-50 at 64x, no refinement, KL to the original on 1,024 held-out calibration
-            images: damp 0.01 / 0.1 / 0.3 / 1.0 -> 0.53 / 0.36 / 0.27 / 0.27 (more samples per
-            ``H`` did not help: the estimate is not what is wrong; docs/issue4.md, session 9).
-        rows_per_batch: input positions per calibration batch entering each ``H``.
-        output_allocation: rank target mode's menu entries by relative output error under ``H``
-            (:func:`legonet.target.evaluate_menu`) instead of the moment-weighted weight error.
-    """
-
-    rounds: int = 2
-    reassign: bool = True
-    cg_iters: int = 20
-    damp: float = 0.3
-    rows_per_batch: int = 512
-    output_allocation: bool = True
-
-    def __post_init__(self) -> None:
-        for key in ("rounds", "cg_iters", "rows_per_batch"):
-            v = getattr(self, key)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"layer fit {key} must be a positive integer, got {v!r}")
-        for key in ("output_allocation", "reassign"):
-            if not isinstance(getattr(self, key), bool):
-                raise ConfigError(f"layer fit {key} must be a bool, got {getattr(self, key)!r}")
-        if not isinstance(self.damp, (int, float)) or not 0 <= self.damp <= 1:
-            raise ConfigError(f"layer fit damp must be in [0, 1], got {self.damp!r}")
 
 
 @dataclass(frozen=True)
@@ -107,7 +69,7 @@ def fit_layer_outputs(
     covariances: Mapping[str, torch.Tensor],
     config: LayerFitConfig | None = None,
     *,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> LayerFitResult:
     """Fit ``cm``'s codebooks and row gains (in place) to the outputs of the original weights.
 
@@ -116,11 +78,11 @@ def fit_layer_outputs(
         original: ``{name: tensor}`` the original weights of the clustered tensors.
         covariances: ``{name: (cols, cols)}`` input second moments
             (:func:`legonet.calibrate.stats.input_covariances`).
+        progress: optional ``progress(done, total)`` callback, once per codebook.
     Returns:
         A :class:`LayerFitResult`.
     """
     cfg = config or LayerFitConfig()
-    say = progress or (lambda _m: None)
     t0 = time.perf_counter()
     clustered = cm.clustered
     by_codebook: dict[int, list[str]] = {}
@@ -130,9 +92,10 @@ def fit_layer_outputs(
     changed: list[str] = []
     before = after = rows = 0.0
     for n_done, (cb_id, names) in enumerate(by_codebook.items()):
+        if progress is not None:
+            progress(n_done, len(by_codebook))
         if not all(n in covariances for n in names):
             continue
-        say(f"fitting codebooks to layer outputs {n_done + 1}/{len(by_codebook)}: {', '.join(names[:2])}")
         members = {}
         for n in names:
             ct = clustered[n]

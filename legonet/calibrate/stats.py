@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from legonet.calibrate.data import Batch, run_model
 from legonet.errors import ConfigError
 
 
@@ -30,14 +31,14 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _run(model: nn.Module, batches: Iterable[torch.Tensor], hooks: list) -> None:
+def _run(model: nn.Module, batches: Iterable[Batch], hooks: list) -> None:
     """Run ``model`` in eval mode over ``batches`` and remove ``hooks`` afterwards, whatever happens."""
     was_training = model.training
     model.eval()
     try:
         seen = 0
         for x in batches:
-            model(x)
+            run_model(model, x)
             seen += 1
         if not seen:
             raise ConfigError("no calibration batch was given")
@@ -48,7 +49,7 @@ def _run(model: nn.Module, batches: Iterable[torch.Tensor], hooks: list) -> None
 
 
 @torch.no_grad()
-def input_second_moments(model: nn.Module, batches: Iterable[torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+def input_second_moments(model: nn.Module, batches: Iterable[Batch], names: list[str]) -> dict[str, torch.Tensor]:
     """Per-column input second moments of the Conv2d/Linear weights ``names`` of ``model``.
 
     For a weight viewed as ``(rows, cols)`` (see :mod:`legonet.ops.tiling`), column ``j`` multiplies
@@ -63,7 +64,7 @@ def input_second_moments(model: nn.Module, batches: Iterable[torch.Tensor], name
 
 
 @torch.no_grad()
-def input_statistics(model: nn.Module, batches: Iterable[torch.Tensor], names: list[str], *,
+def input_statistics(model: nn.Module, batches: Iterable[Batch], names: list[str], *,
                      covariance_rows: int | None = None, seed: int = 0,
                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Input second moments (:func:`input_second_moments`) and, with ``covariance_rows``, input
@@ -99,22 +100,26 @@ def input_statistics(model: nn.Module, batches: Iterable[torch.Tensor], names: l
     if not hooks:
         return {}, {}
     _run(model, batches, hooks)
-    out = {}
-    for name, s in sums.items():
-        mod = _module_of(model, name)
-        m = s / counts[name]
-        if isinstance(mod, nn.Conv2d):
-            kk = mod.kernel_size[0] * mod.kernel_size[1]
-            g = mod.groups
-            per = mod.in_channels // g
-            # (groups, in/groups) channel moments -> (rows, cols): rows of group i see channels of group i
-            cols = m.reshape(g, per).repeat_interleave(kk, dim=1)  # (g, per*kk), column = (channel, ky, kx)
-            w = cols.repeat_interleave(mod.out_channels // g, dim=0) if g > 1 else cols
-        else:
-            w = m[None, :]
-        w = w + 1e-8 * float(w.mean())  # never exactly zero: every weight still counts a little
-        out[name] = (w / w.mean()).float()
+    out = {name: column_weights(_module_of(model, name), s / counts[name]) for name, s in sums.items()}
     return out, ({} if cov is None else cov.result())
+
+
+def column_weights(mod: nn.Module, channel_moments: torch.Tensor) -> torch.Tensor:
+    """Per-column weights of a Conv2d/Linear weight's 2-D view from its inputs' per-channel second
+    moments ``(in_channels,)``: ``(1, cols)``, or ``(rows, cols)`` for a grouped convolution (each
+    group's rows see their own channels); normalised to mean 1, never exactly zero."""
+    m = channel_moments.float()
+    if isinstance(mod, nn.Conv2d):
+        kk = mod.kernel_size[0] * mod.kernel_size[1]
+        g = mod.groups
+        per = mod.in_channels // g
+        # (groups, in/groups) channel moments -> (rows, cols): rows of group i see channels of group i
+        cols = m.reshape(g, per).repeat_interleave(kk, dim=1)  # (g, per*kk), column = (channel, ky, kx)
+        w = cols.repeat_interleave(mod.out_channels // g, dim=0) if g > 1 else cols
+    else:
+        w = m[None, :]
+    w = w + 1e-8 * float(w.mean())  # never exactly zero: every weight still counts a little
+    return (w / w.mean()).float()
 
 
 def _input_rows(mod: nn.Module, x: torch.Tensor, gen: torch.Generator | None = None,
@@ -180,7 +185,7 @@ class _CovarianceSums:
 
 
 @torch.no_grad()
-def input_covariances(model: nn.Module, batches: Iterable[torch.Tensor], names: list[str], *,
+def input_covariances(model: nn.Module, batches: Iterable[Batch], names: list[str], *,
                       rows_per_batch: int = 512, seed: int = 0) -> dict[str, torch.Tensor]:
     """Input second-moment matrices ``H = E[x x^T]`` of the Linear/ungrouped Conv2d weights ``names``.
 

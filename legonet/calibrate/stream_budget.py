@@ -26,7 +26,7 @@ import torch
 
 from legonet.artifact import CompressedModel
 from legonet.compact import store_compact
-from legonet.compress import Group, compress_groups
+from legonet.clustering import Group, compress_groups
 from legonet.ops.rans import index_stream
 from legonet.target import Choice, allocate, side_nbytes
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from legonet.errors import ArchitectureError
+from legonet.graph import trace
 
 _RELU = (F.relu, torch.relu, torch.relu_)
 _ADD = (operator.add, torch.add, operator.iadd)
@@ -47,9 +48,12 @@ class Moments:
 class CorrectionReport:
     corrected: tuple[str, ...]  # weight names whose shift was cancelled
     uncorrected: tuple[str, ...]  # weight names left as they are (input mean unknown or no place to put it)
+    reason: str = ""  # why nothing could be corrected (the model could not be traced), else ""
 
     def describe(self) -> str:
         """One line for the user: how many layers were corrected, and which were not."""
+        if self.reason:
+            return f"data-free bias correction: skipped all {len(self.uncorrected)} clustered layers: {self.reason}"
         line = (f"data-free bias correction: corrected {len(self.corrected)} of "
                 f"{len(self.corrected) + len(self.uncorrected)} clustered layers")
         if self.uncorrected:
@@ -167,8 +171,8 @@ def input_moments(model: nn.Module) -> dict[str, Moments]:
 
 def _trace(model: nn.Module) -> fx.GraphModule:
     try:
-        return fx.symbolic_trace(model)
-    except Exception as exc:  # fx raises many types for untraceable code
+        return trace(model)
+    except ArchitectureError as exc:
         raise ArchitectureError(f"data-free bias correction needs a traceable model: {exc}") from None
 
 
@@ -353,7 +357,10 @@ def correct_compressed(cm, model: nn.Module, original: dict[str, torch.Tensor]) 
     Only dense (kept) tensors change: BatchNorm ``running_mean`` or layer biases; the file size stays.
     """
     dense = cm.to_state_dict()
-    new, rep = correct_bias(model, original, dense)
+    try:
+        new, rep = correct_bias(model, original, dense)
+    except ArchitectureError as exc:  # untraceable: the file is still valid, only uncorrected; say so
+        return CorrectionReport((), tuple(cm.clustered), str(exc))
     for name, t in new.items():
         if t is not dense[name]:
             cm.tensors[name] = t.to(cm.tensors[name].dtype).clone()

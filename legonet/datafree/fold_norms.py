@@ -24,11 +24,12 @@ from __future__ import annotations
 from collections.abc import Mapping, MutableMapping
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from legonet.artifact import ClusteredTensor
 from legonet.compact import recode_compact
 from legonet.errors import ConfigError
+from legonet.graph import PassNote, graph_or_note
 
 _PARTS = ("weight", "bias", "running_mean", "running_var")
 
@@ -82,14 +83,16 @@ def fold_batchnorm_statistics(tensors: MutableMapping[str, object], eps: Mapping
 _FEEDERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # weight rows = output channels
 
 
-def norms_after_layers(model: nn.Module) -> dict[str, str]:
+def norms_after_layers(model: nn.Module, notes: list[PassNote] | None = None) -> dict[str, str]:
     """``{BatchNorm prefix: layer prefix}`` for every affine BatchNorm whose input is the output of a
-    Conv/Linear layer that feeds nothing else, with one output channel per BatchNorm channel (the
-    pairs :func:`fold_norm_scales_into_gains` can fold). Empty when ``torch.fx`` cannot trace the model:
-    nothing is folded then, and the BatchNorm scales stay stored as they are."""
-    try:
-        gm = fx.symbolic_trace(model)
-    except Exception:  # fx raises many types for untraceable code; the fold is only a saving
+    Conv/Linear layer (subclasses included) that feeds nothing else, with one output channel per
+    BatchNorm channel (the pairs :func:`fold_norm_scales_into_gains` can fold). Empty when
+    ``torch.fx`` cannot trace the model: nothing is folded then, the BatchNorm scales stay stored as
+    they are, and a :class:`~legonet.graph.PassNote` saying why is appended to ``notes``."""
+    gm, note = graph_or_note(model, "BatchNorm scale folding")
+    if gm is None:
+        if notes is not None:
+            notes.append(note)
         return {}
     mods = dict(gm.named_modules())
     out = {}
@@ -161,10 +164,11 @@ def restore_scales(cm, tensors: Mapping[str, torch.Tensor], pairs: Mapping[str, 
         cm.tensors[key] = tensors[key].to(cm.tensors[key].dtype).clone()
 
 
-def scale_pairs(model: nn.Module, clustered: list[str]) -> dict[str, str]:
+def scale_pairs(model: nn.Module, clustered: list[str], notes: list[PassNote] | None = None) -> dict[str, str]:
     """:func:`norms_after_layers` restricted to layers whose weight is among ``clustered``."""
     chosen = set(clustered)
-    return {bn: layer for bn, layer in norms_after_layers(model).items() if state_key(layer, "weight") in chosen}
+    return {bn: layer for bn, layer in norms_after_layers(model, notes).items()
+            if state_key(layer, "weight") in chosen}
 
 
 def fold_planned_scales(cm, pairs: Mapping[str, str]) -> list[str]:

@@ -11,10 +11,11 @@ residual addition, a concatenation, a reshape or two layers is left as it is.
 :func:`group_alike_channels` orders each such dimension with :func:`legonet.ops.grouping.alike_row_order`
 by the producer's weight rows, so that its blocks of 2 or 4 rows hold rows alike up to sign and
 scale (what the per-row gains absorb). Block clustering then represents them with less error: on
-ResNet-50's bottlenecks at the 64x file's settings, 7-20 % lower k-means distortion (docs/issue4.md,
-session 17). The consumer's input channels move along; they are not part of the criterion (the
-measurement above used the rows alone). Found with ``torch.fx``;
-a model fx cannot trace is left unchanged.
+ResNet-50's bottlenecks at the 64x file's settings, 7-20 % lower k-means distortion
+(docs/design-notes.md). The consumer's input channels move along; they are not part of the
+criterion (the measurement above used the rows alone). Found with ``torch.fx``
+(:mod:`legonet.graph`: subclasses of the layers count as the layers); a model fx cannot trace is
+left unchanged, and the reason is returned as a note.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from legonet.graph import PassNote, graph_or_note
 from legonet.ops.grouping import alike_row_order
 
 # parameter-free modules that act on each channel alone (on (N, C, ...) and (..., C) alike)
@@ -58,15 +60,18 @@ def _only_input(node: fx.Node, source: fx.Node) -> bool:
     return bool(node.args) and node.args[0] is source and not others
 
 
-def free_channel_chains(model: nn.Module) -> list[ChannelChain]:
+def free_channel_chains(model: nn.Module, notes: list[PassNote] | None = None) -> list[ChannelChain]:
     """Every channel dimension of ``model`` that can be permuted without changing its function.
 
-    Empty when ``torch.fx`` cannot trace the model. A module called more than once is never part
-    of a chain (its channels would have to be permuted for every call site alike).
+    Empty when ``torch.fx`` cannot trace the model (a :class:`~legonet.graph.PassNote` saying why is
+    appended to ``notes``). A module called more than once is never part of a chain (its channels
+    would have to be permuted for every call site alike). Subclasses of Conv2d/Linear/BatchNorm
+    count as the layers they derive from.
     """
-    try:
-        gm = fx.symbolic_trace(model)
-    except Exception:  # fx raises many types for untraceable code; the permutation is only a gain
+    gm, note = graph_or_note(model, "channel grouping")
+    if gm is None:
+        if notes is not None:
+            notes.append(note)
         return []
     mods = dict(gm.named_modules())
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
@@ -125,14 +130,14 @@ def permute_chain(model: nn.Module, chain: ChannelChain, order: torch.Tensor) ->
     consumer.weight.copy_(consumer.weight[:, order.to(consumer.weight.device)])
 
 
-def group_alike_channels(model: nn.Module) -> list[ChannelChain]:
+def group_alike_channels(model: nn.Module, notes: list[PassNote] | None = None) -> list[ChannelChain]:
     """Permute every free channel dimension of ``model`` in place so that aligned groups of 2 and 4
     channels are alike (see the module docstring); the function of ``model`` does not change.
 
     Returns:
-        The chains permuted.
+        The chains permuted (``notes`` receives why none could be looked for, if so).
     """
-    chains = free_channel_chains(model)
+    chains = free_channel_chains(model, notes)
     for chain in chains:
         rows = dict(model.named_modules())[chain.producer].weight.detach().reshape(chain.channels, -1).cpu()
         permute_chain(model, chain, alike_row_order(rows, group=4))

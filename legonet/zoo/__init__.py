@@ -4,7 +4,8 @@
 architecture; such a callable takes no arguments and returns an ``nn.Module``. Its input
 normalisation and size are read from attributes of the *callable* (not of its module):
 ``legonet_mean`` and ``legonet_std`` (per channel, on [0, 1] pixels; default mean 0, std 1) and
-``legonet_input_size`` (``(channels, height, width)``, default ``(3, 32, 32)``).
+``legonet_input_size`` (``(channels, height, width)``; without it images are taken at the size they
+come in, and exports assume ``(3, 32, 32)``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ class ArchSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     input_size: tuple[int, int, int] = (3, 32, 32)
+    # whether images are resized to ``input_size`` (False: an imported architecture that does not
+    # say its size takes images as they come)
+    fixed_size: bool = True
 
 
 ZOO: dict[str, ArchSpec] = {
@@ -64,6 +68,7 @@ def get_arch(name: str) -> ArchSpec:
         try:
             mean = tuple(float(v) for v in getattr(fn, "legonet_mean", (0.0, 0.0, 0.0)))
             std = tuple(float(v) for v in getattr(fn, "legonet_std", (1.0, 1.0, 1.0)))
+            fixed = hasattr(fn, "legonet_input_size")
             size = tuple(int(v) for v in getattr(fn, "legonet_input_size", (3, 32, 32)))
         except (TypeError, ValueError):
             raise ArchitectureError(f"architecture {name!r}: legonet_mean, legonet_std and legonet_input_size "
@@ -71,7 +76,7 @@ def get_arch(name: str) -> ArchSpec:
         if len(mean) != len(std) or len(size) != 3 or min(std, default=1.0) <= 0:
             raise ArchitectureError(f"architecture {name!r}: legonet_mean and legonet_std need one value per "
                                     "channel (std > 0) and legonet_input_size is (channels, height, width)")
-        return ArchSpec(name, fn, mean, std, size)
+        return ArchSpec(name, fn, mean, std, size, fixed)
     raise ArchitectureError(f"unknown architecture {name!r}; built in: {', '.join(ZOO)}, or give "
                             "module:callable or path/to/file.py:callable")
 

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from legonet.calibrate.bn import reestimate_batchnorm
-from legonet.calibrate.pipeline import calibrated_compress, calibrated_compress_to_ratio
-from legonet.calibrate.refine import RefineConfig
+from legonet.calibrate.pipeline import calibrated_compress
 from legonet.calibrate.stats import input_second_moments
+from legonet.config import RefineConfig, TargetConfig
 from legonet.errors import ConfigError
 from tests.marks import needs_cuda
 from tests.nets import conv_bn_net
@@ -54,11 +54,12 @@ def test_calibrated_pipeline_runs_and_updates_bn(tmp_path):
     calib = torch.randn(32, 3, 8, 8)
     before = m[4].running_mean.clone()
     menu = (((4, 4), 16), ((2, 2), 16), ((1, 2), 64))
-    kept, _ = calibrated_compress_to_ratio(copy.deepcopy(m), 8.0, calib, menu=menu, fold_norms=False, refine=None)
+    kept, _, _ = calibrated_compress(copy.deepcopy(m), 8.0, calib, menu=menu,
+                                     config=TargetConfig(fold_norms=False, refine=None))
     assert not torch.equal(kept.tensors["4.running_mean"].float(), before)
     # folded (the default): the re-estimated statistics live in the bias and, for the scale, in the
     # row gains of the convolution before
-    cm, plan = calibrated_compress_to_ratio(m, 8.0, calib, menu=menu)
+    cm, plan, _ = calibrated_compress(m, 8.0, calib, menu=menu)
     assert not cm.tensors["4.running_mean"].any()
     assert torch.equal(cm.tensors["4.weight"].float(), torch.ones(32))
     assert not torch.equal(cm.tensors["4.bias"].float(), kept.tensors["4.bias"].float())
@@ -114,10 +115,9 @@ def test_relative_reestimation_rejects_a_reference_of_another_shape_and_one_pass
         reestimate_batchnorm(student, lambda: [x], reference=other)
 
 
-def test_calibrated_pipeline_rejects_an_unknown_norm_statistics_mode():
-    m = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8))
+def test_an_unknown_norm_statistics_mode_is_refused_where_it_is_written():
     with pytest.raises(ConfigError, match="norm_statistics"):
-        calibrated_compress_to_ratio(m, 4.0, torch.randn(4, 3, 8, 8), norm_statistics="fresh")
+        TargetConfig(norm_statistics="fresh")
 
 
 @needs_cuda
@@ -128,7 +128,7 @@ def test_calibrated_pipeline_with_the_model_on_the_gpu_matches_the_cpu_run(tmp_p
     runs = {}
     for device in ("cpu", "cuda"):
         m = conv_bn_net().to(device)
-        cm, _ = calibrated_compress_to_ratio(m, 6.0, calib, refine=RefineConfig(epochs=2))
+        cm, _, _ = calibrated_compress(m, 6.0, calib, config=TargetConfig(refine=RefineConfig(epochs=2)))
         assert next(m.parameters()).device.type == device  # the model stays where it was
         runs[device] = cm
     fp32 = sum(4 * t.numel() for t in conv_bn_net().state_dict().values() if t.is_floating_point())
@@ -145,7 +145,8 @@ def test_channel_grouping_reorders_the_model_and_the_file_alike():
     results = {}
     for group in (True, False):
         m = conv_bn_net()
-        cm, _, steps = calibrated_compress(m, 6.0, calib, menu=menu, refine=None, group_channels=group)
+        cm, _, steps = calibrated_compress(m, 6.0, calib, menu=menu,
+                                           config=TargetConfig(refine=None, group_channels=group))
         assert steps.grouped_channels == (1 if group else 0)  # conv 0 -> BN -> ReLU -> conv 3
         fresh = cm.load_into(conv_bn_net())
         with torch.no_grad():

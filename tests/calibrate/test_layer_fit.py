@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from legonet.calibrate.layer_fit import LayerFitConfig, fit_layer_outputs
+from legonet.calibrate.layer_fit import fit_layer_outputs
+from legonet.config import LayerFitConfig, TargetConfig
 from legonet.calibrate.pipeline import calibrated_compress
 from legonet.calibrate.stats import (
     _input_rows,
@@ -15,7 +16,6 @@ from legonet.calibrate.stats import (
     input_statistics,
 )
 from legonet.compact import RECODE_RESERVE
-from legonet.config import LegoConfig
 from legonet.errors import ConfigError
 from legonet.format import deserialize
 from legonet.ops.scalar_codes import codebook_levels, gain_levels
@@ -102,7 +102,7 @@ def _compressed(seed=0):
     model = conv_bn_net(32)
     calib = torch.randn(96, 3, 8, 8)
     names = [n for n, t in model.state_dict().items() if t.ndim >= 2]
-    cm, _ = compress_to_ratio(model, 10.0, config=LegoConfig(seed=seed), menu=MENU)
+    cm, _ = compress_to_ratio(model, 10.0, config=TargetConfig(seed=seed), menu=MENU)
     return model, calib, names, cm
 
 
@@ -193,7 +193,7 @@ def test_pipeline_fits_layers_by_default_and_brings_the_logits_closer():
 
     def logit_error(options):
         m = copy.deepcopy(model)
-        cm, _, res = calibrated_compress(m, 10.0, calib, menu=MENU, refine=None, **options)
+        cm, _, res = calibrated_compress(m, 10.0, calib, menu=MENU, config=TargetConfig(refine=None, **options))
         student = conv_bn_net(32)
         cm.load_into(student)
         with torch.no_grad():

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -5,9 +7,9 @@ from torch import nn
 
 from legonet.calibrate.distill import feature_term
 from legonet.calibrate.pipeline import calibrated_compress
-from legonet.calibrate.refine import RefineConfig, lr_factor, refine_codebooks
+from legonet.calibrate.refine import lr_factor, refine_codebooks
+from legonet.config import LegoConfig, RefineConfig, TargetConfig
 from legonet.compact import RECODE_RESERVE
-from legonet.config import LegoConfig
 from legonet.datafree.pipeline import datafree_compress
 from legonet.errors import ConfigError
 from legonet.target import compress_to_ratio
@@ -104,9 +106,10 @@ def test_norm_parameters_are_tuned_only_when_asked():
 def test_calibrated_pipeline_refines_by_default():
     model = _net()
     calib = torch.randn(64, 3, 8, 8)
-    _, _, res = calibrated_compress(model, 12.0, calib, menu=MENU, refine=RefineConfig(epochs=1, batch_size=32))
+    _, _, res = calibrated_compress(model, 12.0, calib, menu=MENU,
+                                   config=TargetConfig(refine=RefineConfig(epochs=1, batch_size=32)))
     assert res.refine is not None and res.refine.steps == 2
-    _, _, none = calibrated_compress(_net(), 12.0, calib, menu=MENU, refine=None)
+    _, _, none = calibrated_compress(_net(), 12.0, calib, menu=MENU, config=TargetConfig(refine=None))
     assert none.refine is None
 
 
@@ -143,9 +146,9 @@ def test_bfloat16_refinement_brings_the_outputs_back_as_float32_does():
 def test_refinement_needs_clustered_tensors_and_images():
     model = _net()
     cm, _ = compress_to_ratio(model, 12.0, menu=MENU)
-    with pytest.raises(ConfigError, match="no calibration images"):
+    with pytest.raises(ConfigError, match="holds no samples"):
         refine_codebooks(model, cm, torch.empty(0, 3, 8, 8))
-    from legonet.compress import compress
+    from legonet import compress
 
     kept = compress(model, LegoConfig(include=("0.weight",), block=1, clusters=4))
     kept.tensors["0.weight"] = model.state_dict()["0.weight"].clone()
@@ -160,7 +163,7 @@ def test_average_writes_back_the_moving_average_of_the_steps():
     start, _ = compress_to_ratio(model, 12.0, menu=MENU)
     runs = {}
     for key, epochs, decay in (("p1", 0.5, 0.0), ("p2", 1.0, 0.0), ("avg", 1.0, 0.75), ("one", 0.5, 0.75)):
-        cm, _ = compress_to_ratio(model, 12.0, menu=MENU)
+        cm = copy.deepcopy(start)
         res = refine_codebooks(model, cm, calib, RefineConfig(epochs=epochs, batch_size=16, lr=1e-2, average=decay))
         assert res.steps == round(2 * epochs)
         runs[key] = cm

@@ -3,9 +3,8 @@ import torch
 from torch import nn
 
 from legonet.calibrate.pipeline import calibrated_compress
-from legonet.calibrate.refine import RefineConfig
-from legonet.compress import compress
-from legonet.config import LegoConfig
+from legonet.config import LegoConfig, RefineConfig, TargetConfig
+from legonet import compress
 from legonet.datafree import batchnorm_eps, fold_batchnorm_statistics
 from legonet.datafree.fold_norms import (
     fold_norm_scales_into_gains,
@@ -54,7 +53,7 @@ def test_datafree_pipeline_spends_the_freed_bytes_on_weights_and_keeps_the_ratio
     model = build("resnet20")
     sd = read_state_dict(resnet20_path)
     folded, _ = datafree_compress(model, 8.0, sd)
-    plain, _ = datafree_compress(model, 8.0, sd, fold_norms=False)
+    plain, _ = datafree_compress(model, 8.0, sd, config=TargetConfig(fold_norms=False))
     for cm in (folded, plain):
         assert cm.report().ratio >= 8.0
     rep_f, rep_p = folded.report(), plain.report()
@@ -81,7 +80,8 @@ def _entries(cm):
 def test_calibrated_pipeline_folds_after_batchnorm_reestimation():
     model = _net()
     calib = torch.randn(64, 3, 8, 8)
-    cm, _, _ = calibrated_compress(model, 5.0, calib, menu=MENU, refine=RefineConfig(epochs=1, batch_size=32))
+    cm, _, _ = calibrated_compress(model, 5.0, calib, menu=MENU,
+                                  config=TargetConfig(refine=RefineConfig(epochs=1, batch_size=32)))
     assert cm.report().ratio >= 5.0
     for bn in ("1", "4"):
         assert not cm.tensors[f"{bn}.running_mean"].any()
@@ -99,7 +99,7 @@ def test_calibrated_pipeline_gives_the_outputs_of_the_unfolded_pipeline():
     outs = []
     for fold in (False, True):
         model = _net()
-        calibrated_compress(model, 4.0, calib, menu=(((2, 2), 16),), refine=None, fold_norms=fold)
+        calibrated_compress(model, 4.0, calib, menu=(((2, 2), 16),), config=TargetConfig(refine=None, fold_norms=fold))
         outs.append(model(x))
     torch.testing.assert_close(outs[1], outs[0], rtol=2e-3, atol=2e-3)
 

@@ -22,7 +22,7 @@ from legonet.compact import store_compact
 from legonet.data import load_images, to_input
 from legonet.errors import ArchitectureError, ConfigError
 from legonet.format import deserialize
-from legonet.export.cli import export_onnx_cmd
+from legonet.cli.export import export_onnx_cmd
 from legonet.export.onnx import build_onnx, export_onnx
 from legonet.export.onnx.builder import GraphBuilder
 from legonet.export.onnx.decode import byte_layout, packed_indices

@@ -38,6 +38,10 @@ def files(tmp_path):
     (tmp_path / "good.lego").write_bytes(good)
     (tmp_path / "cut.lego").write_bytes(good[:-40])
     (tmp_path / "newer.lego").write_bytes(good.replace(b'"version":"1"', b'"version":"9"', 1))
+    (tmp_path / "include.toml").write_text('[lego]\ninclude = ["nope*"]\n')
+    (tmp_path / "unshrink.toml").write_text("[lego]\nunshrink = true\n")
+    (tmp_path / "nonfinite.toml").write_text("[lego]\nallow_nonfinite = true\nclusters = 4\n")
+    (tmp_path / "layer.toml").write_text('[lego]\nscope = "layer"\n')
     return tmp_path
 
 
@@ -52,8 +56,9 @@ def files(tmp_path):
     (["compress", "{d}/good.lego", "-o", "{d}/no/x.lego", "-k", "2"], "cannot write {d}/no/x.lego"),
     (["compress", "{d}/nan.safetensors", "-o", "{d}/x.lego"], "tensor 'v' holds 1 non-finite value"),
     (["compress", "{d}/m.safetensors", "-o", "{d}/x.lego", "-k", "5000"], "K=5000 is larger than"),
-    (["compress", "{d}/m.safetensors", "-o", "{d}/x.lego", "--include", "nope*"], "include pattern 'nope\\*'"),
-    (["compress", "{d}/m.safetensors", "-o", "{d}/x.lego", "--unshrink"], "apply to row gains only"),
+    (["compress", "{d}/m.safetensors", "-o", "{d}/x.lego", "--recipe", "{d}/include.toml"], "include pattern 'nope\\*'"),
+    (["compress", "{d}/m.safetensors", "-o", "{d}/x.lego", "--recipe", "{d}/unshrink.toml"],
+     "{d}/unshrink.toml: scale_stat and unshrink apply to row gains only"),
     (["eval", "--arch", "resnet20", "--weights", "{d}/cut.lego", "--data", "{d}/x.npz"], "{d}/cut.lego: "),
 ])
 def test_failures_are_one_line(files, args, match):
@@ -88,7 +93,8 @@ def test_internal_errors_are_one_line_too(files, monkeypatch):
 
 def test_allow_nonfinite_keeps_and_reports(files):
     out = files / "kept.lego"
-    result = run("compress", str(files / "nan.safetensors"), "-o", str(out), "-k", "4", "-q", "--allow-nonfinite")
+    result = run("compress", str(files / "nan.safetensors"), "-o", str(out), "-q", "--recipe",
+                 str(files / "nonfinite.toml"))
     assert result.exit_code == 0, result.output
     assert "kept 1 tensor(s) holding NaN/Inf uncompressed: v" in result.stderr
     cm = legonet.load(out)
@@ -128,11 +134,15 @@ def test_decompress_and_demo_refuse_to_write_over_their_input(files):
     before = _digest(good)
     line = one_line_error(run("decompress", str(good), "-o", str(good)))
     assert "refusing to write" in line and _digest(good) == before
+    import os
+
     from legonet.cli import bundled
 
     weights = bundled("resnet20_cifar10.safetensors")
     before = _digest(weights)
-    assert "refusing to write" in one_line_error(run("demo", "-o", str(weights)))
+    (files / "demo").mkdir()
+    os.symlink(weights, files / "demo" / "resnet20-paper.lego")  # where the demo writes its first file
+    assert "refusing to write" in one_line_error(run("demo", "-o", str(files / "demo")))
     assert _digest(weights) == before
 
 
@@ -174,10 +184,10 @@ def test_arch_mismatch_is_found_before_any_work(files, resnet20_path):
 
 def test_errors_name_the_cli_flags_not_python_arguments(files):
     line = one_line_error(run("compress", str(files / "nan.safetensors"), "-o", str(files / "x.lego")))
-    assert "--allow-nonfinite" in line and "allow_nonfinite" not in line
+    assert "set allow_nonfinite = true in a --recipe" in line
     line = one_line_error(run("compress", str(files / "m.safetensors"), "-o", str(files / "x.lego"), "-k", "100",
-                              "--scope", "layer"))
-    assert "--scope model" in line and "scope=" not in line and "--clusters" in line
+                              "--recipe", str(files / "layer.toml")))
+    assert 'set scope = "model" in a --recipe' in line and "scope=" not in line and "--clusters" in line
 
 
 def test_paper_setting_warns_when_the_error_is_that_large(files):

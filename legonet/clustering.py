@@ -1,4 +1,9 @@
-"""The model-level entry point: ``compress(model_or_state_dict, config) -> CompressedModel``."""
+"""Block clustering of a model's tensors at given settings: which tensors, their blocks, the k-means
+fits (one codebook for the model, per tensor, or per planned group) and the compressed model.
+
+:func:`cluster_model` is the paper's method and its plain extensions (one :class:`LegoConfig` for
+every tensor); :func:`compress_groups` clusters any plan of groups (target mode makes one per tensor).
+The public entry point, which also runs target mode, is :func:`legonet.compress`."""
 
 from __future__ import annotations
 
@@ -14,7 +19,6 @@ from legonet.artifact import ClusteredTensor, CompressedModel
 from legonet.compact import compact_by_sqnr
 from legonet.config import LegoConfig
 from legonet.errors import CheckpointError, ConfigError
-from legonet.ops.kmeans import Progress as KMeansProgress
 from legonet.ops.kmeans import assign, kmeans
 from legonet.ops.quant import (
     choose_row_scales,
@@ -24,7 +28,8 @@ from legonet.ops.quant import (
 )
 from legonet.ops.tiling import make_tiling, tile
 
-Progress = Callable[[str], None]
+# ``progress(task, done, total)``, as :data:`legonet.runlog.Progress`
+Progress = Callable[[str, int, int], None]
 # Elements per slab when a tensor is processed a few block-rows at a time.
 _SLAB_ELEMENTS = 1 << 22
 
@@ -111,7 +116,7 @@ def sqnr_db(original: torch.Tensor, approx: torch.Tensor) -> float:
 
 def _fit_codebook(
     blocks: torch.Tensor, k: int, config: LegoConfig, seed: int, what: str,
-    weights: torch.Tensor | None = None, bars: KMeansProgress | None = None,
+    weights: torch.Tensor | None = None, bars: Progress | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """k-means on ``blocks (n, d)``; returns the codebook rounded to its storage dtype and indices."""
     if k > blocks.shape[0]:
@@ -185,21 +190,19 @@ def plan_groups(names: list[str], config: LegoConfig) -> list[Group]:
     return [Group((n,), config.block, config.clusters) for n in names]
 
 
-def compress(
+def cluster_model(
     model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
     config: LegoConfig | None = None,
     *,
     progress: Progress | None = None,
-    bars: KMeansProgress | None = None,
 ) -> CompressedModel:
-    """Compress a model by block weight clustering (LegoNet).
+    """Compress a model by block weight clustering (LegoNet) at one setting.
 
     Args:
         model_or_state_dict: an ``nn.Module`` or a ``{name: tensor}`` mapping.
         config: a :class:`LegoConfig` (default: 4x4 blocks, K=32, one model-wide codebook).
-        progress: optional callback receiving a short description of each stage.
-        bars: optional ``bars(task, done, total)`` callback for progress bars of the k-means
-            fitting and assignment (see :data:`legonet.ops.kmeans.Progress`).
+        progress: optional ``progress(task, done, total)`` callback: the k-means stages
+            (``"fit"``, ``"assign"``) of one model-wide codebook, or ``"clustering"`` tensor by tensor.
     Returns:
         A :class:`CompressedModel`; every input tensor is in it, clustered or kept as it was. With
         ``config.compact_storage``, tensors clustered with an SQNR of at most 12 dB have their
@@ -212,7 +215,7 @@ def compress(
     if not names:
         raise ConfigError("no tensor to cluster: none is floating-point with 2 or more dimensions "
                           "and matched by the include/exclude patterns")
-    cm = compress_groups(sd, config, plan_groups(names, config), progress=progress, bars=bars)
+    cm = compress_groups(sd, config, plan_groups(names, config), progress=progress)
     if config.compact_storage:
         compact_by_sqnr(cm)
     return cm
@@ -225,7 +228,6 @@ def compress_groups(
     *,
     element_weights: Mapping[str, torch.Tensor] | None = None,
     progress: Progress | None = None,
-    bars: KMeansProgress | None = None,
 ) -> CompressedModel:
     """Cluster each group of tensors with its own codebook; every other tensor is kept.
 
@@ -236,7 +238,6 @@ def compress_groups(
         element_weights: optional ``{name: weights}`` broadcastable to the tensor's 2-D view
             ``(rows, cols)`` (e.g. ``(1, cols)`` input second moments), for importance-weighted k-means.
     """
-    say = progress or (lambda _msg: None)
     element_weights = element_weights or {}
     scales: dict[str, torch.Tensor | None] = {}
     blocks: dict[str, torch.Tensor] = {}
@@ -258,8 +259,11 @@ def compress_groups(
             [weights[n] if weights[n] is not None else torch.ones_like(blocks[n]) for n in group.names])
         what = "the model" if config.scope == "model" and len(groups) == 1 else f"tensor {group.names[0]!r}" \
             if len(group.names) == 1 else f"codebook group {gi}"
-        say(f"k-means {gi + 1}/{len(groups)}: {data.shape[0]} blocks of {what} into K={group.clusters}")
+        # one codebook: the k-means stages are the steps to show; many: the codebooks done
+        bars = progress if len(groups) == 1 else None
         cb, lab = _fit_codebook(data, group.clusters, config, config.seed + gi, what, wdata, bars)
+        if progress is not None and len(groups) > 1:
+            progress("clustering", gi + 1, len(groups))
         codebooks.append(cb)
         start = 0
         for n in group.names:
@@ -284,7 +288,6 @@ def compress_groups(
             continue
         tensors[name] = clustered_tensor(t, codebooks[cb_of[name]], cb_of[name], labels[name].clone(),
                                          block_of[name], scales[name])
-    say("done")
     cm = CompressedModel(config=config, codebooks=codebooks, tensors=tensors)
     cm.adopt_dtypes(sd)
     return cm

@@ -1,8 +1,5 @@
-"""Validated configuration objects.
-
-Configs are frozen dataclasses. ``from_dict`` rejects unknown keys and every value is checked in
-``__post_init__``, so an impossible setting fails where it is written, not deep inside a run.
-"""
+"""The block-clustering settings: :class:`LegoConfig` (the paper's method and its plain
+extensions) and :class:`KMeansConfig`."""
 
 from __future__ import annotations
 
@@ -10,31 +7,15 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from legonet.config.base import from_dict as _from_dict
 from legonet.errors import ConfigError
 
 SCOPES = ("model", "layer")
 SCALES = ("none", "row")
 SCALE_STATS = ("rms", "absmax")
-# how the calibrated pipeline re-estimates BatchNorm statistics (legonet.calibrate.bn)
-NORM_STATISTICS = ("relative", "replace")
-# what codebook refinement's feature term does where its gate closes
-# (legonet.calibrate.refine.RefineConfig.feature_fallback; also the CLI's choice)
-FEATURE_FALLBACKS = ("cosine", "none")
-# precision of codebook refinement's passes (RefineConfig.precision; also the CLI's choice)
-PRECISIONS = ("float32", "bfloat16")
 KEPT_DTYPES = ("keep", "float16")
 INITS = ("k-means++", "random")
 CODEBOOK_DTYPES = ("float32", "float16")
-
-
-def _from_dict(cls, data: dict[str, Any], where: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"unknown {where} key(s): {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
-    return cls(**data)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Bodies of the ``legonet export-c`` and ``legonet footprint`` commands (registered in legonet.cli)."""
+"""``legonet export-c``, ``legonet export-onnx`` and ``legonet footprint``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 
 import click
+
+from legonet.cli.app import main, parse_input_size
 
 
 def _blocks(_ctx, _param, values: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
@@ -19,23 +21,14 @@ def _blocks(_ctx, _param, values: tuple[str, ...]) -> tuple[tuple[int, int], ...
     return tuple(out)
 
 
-def _input_size(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    m = re.fullmatch(r"\s*(\d+)\s*[x,]\s*(\d+)\s*[x,]\s*(\d+)\s*", value)
-    if not m:
-        raise click.BadParameter(f"expected C,H,W (e.g. 3,224,224), got {value!r}")
-    return tuple(int(g) for g in m.groups())
-
-
-@click.command(name="export-c")
+@main.command(name="export-c")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--arch", required=True,
               help="Architecture the .lego file was compressed from: zoo name (e.g. resnet20), module:callable "
                    "or path/file.py:callable (the callable returns the nn.Module).")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder to write model.h, model.c, main.c and the Cortex-M7 firmware files into.")
-@click.option("--input-size", callback=_input_size, metavar="C,H,W",
+@click.option("--input-size", callback=parse_input_size, metavar="C,H,W",
               help="Input shape without the batch (default: the architecture's; 3,32,32 for a callable).")
 def export_c_cmd(file, arch, output, input_size):
     """Write portable C99 (model.h, model.c, example main.c, Cortex-M7 firmware) running FILE.lego on a
@@ -57,7 +50,7 @@ def export_c_cmd(file, arch, output, input_size):
                f"(plus the caller's image+outputs: {info.io_bytes:,} B)")
 
 
-@click.command(name="footprint")
+@main.command(name="footprint")
 @click.option("--arch", required=True, help="Zoo architecture (e.g. vgg16, resnet20) or module:callable.")
 @click.option("--block", "blocks", multiple=True, default=("4",), callback=_blocks, show_default=True,
               help="legonet block size B or RxC (repeatable; paired with --clusters).")
@@ -98,13 +91,13 @@ def footprint_cmd(arch, blocks, clusters, scope, palette_bits, plot_path, as_jso
         click.echo(f"wrote {plot_path}")
 
 
-@click.command(name="export-onnx")
+@main.command(name="export-onnx")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--arch", required=True,
               help="Architecture the .lego file was compressed from: zoo name, module:callable or path/file.py:callable.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The .onnx file to write.")
-@click.option("--input-size", callback=_input_size, metavar="C,H,W",
+@click.option("--input-size", callback=parse_input_size, metavar="C,H,W",
               help="Input shape without the batch (default: the architecture's).")
 def export_onnx_cmd(file, arch, output, input_size):
     """Write an ONNX file of FILE.lego whose weights stay compressed (rebuilt in the graph from

@@ -1,0 +1,120 @@
+"""How many threads the compute loops should use, and a scope that sets them.
+
+PyTorch starts one thread per core and splits every large operation among them, with a barrier at
+its end. When other processes keep the cores busy, a thread that was preempted holds up the barrier
+for a whole scheduler time slice, once per operation: the k-means engine, which runs thousands of
+operations of a few hundred microseconds, then ran 10 to 200 times slower with two threads than
+with one on a busy two-core machine. Fewer threads than cores cost at most the idle cores; more threads than
+free cores can cost an order of magnitude. So the choice leans towards fewer threads:
+
+* the cores this process may run on (``os.sched_getaffinity``, else ``os.cpu_count()``),
+* less the cores other processes keep busy: the 1-minute load average minus this process's own
+  share of it,
+* rounded to the nearest whole core, and at least 1.
+
+:func:`choose_threads` is the rule as a pure function; :func:`auto_threads` feeds it what the
+operating system reports; :func:`using_threads` sets ``torch.set_num_threads`` for a block and
+restores the previous value on exit. No state is kept outside torch's own thread setting.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from legonet.errors import ConfigError
+
+# The load average is an exponential moving average of the number of runnable threads with this
+# time constant (the "1-minute" load).
+_LOAD_WINDOW_S = 60.0
+
+
+def choose_threads(cores: int, load: float, own_threads: float) -> int:
+    """Threads for a compute-bound job: the cores not kept busy by other processes.
+
+    Args:
+        cores: cores this process may run on (>= 1).
+        load: the machine's 1-minute load average (runnable threads, averaged).
+        own_threads: this process's own share of ``load`` (its threads that were running).
+    Returns:
+        ``round(cores - max(0, load - own_threads))``, clipped to ``[1, cores]``.
+    """
+    if cores < 1:
+        raise ConfigError(f"cores must be >= 1, got {cores}")
+    others = max(0.0, load - own_threads)
+    # A core counts as free when other processes use less than half of it.
+    free = math.floor(cores - others + 0.5)
+    return max(1, min(cores, free))
+
+
+def usable_cores() -> int:
+    """Cores this process may run on: its CPU affinity where the OS reports it, else every core."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def load_share(cpu_seconds: float, age_seconds: float) -> float:
+    """A process's share of the 1-minute load average, had it used its CPU time evenly over its age.
+
+    A process that started ``a`` seconds ago and used ``u = cpu / a`` cores on average adds
+    ``u * (1 - exp(-a / 60))`` to the average: a young process (a CLI call that has just imported
+    torch) counts for almost nothing, a long-running busy one for the threads it keeps running.
+    """
+    age = max(age_seconds, 1e-3)
+    return cpu_seconds / age * (1.0 - math.exp(-age / _LOAD_WINDOW_S))
+
+
+def own_load() -> float:
+    """This process's share of the 1-minute load average (:func:`load_share` of its CPU time and
+    age). Where its age is unknown (no ``/proc``), its calling thread is counted: ``1.0``."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        ticks = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 1.0
+    # fields[0] is field 3 of proc(5) (state); the start time, in clock ticks after boot, is field 22.
+    return load_share(time.process_time(), uptime - int(fields[19]) / ticks)
+
+
+def auto_threads() -> int:
+    """:func:`choose_threads` for this process, from what the operating system reports now.
+
+    Without a load average (platforms that have none), no other process is assumed to be busy.
+    """
+    cores = usable_cores()
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return cores
+    return choose_threads(cores, load, own_load())
+
+
+@contextmanager
+def using_threads(n: int | None = None) -> Iterator[int]:
+    """Run a block with ``n`` torch threads (``None``: :func:`auto_threads`), then restore the
+    previous count, also when the block raises.
+
+    ``torch.set_num_threads`` is process-wide: blocks running at the same time in several Python
+    threads see each other's setting.
+
+    Yields:
+        the number of threads in effect inside the block.
+    """
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ConfigError(f"threads must be a positive integer or None (automatic), got {n!r}")
+    chosen = auto_threads() if n is None else n
+    previous = torch.get_num_threads()
+    torch.set_num_threads(chosen)
+    try:
+        yield chosen
+    finally:
+        torch.set_num_threads(previous)
