@@ -1,25 +1,32 @@
-"""Speed benchmark of the k-means engine and of streaming compression (issue 7).
+"""Speed benchmark of the k-means engine, of its thread use on a busy machine, and of streaming.
 
 One command::
 
-    python benchmarks/speed.py [--threads N] [--params 1e9] [--resnet50 INDEX.json]
+    python benchmarks/speed.py [--threads N] [--params 1e9] [--resnet50 INDEX.json] [--skip PART ...]
 
-(a) ResNet-50 blocks (4x4; K=32 and K=256): wall time and final inertia of legonet's engine,
-    scikit-learn's KMeans and faiss-cpu's Kmeans, in one process, same blocks, same K, same cap
-    on iterations (25, faiss's default), same thread count. Every inertia is measured the same way:
-    each method's centroids, every block assigned to its nearest one (exact float64 distances).
-    Every time covers fitting the centroids and labelling every block (faiss: ``train`` on its
-    default sample, then ``index.search`` of all blocks; scikit-learn: ``fit``, whose ``labels_``
-    cover all blocks; legonet: ``kmeans``, which returns every label).
-    Also the end-to-end time of ``legonet compress`` on the sharded ResNet-50 (read, fit, assign,
-    write), in process and as the CLI command.
-(b) A synthetic sharded checkpoint of ``--params`` float16 parameters (Linear shapes of a
+(a) The k-means table, measured in one run on ResNet-50's 4x4 blocks. Each row (or group of rows
+    measured together) is a function in ``ROWS``: add a function there to add a row.
+    * engines at K=32 and K=256: legonet (default settings, and at faiss's operating point:
+      256 blocks per centroid, no full-data pass but the final assignment), scikit-learn's KMeans
+      and faiss-cpu's Kmeans (its default, and trained on more blocks, which is what it takes to
+      approach legonet's inertia), ``--threads`` threads each (1 for the published figures), same
+      blocks, same cap of 25 Lloyd iterations. Every time covers the centroids AND the label of
+      every block (faiss: ``train`` + ``index.search``; scikit-learn: ``fit``, whose ``labels_``
+      cover every block; legonet: ``kmeans``). Every inertia is measured the same way: each
+      method's centroids, every block assigned to its nearest one, float64 distances.
+    * threads: legonet's K=256 job idle and beside two processes that keep both cores busy
+      (spawned here, killed after), with the thread count chosen by ``legonet.threads`` and with
+      PyTorch's default; the busy/idle ratio of each.
+(b) Seed study: legonet's default engine over several seeds.
+(c) ResNet-50 end to end: ``legonet compress`` in process (streaming and in memory) and as the CLI.
+(d) A synthetic sharded checkpoint of ``--params`` float16 parameters (Linear shapes of a
     TinyLlama-1.1B-like decoder, heavy-tailed weights), generated under /tmp and deleted afterwards,
     compressed at 4x4/K=256 by the streaming path in a subprocess: wall time and peak RSS.
-(c) The same on a GPU when ``torch.cuda.is_available()``; otherwise recorded as not available.
+(e) The same on a GPU when ``torch.cuda.is_available()``; otherwise recorded as not available.
 
 Writes ``benchmarks/results/speed.json`` and ``benchmarks/results/speed.md``. The machine may be
-shared: the load average before and after each part is recorded next to the figures.
+shared: the load average before the run and before/after each part is recorded with the figures,
+with the CPU model and the torch version. Parts skipped keep their figures from the previous file.
 """
 
 from __future__ import annotations
@@ -35,6 +42,9 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,14 +53,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from legonet.compress import select_tensors  # noqa: E402
+from legonet.clustering import select_tensors  # noqa: E402
 from legonet.config import LegoConfig  # noqa: E402
 from legonet.io.checkpoints import read_state_dict  # noqa: E402
 from legonet.ops.kmeans import kmeans  # noqa: E402
 from legonet.ops.tiling import tile  # noqa: E402
+from legonet.threads import own_load, usable_cores, using_threads  # noqa: E402
 
 DEFAULT_R50 = ROOT.parent / "shared" / "models" / "resnet50_cifar10.safetensors.index.json"
 ITERS = 25
+# PyTorch's own choice, before this script sets anything.
+TORCH_DEFAULT_THREADS = torch.get_num_threads()
 
 
 def load() -> list[float]:
@@ -74,53 +87,204 @@ def resnet50_blocks(index: Path) -> torch.Tensor:
     return torch.cat([tile(sd[n].float(), (4, 4)) for n in names]).contiguous()
 
 
-def bench_engines(x: torch.Tensor, k: int, threads: int) -> dict:
-    """Every engine's time covers producing the centroids AND the label of every block."""
-    import faiss
-    from sklearn.cluster import KMeans
-    from threadpoolctl import threadpool_limits
+# -- (a) the k-means table: rows are functions ------------------------------------------------------
+@dataclass(frozen=True)
+class Context:
+    """What every row function gets: the blocks ``(n, 16)`` and the run's settings."""
 
-    out: dict = {"K": k, "blocks": int(x.shape[0]), "max_iters": ITERS}
-    xn = x.numpy()
-    fit_sample = LegoConfig().kmeans.max_fit_points
-    t = time.perf_counter()
-    r = kmeans(x, k, seed=0, max_iters=ITERS, max_fit_points=fit_sample)
-    out["legonet"] = {"seconds": time.perf_counter() - t, "inertia": exact_inertia(x, r.centroids),
-                      "lloyd_iterations": r.iterations, "fit_sample": min(fit_sample, int(x.shape[0])),
-                      "working_set": max(1 << 16, 1024 * k), "labels": int(r.labels.numel())}
-    faiss.omp_set_num_threads(threads)
-    t = time.perf_counter()
-    f = faiss.Kmeans(x.shape[1], k, niter=ITERS, seed=1, verbose=False)
-    f.train(xn)
-    _, labels = f.index.search(xn, 1)  # the label of every block, as the others produce
-    out["faiss"] = {"seconds": time.perf_counter() - t, "inertia": exact_inertia(x, f.centroids),
-                    "fit_sample": min(int(x.shape[0]), 256 * k), "labels": int(labels.size),
-                    "note": "time = train (on faiss's default sample of 256 blocks per centroid) + index.search of all blocks"}
-    with threadpool_limits(threads):
-        t = time.perf_counter()
-        s = KMeans(k, n_init=1, max_iter=ITERS, random_state=0).fit(xn)
-        out["sklearn"] = {"seconds": time.perf_counter() - t, "inertia": exact_inertia(x, s.cluster_centers_),
-                          "lloyd_iterations": int(s.n_iter_), "labels": int(s.labels_.size),
-                          "note": "fit() computes labels_ for all blocks (final E-step included)"}
-    # The same engine at faiss's operating point: 256 blocks per centroid, a uniform sample (as
-    # faiss) or the importance-sampled working set drawn from all blocks, no full-data polish.
-    t = time.perf_counter()
-    r = kmeans(x, k, seed=0, max_iters=ITERS, max_fit_points=256 * k)
-    out["legonet_faiss_sample"] = {"seconds": time.perf_counter() - t, "inertia": exact_inertia(x, r.centroids),
-                                   "lloyd_iterations": r.iterations, "fit_sample": 256 * k}
-    t = time.perf_counter()
-    r = kmeans(x, k, seed=0, max_iters=ITERS, max_fit_points=fit_sample, working_points=256 * k, polish_iters=0)
-    out["legonet_faiss_working_set"] = {"seconds": time.perf_counter() - t, "inertia": exact_inertia(x, r.centroids),
-                                        "lloyd_iterations": r.iterations, "working_set": 256 * k, "polish_iters": 0}
-    lg, sk, fa = out["legonet"], out["sklearn"], out["faiss"]
-    for name in ("legonet_faiss_sample", "legonet_faiss_working_set"):
-        out[f"{name}_time_vs_faiss"] = out[name]["seconds"] / fa["seconds"]
-        out[f"{name}_inertia_vs_faiss"] = out[name]["inertia"] / fa["inertia"]
-    out["speedup_vs_sklearn"] = sk["seconds"] / lg["seconds"]
-    out["time_vs_faiss"] = lg["seconds"] / fa["seconds"]
-    out["inertia_vs_sklearn"] = lg["inertia"] / sk["inertia"]
-    out["inertia_vs_faiss"] = lg["inertia"] / fa["inertia"]
+    blocks: torch.Tensor
+    threads: int
+    busy_warmup_s: float
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """Rows measured together: ``part`` names them for ``--skip``; ``measure`` returns row dicts
+    with at least ``table``, ``row`` and ``seconds``."""
+
+    part: str
+    measure: Callable[[Context], list[dict]]
+
+
+def _timed(fn: Callable[[], object]) -> tuple[object, float, float]:
+    """``(result, wall seconds, CPU seconds of this process)``."""
+    w, c = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - w, time.process_time() - c
+
+
+def _engine_row(engine: str, k: int, x: torch.Tensor, centroids, wall: float, cpu: float, **extra) -> dict:
+    return {"table": "engines", "row": engine, "K": k, "seconds": wall, "cpu_seconds": cpu,
+            "inertia": exact_inertia(x, centroids), **extra}
+
+
+def legonet_rows(k: int) -> Callable[[Context], list[dict]]:
+    """legonet's default engine, and at faiss's operating point (256 blocks per centroid)."""
+
+    def measure(ctx: Context) -> list[dict]:
+        x, fit = ctx.blocks, LegoConfig().kmeans.max_fit_points
+        with using_threads(ctx.threads):
+            r, wall, cpu = _timed(lambda: kmeans(x, k, seed=0, max_iters=ITERS, max_fit_points=fit))
+            rows = [_engine_row("legonet", k, x, r.centroids, wall, cpu, lloyd_iterations=r.iterations,
+                                labels=int(r.labels.numel()), settings="default")]
+            r, wall, cpu = _timed(lambda: kmeans(x, k, seed=0, max_iters=ITERS, max_fit_points=fit,
+                                                 working_points=256 * k, polish_iters=0))
+            rows.append(_engine_row("legonet, faiss's operating point", k, x, r.centroids, wall, cpu,
+                                    lloyd_iterations=r.iterations, labels=int(r.labels.numel()),
+                                    settings=f"working_points={256 * k}, polish_iters=0"))
+        return rows
+
+    return measure
+
+
+def faiss_rows(k: int, points_per_centroid: tuple[int, ...]) -> Callable[[Context], list[dict]]:
+    """faiss-cpu's Kmeans: ``train`` on its sample (256 blocks per centroid by default), then the
+    label of every block by ``index.search``."""
+
+    def measure(ctx: Context) -> list[dict]:
+        import faiss
+
+        x, xn, rows = ctx.blocks, ctx.blocks.numpy(), []
+        faiss.omp_set_num_threads(ctx.threads)
+        for ppc in points_per_centroid:
+            def run():
+                f = faiss.Kmeans(x.shape[1], k, niter=ITERS, seed=1, verbose=False, max_points_per_centroid=ppc)
+                f.train(xn)
+                _, labels = f.index.search(xn, 1)
+                return f.centroids, labels
+
+            (centroids, labels), wall, cpu = _timed(run)
+            name = "faiss" if ppc == 256 else f"faiss, {ppc} blocks per centroid"
+            rows.append(_engine_row(name, k, x, centroids, wall, cpu, labels=int(labels.size),
+                                    settings=f"trains on {min(ppc * k, x.shape[0]):,} blocks"))
+        return rows
+
+    return measure
+
+
+def sklearn_rows(k: int) -> Callable[[Context], list[dict]]:
+    """scikit-learn's KMeans (Lloyd, k-means++ on every block); ``fit`` labels every block."""
+
+    def measure(ctx: Context) -> list[dict]:
+        from sklearn.cluster import KMeans
+        from threadpoolctl import threadpool_limits
+
+        x = ctx.blocks
+        with threadpool_limits(ctx.threads):
+            s, wall, cpu = _timed(lambda: KMeans(k, n_init=1, max_iter=ITERS, random_state=0).fit(x.numpy()))
+        return [_engine_row("scikit-learn", k, x, s.cluster_centers_, wall, cpu, lloyd_iterations=int(s.n_iter_),
+                            labels=int(s.labels_.size), settings="n_init=1")]
+
+    return measure
+
+
+@contextmanager
+def busy_cores(count: int, warmup_s: float, own_session: bool = True) -> Iterator[list[float]]:
+    """``count`` processes that each keep a core busy, killed on exit; waits ``warmup_s`` first so
+    that the 1-minute load average sees them. Yields the load average after the wait.
+
+    ``own_session``: started in a session of their own, as another program would be. Linux's
+    scheduler (autogroup) shares the CPU between sessions first, then between the threads of a
+    session: busy processes in this script's session take their share out of the job's.
+    """
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=own_session)
+             for _ in range(count)]
+    try:
+        time.sleep(warmup_s)
+        yield load()
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+
+
+def thread_rows(k: int) -> Callable[[Context], list[dict]]:
+    """legonet's default K=``k`` job idle, then beside two processes that keep both cores busy: with
+    the thread count ``legonet.threads`` chooses and with PyTorch's default."""
+
+    def job(ctx: Context, condition: str, threads: int | None, seen_load: list[float]) -> dict:
+        x = ctx.blocks
+        with using_threads(threads) as n:
+            r, wall, cpu = _timed(lambda: kmeans(x, k, seed=0, max_iters=ITERS))
+        rule = "legonet.threads" if threads is None else "PyTorch default"
+        return {"table": "threads", "row": f"{condition}, {rule}",
+                "K": k, "threads": n, "seconds": wall, "cpu_seconds": cpu, "inertia": exact_inertia(x, r.centroids),
+                "load_seen": seen_load[0], "own_load": round(own_load(), 2), "cores": usable_cores()}
+
+    def measure(ctx: Context) -> list[dict]:
+        rows = [job(ctx, "idle", t, load()) for t in (None, TORCH_DEFAULT_THREADS)]
+        with busy_cores(2, ctx.busy_warmup_s) as seen:
+            rows += [job(ctx, BUSY, None, seen), job(ctx, BUSY, TORCH_DEFAULT_THREADS, load())]
+        # The same processes started from this script's session: no thread count wins back the
+        # share they take (the load average still holds the processes above, hence no wait).
+        with busy_cores(2, 1.0, own_session=False) as seen:
+            rows.append(job(ctx, BUSY_SAME_SESSION, None, seen))
+        return rows
+
+    return measure
+
+
+BUSY = "beside 2 busy processes"
+BUSY_SAME_SESSION = "beside 2 busy processes of this session"
+
+
+ROWS: list[RowGroup] = [
+    RowGroup("engines", legonet_rows(32)),
+    RowGroup("engines", faiss_rows(32, (256,))),
+    RowGroup("engines", sklearn_rows(32)),
+    RowGroup("engines", legonet_rows(256)),
+    RowGroup("engines", faiss_rows(256, (256, 1024, 6000))),
+    RowGroup("engines", sklearn_rows(256)),
+    RowGroup("threads", thread_rows(256)),
+]
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Ratios asked of the table: legonet against faiss and scikit-learn per K, busy/idle per rule."""
+    by = {(r["table"], r["row"], r.get("K")): r for r in rows}
+    out: dict = {}
+    for k in sorted({r["K"] for r in rows if r["table"] == "engines"}):
+        lg, fa, sk = (by.get(("engines", name, k)) for name in ("legonet", "faiss", "scikit-learn"))
+        fast = by.get(("engines", "legonet, faiss's operating point", k))
+        entry: dict = {}
+        if lg and fa:
+            entry |= {"legonet_time_vs_faiss": lg["seconds"] / fa["seconds"],
+                      "legonet_cpu_vs_faiss": lg["cpu_seconds"] / fa["cpu_seconds"],
+                      "legonet_inertia_vs_faiss": lg["inertia"] / fa["inertia"]}
+        if fast and fa:
+            entry |= {"faiss_point_time_vs_faiss": fast["seconds"] / fa["seconds"],
+                      "faiss_point_cpu_vs_faiss": fast["cpu_seconds"] / fa["cpu_seconds"],
+                      "faiss_point_inertia_vs_faiss": fast["inertia"] / fa["inertia"]}
+        if lg and sk:
+            entry |= {"legonet_speedup_vs_sklearn": sk["seconds"] / lg["seconds"],
+                      "legonet_inertia_vs_sklearn": lg["inertia"] / sk["inertia"]}
+        out[f"K{k}"] = entry
+    threads = [r for r in rows if r["table"] == "threads"]
+    idle = {r["row"].split(", ", 1)[1]: r for r in threads if r["row"].startswith("idle, ")}
+    for rule, base in idle.items():
+        busy = next((r for r in threads if r["row"] == f"{BUSY}, {rule}"), None)
+        if busy:
+            out[f"busy_over_idle, {rule}"] = busy["seconds"] / base["seconds"]
+    if "legonet.threads" in idle:
+        # Every threads row against the job alone with the threads legonet.threads chooses.
+        ref = idle["legonet.threads"]["seconds"]
+        out["vs_idle_with_legonet.threads"] = {r["row"]: r["seconds"] / ref for r in threads}
     return out
+
+
+def measure_table(ctx: Context, skip: list[str], log: Callable[[dict], None]) -> list[dict]:
+    rows = []
+    for group in ROWS:
+        if group.part in skip:
+            continue
+        before = load()
+        for r in group.measure(ctx):
+            r.update(load_before=before, load_after=load())
+            rows.append(r)
+            log(r)
+            before = load()
+    return rows
 
 
 def bench_seeds(x: torch.Tensor, seeds: int) -> dict:
@@ -137,7 +301,7 @@ def bench_seeds(x: torch.Tensor, seeds: int) -> dict:
 
 
 def bench_end_to_end(index: Path, threads: int, tmp: Path) -> dict:
-    from legonet.compress import compress
+    from legonet import compress
     from legonet.report import build_report
     from legonet.streaming import compress_sharded
 
@@ -267,23 +431,28 @@ def cpu_name() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads for every engine")
-    ap.add_argument("--params", type=float, default=1e9, help="size of the synthetic checkpoint (b)")
+    ap.add_argument("--threads", type=int, default=TORCH_DEFAULT_THREADS, help="threads for every engine")
+    ap.add_argument("--params", type=float, default=1e9, help="size of the synthetic checkpoint (d)")
     ap.add_argument("--shard-bytes", type=int, default=500_000_000, help="shard size of the synthetic checkpoint")
-    ap.add_argument("--resnet50", type=Path, default=DEFAULT_R50, help="sharded ResNet-50 index for (a)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["engines", "seeds", "end2end", "stream", "gpu"])
+    ap.add_argument("--resnet50", type=Path, default=DEFAULT_R50, help="sharded ResNet-50 index for (a)-(c)")
+    ap.add_argument("--skip", nargs="*", default=[],
+                    choices=["engines", "threads", "seeds", "end2end", "stream", "gpu"])
     ap.add_argument("--seeds", type=int, default=5, help="seeds of legonet's default engine in the seed study")
+    ap.add_argument("--busy-warmup", type=float, default=60.0,
+                    help="seconds the busy processes run before the threads rows, so that the 1-minute load sees them")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
+    start_load = load()
     torch.set_num_threads(args.threads)
     # Parts skipped in this run keep their figures from the previous results file (each part
-    # carries its own date-free load readings; the header records the latest run).
+    # carries its own load readings; the header records the latest run).
     prev = args.out / "speed.json"
     res: dict = json.loads(prev.read_text()) if prev.is_file() else {}
+    res.pop("resnet50_engines", None)  # the layout before the k-means table
     res |= {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
-                 "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
-                 "load_at_start": load(),
-                 "note": "shared machine: other jobs ran during the benchmark; see the load averages"}
+            "usable_cores": usable_cores(), "threads": args.threads, "torch_default_threads": TORCH_DEFAULT_THREADS,
+            "torch": torch.__version__, "python": platform.python_version(), "load_at_start": start_load,
+            "note": "shared machine: other jobs may run during the benchmark; see the load averages"}
     res["command"] = " ".join(["python", "benchmarks/speed.py"] + sys.argv[1:])
     try:
         import faiss
@@ -299,18 +468,17 @@ def main() -> None:
         (args.out / "speed.md").write_text(markdown(res))
 
     if args.resnet50.is_file():
-        if "engines" not in args.skip and res["versions"]:
-            x = resnet50_blocks(args.resnet50)
-            res["resnet50_engines"] = []
-            for k in (32, 256):
-                before = load()
-                r = bench_engines(x, k, args.threads)
-                r.update(load_before=before, load_after=load())
-                res["resnet50_engines"].append(r)
-                print(json.dumps(r), flush=True)
-                save()
+        skip = list(args.skip) + ([] if res["versions"] else ["engines"])
+        x = resnet50_blocks(args.resnet50) if {"engines", "threads", "seeds"} - set(skip) else None
+        if not {"engines", "threads"} <= set(skip):
+            ctx = Context(blocks=x, threads=args.threads, busy_warmup_s=args.busy_warmup)
+            rows = measure_table(ctx, skip, lambda r: print(json.dumps(r), flush=True))
+            measured = {g.part for g in ROWS if g.part not in skip}
+            kept = [r for r in res.get("kmeans_table", []) if r["table"] not in measured]
+            res["kmeans_table"] = kept + rows
+            res["kmeans_summary"] = summarize(res["kmeans_table"])
+            save()
         if "seeds" not in args.skip:
-            x = resnet50_blocks(args.resnet50)
             before = load()
             r = bench_seeds(x, args.seeds)
             r.update(load_before=before, load_after=load())
@@ -326,7 +494,7 @@ def main() -> None:
                 print(json.dumps(r), flush=True)
                 save()
     else:
-        res["resnet50_engines"] = f"skipped: {args.resnet50} not found"
+        res["kmeans_table"] = f"skipped: {args.resnet50} not found"
     if "stream" not in args.skip:
         r = bench_streaming(args.params, args.threads, args.shard_bytes, "cpu")
         res["synthetic_streaming_cpu"] = r
@@ -345,50 +513,66 @@ def main() -> None:
                 res["gpu"][f"resnet50_K{k}"] = {"seconds": time.perf_counter() - t,
                                                  "inertia": exact_inertia(x.cpu(), r.centroids.cpu())}
         res["gpu"]["synthetic_streaming"] = bench_streaming(args.params, args.threads, args.shard_bytes, "cuda")
-    else:
+    elif "gpu" not in args.skip:
         res["gpu"] = "not available: no CUDA device on this machine (torch.cuda.is_available() is False)"
     res["load_at_end"] = load()
     save()
     print(markdown(res))
 
 
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:,.2f}" if abs(v) < 1e5 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+_TABLES = {
+    "engines": ("k-means engines on ResNet-50's 4x4 blocks (same blocks, K and cap of 25 iterations; "
+                "time covers the centroids and the label of every block)"),
+    "threads": "Thread use: legonet's job idle and beside two processes that keep both cores busy",
+}
+
+
+def table_markdown(rows: list[dict], table: str) -> list[str]:
+    """One markdown table: the union of the rows' columns, in order of first appearance."""
+    rows = [r for r in rows if r["table"] == table]
+    cols: list[str] = []
+    for r in rows:
+        cols += [c for c in r if c not in cols and c != "table"]
+    lines = [f"## {_TABLES.get(table, table)}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return lines + [""]
+
+
 def markdown(res: dict) -> str:
     lines = [f"# legonet speed benchmark ({res['date']})", "",
-             f"CPU: {res['cpu']} ({res['cpu_count']} cores), {res['threads']} thread(s) for every engine; "
-             f"torch {res['torch']}; load average at start {res['load_at_start']} ({res['note']}).", ""]
-    eng = res.get("resnet50_engines")
-    if isinstance(eng, list) and eng:
-        lines += ["## ResNet-50 blocks (4x4), same blocks, K and iteration cap (25) for every engine", "",
-                  "legonet: default settings (fit sample = all blocks here, importance-sampled working set, "
-                  "1 full-data polish iteration, final assignment).", "",
-                  "| K | blocks | legonet s | sklearn s | faiss s | legonet inertia | sklearn inertia | faiss inertia "
-                  "| speed-up vs sklearn | time vs faiss | load before/after |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in eng:
-            lines.append(f"| {r['K']} | {r['blocks']:,} | {r['legonet']['seconds']:.2f} | {r['sklearn']['seconds']:.2f} "
-                         f"| {r['faiss']['seconds']:.2f} | {r['legonet']['inertia']:.2f} | {r['sklearn']['inertia']:.2f} "
-                         f"| {r['faiss']['inertia']:.2f} | {r['speedup_vs_sklearn']:.1f}x | {r['time_vs_faiss']:.2f}x "
-                         f"| {r['load_before']} / {r['load_after']} |")
-        lines += ["", "Same engine at faiss's operating point (256 blocks per centroid, no full-data polish): "
-                  "a uniform sample like faiss's, or the importance-sampled working set drawn from all blocks:", "",
-                  "| K | uniform sample s | inertia | working set s | inertia | faiss s | faiss inertia "
-                  "| time vs faiss (uniform / working set) |", "|---|---|---|---|---|---|---|---|"]
-        for r in eng:
-            if "legonet_faiss_working_set" in r:
-                lf, lw = r["legonet_faiss_sample"], r["legonet_faiss_working_set"]
-                lines.append(f"| {r['K']} | {lf['seconds']:.2f} | {lf['inertia']:.2f} | {lw['seconds']:.2f} "
-                             f"| {lw['inertia']:.2f} | {r['faiss']['seconds']:.2f} | {r['faiss']['inertia']:.2f} "
-                             f"| {r['legonet_faiss_sample_time_vs_faiss']:.2f}x / "
-                             f"{r['legonet_faiss_working_set_time_vs_faiss']:.2f}x |")
-        lines += ["", "Every time covers the centroids and the label of every block (faiss: train + index.search)."]
+             f"CPU: {res['cpu']} ({res['cpu_count']} cores, {res.get('usable_cores', '?')} usable), "
+             f"{res['threads']} thread(s) for every engine (PyTorch's default here: "
+             f"{res.get('torch_default_threads', '?')}); torch {res['torch']}; load average before the run "
+             f"{res['load_at_start']} ({res['note']}).", "", f"Command: `{res['command']}`", ""]
+    table = res.get("kmeans_table")
+    if isinstance(table, list) and table:
+        for name in dict.fromkeys(r["table"] for r in table):
+            lines += table_markdown(table, name)
+        summ = res.get("kmeans_summary", {})
+        lines += ["## Ratios (from the table above, one run)", ""]
+        for key, v in summ.items():
+            if isinstance(v, dict):
+                lines.append(f"- {key}: " + ", ".join(f"{a} {b:.4f}" for a, b in v.items()))
+            else:
+                lines.append(f"- {key}: {v:.2f}")
         lines.append("")
+    elif table:
+        lines += [str(table), ""]
     sd = res.get("resnet50_seeds")
     if sd:
         lines += ["## Seed study: legonet's default engine on ResNet-50 blocks, seeds "
                   f"{sd['seeds'][0]}..{sd['seeds'][-1]}", "",
                   "| K | inertia min / median / max | seconds min / median / max | sklearn inertia (seed 0) "
                   "| seeds at or below sklearn |", "|---|---|---|---|---|"]
-        sk = {r["K"]: r["sklearn"]["inertia"] for r in eng} if isinstance(eng, list) else {}
+        sk = {r["K"]: r["inertia"] for r in table if r["row"] == "scikit-learn"} if isinstance(table, list) else {}
         for k in (32, 256):
             runs = sd.get(f"K{k}", [])
             if not runs:
@@ -419,7 +603,7 @@ def markdown(res: dict) -> str:
                   "- stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in st["stage_seconds"].items()),
                   f"- file {st['file_bytes']:,} bytes ({st['compression_ratio_file']:.1f}x vs fp32); load "
                   f"{st['load_before']} / {st['load_after']}", ""]
-    gpu = res.get("gpu")
+    gpu = res.get("gpu", "not measured")
     lines += ["## GPU", "", json.dumps(gpu, indent=1) if isinstance(gpu, dict) else str(gpu), ""]
     return "\n".join(lines)
 

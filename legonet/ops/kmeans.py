@@ -13,16 +13,17 @@ The engine is built for millions to billions of short vectors:
    heavy-tailed weights are then represented without bias); otherwise the working set is the fit
    sample itself;
 3. k-means++ seeds the centroids on a prefix of the working set (``init_points`` rows);
-4. over-relaxed Lloyd iterations run on a *growing* prefix of the working set: each stage doubles
-   the number of rows and starts from the previous stage's centroids, so most iterations are spent
-   on small, cheap stages; every stage stops early once the relative change of inertia falls
-   below ``tol``;
+4. accelerated Lloyd iterations (over-relaxed, with heavy-ball momentum on stages of 16384 rows or
+   more) run on a *growing* prefix of the working set: each stage doubles the number of rows and
+   starts from the previous stage's centroids, so most iterations are spent on small, cheap stages;
+   every stage stops early once the relative change of inertia falls below ``tol`` (``3 tol`` when
+   a polish follows);
 5. after a coreset, plain Lloyd iteration(s) on the whole fit sample (``polish_iters``, default 1)
    remove most of what is left of the sampling error;
 6. one full assignment pass labels every row (:func:`assign`).
 
 A full pass is one GEMM per chunk of rows that yields the squared distances directly (the norms
-ride along as two extra columns) and one integer ``amin`` down the centroid axis (packed keys).
+ride along as two extra columns) and one integer ``amin`` over the centroids (packed keys).
 
 Every tensor is created on ``x.device``; random choices come from a seeded CPU generator, so a seed
 gives identical results on one device (and equal results up to float rounding across devices).
@@ -46,8 +47,8 @@ from legonet.ops.nearest import Progress, _sweep, assign, pairwise_sqdist, prepa
 # Smallest stage of the growing-sample Lloyd schedule, in rows per centroid and in rows.
 _STAGE_ROWS_PER_CENTROID = 64
 _STAGE_MIN_ROWS = 16_384
-# Intermediate stages only have to hand a good start to the next one, so they get fewer iterations.
-_STAGE_ITERS = 8
+# Intermediate stages only have to hand a good start to the next one, so they get few iterations.
+_STAGE_ITERS = 4
 # Each stage multiplies the rows by this.
 _STAGE_GROWTH = 2
 # Fit samples larger than twice this are replaced by a lightweight coreset of this many rows.
@@ -55,10 +56,19 @@ _CORE_MIN_ROWS = 1 << 16
 _CORE_ROWS_PER_CENTROID = 1024
 # Plain Lloyd iterations on the whole fit sample after a coreset fit.
 _POLISH_ITERS = 1
+# A working set followed by a polish stops at this multiple of ``tol``: near the end of its run, one
+# full-sample pass lowers the inertia more than the same number of rows spent on further working-set
+# iterations (whose gains shrink geometrically while their sampling error stays).
+_POLISHED_TOL_FACTOR = 3.0
 # Lloyd runs on at most this many rows build the row side of the distance GEMM once.
 _PREPARED_MAX_ROWS = 1 << 20
 # Over-relaxation of the working-set Lloyd steps (1 = plain Lloyd; steps stay safe below 2).
 _OVERRELAX = 1.8
+# Share of the previous step carried into the next one (heavy-ball momentum) on the working set,
+# for stages of at least _MOMENTUM_MIN_ROWS rows: on a few thousand rows Lloyd converges in a few
+# steps anyway, and momentum would only change which local optimum it lands in.
+_MOMENTUM = 0.8
+_MOMENTUM_MIN_ROWS = 1 << 14
 
 
 @dataclass(frozen=True)
@@ -172,14 +182,18 @@ def _lloyd(
     tol: float,
     mass: torch.Tensor | None = None,
     omega: float = 1.0,
+    momentum: float = 0.0,
 ) -> tuple[torch.Tensor, int, torch.Tensor]:
     """Lloyd iterations on all rows of ``x`` from ``centroids``.
 
-    With ``omega > 1`` each step is over-relaxed: ``c <- c + omega (mean - c)``. Lloyd's steps
-    shrink geometrically along the slow directions of heavy-tailed data, and overshooting them
-    roughly halves the iterations to a given inertia. If an over-relaxed step raises the inertia,
-    the rest of the run falls back to plain steps (which never raise it). The centroids returned
-    are plain means of the last assignment.
+    With ``omega > 1`` each step is over-relaxed, and with ``momentum > 0`` it carries on part of
+    the previous step (heavy ball): ``c' = c + omega (mean - c) + momentum (c - c_previous)``.
+    Lloyd's steps shrink geometrically along the slow directions of heavy-tailed data; overshooting
+    them, and letting steps build up while a growing sample drags the centroids along, reaches a
+    lower inertia in the same work (ResNet-50's blocks, K=256, five seeds: 372.65 on average with
+    momentum, 373.81 without). If an accelerated step raises the inertia, the rest of the run falls
+    back to plain steps (which never raise it). The centroids returned are plain means of the last
+    assignment.
 
     Returns:
         ``(centroids, iterations, labels of the last assignment)``.
@@ -187,6 +201,7 @@ def _lloyd(
     prev = math.inf
     it = 0
     labels = torch.empty(0, dtype=torch.int64)
+    previous = None
     # The row side is built once for many passes over a working set; for a few passes over a large
     # fit sample, rebuilding it chunk by chunk in cache is cheaper than faulting in a fresh buffer.
     prepared = prepare_rows(x, w) if max_iters > 4 and x.shape[0] <= _PREPARED_MAX_ROWS else None
@@ -195,14 +210,24 @@ def _lloyd(
         d = dists.double() if mass is None else dists.double() * mass.double()
         inertia = float(d.sum())
         if inertia > prev:
-            omega = 1.0
+            omega, momentum = 1.0, 0.0
         empty = den.sum(1) == 0
         means = torch.where(den > 0, num / den.clamp_min(1e-300), centroids.double()).float()
         if bool(empty.any()):
             means = _reseed_empty(x, means, empty, dists)
         if (prev < math.inf and abs(prev - inertia) <= tol * max(prev, 1e-30)) or it == max_iters:
             return means, it, labels
-        centroids = means if omega == 1.0 else centroids + omega * (means - centroids)
+        if omega == 1.0 and momentum == 0.0:
+            previous, centroids = centroids, means
+        else:
+            step = omega * (means - centroids)
+            if momentum > 0.0 and previous is not None:
+                step += momentum * (centroids - previous)
+            previous, centroids = centroids, centroids + step
+        if bool(empty.any()):
+            # A reseeded centroid jumps: it starts afresh, without overshoot or momentum.
+            centroids[empty] = means[empty]
+            previous = torch.where(empty[:, None], means, previous)
         prev = inertia
     return centroids, it, labels
 
@@ -226,9 +251,11 @@ def fit_centroids(
     When the fit sample is much larger than the working set (``working_points`` rows), the
     working set is a lightweight coreset of it (:func:`legonet.ops.coreset.lightweight_coreset`:
     far-out rows drawn more often, weighted down in proportion); otherwise it is the fit sample
-    itself, shuffled. Then: k-means++ seeding on a prefix of the working set, over-relaxed Lloyd on
+    itself, shuffled. Then: k-means++ seeding on a prefix of the working set, accelerated Lloyd on
     growing prefixes of it, and, after a coreset, up to ``polish_iters`` plain Lloyd iterations on
     the whole fit sample (each one full pass), which remove what is left of the sampling error.
+    The working set then stops at ``3 tol``: near the end of its run, a full-sample pass lowers the
+    inertia more than as many rows of further working-set iterations.
 
     Args:
         xf: ``(m, d)`` float32 fit sample, ``m >= k``.
@@ -286,16 +313,19 @@ def fit_centroids(
             progress("fit", steps, steps)
         return snap_uniform_clusters(xf, labels, centroids), total
     total = 0
+    polish = coreset and polish_iters > 0
+    stage_tol = tol * _POLISHED_TOL_FACTOR if polish else tol
     for i, size in enumerate(sizes):
         last = i == len(sizes) - 1
         iters = max_iters if last else min(max_iters, _STAGE_ITERS)
-        centroids, it, labels = _lloyd(xs[:size], None if ws is None else ws[:size], centroids, iters, tol,
-                                       None if mass is None else mass[:size], _OVERRELAX)
+        centroids, it, labels = _lloyd(xs[:size], None if ws is None else ws[:size], centroids, iters, stage_tol,
+                                       None if mass is None else mass[:size], _OVERRELAX,
+                                       _MOMENTUM if size >= _MOMENTUM_MIN_ROWS else 0.0)
         total += it
         if progress is not None:
             progress("fit", i + 2, steps)
     rows = xs
-    if coreset and polish_iters > 0:
+    if polish:
         centroids, it, labels = _lloyd(xf, weights, centroids, polish_iters, tol)
         total += it
         rows = xf
@@ -329,7 +359,7 @@ def kmeans(
         k: number of clusters, ``1 <= k <= n``.
         seed: seed of every random choice; equal seeds give identical results on one device.
         init: ``"k-means++"`` (greedy) or ``"random"`` (k distinct random rows).
-        max_iters: cap on Lloyd iterations of the last stage (earlier stages run at most 8).
+        max_iters: cap on Lloyd iterations of the last stage (earlier stages run at most 4).
         tol: a stage stops once the relative change in inertia falls below it.
         max_fit_points: fit on a uniform sample of at most this many rows (``None``: all rows).
         init_points: seed on a sample of at most this many rows (default ``max(50*k, 10000)``).

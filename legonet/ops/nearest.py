@@ -1,10 +1,13 @@
 """Nearest-centroid search for many short vectors: the inner loop of every k-means pass.
 
-Pure functions. A pass goes through the rows a chunk at a time; each chunk is one GEMM that yields
-the squared distances directly (the norms ride along as extra columns) and one reduction down the
-centroid axis. Sums for the Lloyd update are gathered in the same pass. Assignment is row-wise,
-bit for bit: a row's label and distance do not depend on the other rows (chunks have a width
-fixed by ``(k, d)``), so a checkpoint can be assigned shard by shard with :func:`assign` alone.
+Pure functions. A pass goes through the rows a block at a time and, inside a block, a chunk at a
+time: each chunk is one GEMM that yields the squared distances directly (the norms ride along as
+extra columns) and one integer reduction over the centroids (packed keys: nearest centroid and
+distance in one int32). Per block, labels are decoded and the sums for the Lloyd update gathered.
+The GEMM does most of the work (about 60 % of a K = 256 pass); the rest is three passes over its
+output, kept in cache. Assignment is row-wise, bit for bit: a row's label and distance do not depend
+on the other rows (chunks have a width fixed by ``(k, d)``), so a checkpoint can be assigned shard by
+shard with :func:`assign` alone.
 """
 
 from __future__ import annotations
@@ -13,27 +16,38 @@ from collections.abc import Callable
 
 import torch
 
-# Distances are computed a chunk of rows at a time; about 4 MiB of float32 distances per chunk
-# keeps memory flat whatever n and k are and keeps the chunk in cache while it is reduced.
-_CHUNK_ELEMENTS = 1 << 20
+# Distances are computed a chunk of rows at a time: about 1 MiB of float32 distances per chunk stays
+# in a core's L2 cache (1-2 MiB on current x86 cores) through the three passes that reduce it, and
+# keeps memory flat whatever n and k are.
+_CHUNK_ELEMENTS = 1 << 18
 # ... and at most this many rows, which bounds the scratch buffers of small-K sweeps.
 _MAX_CHUNK_ROWS = 1 << 14
-# Up to this many index bits, the argmin is taken on packed keys (see _nearest).
+# Labels are decoded and the Lloyd sums gathered a block of this many rows at a time (a multiple of
+# the chunk): a few operations per block instead of per chunk, float32 sums over at most this many rows.
+_BLOCK_ROWS = 1 << 14
+# Up to this many index bits, the argmin is taken on packed keys (see _chunk_keys).
 _PACKED_MAX_BITS = 8
+# From this many centroids on, distances are laid out (rows, k) rather than (k, rows) (see _chunk_keys).
+_ROW_MAJOR_MIN_K = 64
 
 Progress = Callable[[str, int, int], None]
 """``progress(task, done, total)``: ``task`` is ``"fit"`` or ``"assign"``; ``done <= total``."""
 
 
 def _chunk_rows(k: int, d: int) -> int:
-    """Rows per chunk: a function of ``(k, d)`` only, never of n (see _nearest)."""
+    """Rows per chunk: a function of ``(k, d)`` only, never of n (see _sweep)."""
     # A multiple of 64 rows, so that no row lands in a partial (edge) tile of the GEMM kernel, whose
     # rounding may differ from the full tiles'.
     return max(64, min(_MAX_CHUNK_ROWS, _CHUNK_ELEMENTS // max(k, d + 2)) // 64 * 64)
 
 
+def _block_rows(step: int) -> int:
+    """Rows per block: a whole number of chunks, about ``_BLOCK_ROWS``."""
+    return max(step, _BLOCK_ROWS // step * step)
+
+
 def _centroid_side(c: torch.Tensor, weighted: bool) -> torch.Tensor:
-    """Centroid half of the one matrix product that gives every squared distance (see _nearest)."""
+    """Centroid half of the one matrix product that gives every squared distance (see _chunk_keys)."""
     k = c.shape[0]
     ones = torch.ones(k, 1, dtype=c.dtype, device=c.device)
     if weighted:
@@ -68,54 +82,54 @@ def prepare_rows(x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor
     return out
 
 
-def _nearest(
-    rows: torch.Tensor, cside: torch.Tensor, buf: torch.Tensor, pad: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest centroid and squared distance for one chunk of rows.
+def _chunk_keys(
+    rows: torch.Tensor,
+    cside: torch.Tensor,
+    buf: torch.Tensor,
+    iota: torch.Tensor,
+    high: torch.Tensor,
+    out: torch.Tensor,
+    row_major: bool,
+) -> None:
+    """Packed keys (nearest centroid and squared distance in one int32) of one chunk of rows.
 
-    ``cside (k, D) @ rows (m, D)^T`` is the distance matrix itself, laid out ``(k, m)``:
-    ``[-2c, 1, |c|^2] . [x, |x|^2, 1] = |x - c|^2`` (with element weights,
-    ``[c^2, -2c, 1] . [w, w x, sum w x^2] = sum_d w (x - c)^2``). One GEMM writes it, and the
-    reduction over centroids runs down the columns, element-wise across rows, which vectorises
-    better than a short reduction along each row (for ``k > 256``, where the argmin must track
-    indices, the transposed layout ``(m, k)`` is used instead: ``min`` along rows is faster there).
+    One GEMM of ``[x, |x|^2, 1]`` by ``[-2c, 1, |c|^2]`` gives the distance matrix itself
+    (``|x - c|^2``; with element weights, ``[w, w x, sum w x^2] . [c^2, -2c, 1] = sum_d w (x - c)^2``).
+    It is laid out ``(m, k)`` (``row_major``) for large K, where the reduction along contiguous
+    rows of centroids is fastest, and ``(k, m)`` for small K, where reducing element-wise across
+    rows vectorises better than along short rows.
 
-    For ``k <= 256`` the argmin is taken on packed keys: a float32's bit pattern read as int32
-    orders like the float (negatives, i.e. rounding below zero, sort first), so replacing its
-    ``ceil(log2 k)`` lowest mantissa bits by the centroid index and taking the integer minimum
-    gives the minimum and its index in one plain ``amin`` (several times faster than
-    ``min(dim)``, which must track indices). Distances closer than ``2**-15`` relative count as
-    ties, broken towards the lower index, and the returned distance is truncated by at most that
-    much: below the rounding error of the expansion itself.
+    The argmin is taken on packed keys: a float32's bit pattern read as int32 orders like the float
+    (negatives, i.e. rounding below zero, sort first), so replacing its ``ceil(log2 k)`` lowest
+    mantissa bits by the centroid index and taking the integer minimum gives the minimum and its
+    index in one plain ``amin`` (several times faster than ``min(dim)``, which must track indices).
+    Distances closer than ``2**-15`` relative count as ties, broken towards the lower index, and the
+    distance decoded from the key is truncated by at most that much: below the rounding error of
+    the expansion itself.
 
     Args:
-        rows: ``(m, D)`` from :func:`_row_side`.
+        rows: ``(m, D)`` row sides, exactly the chunk width (every chunk runs one GEMM of the same
+            shape, see _sweep).
         cside: ``(k, D)`` from :func:`_centroid_side`.
-        buf: ``(k, w)`` float32 scratch space, ``w >= m``.
-        pad: ``(w, D)`` float32 scratch rows (the tail of a short chunk is left as it is: finite).
-    Returns:
-        labels ``(m,)`` int64 and squared distances ``(m,)`` float32.
+        buf: ``(m, k)`` (``row_major``) or ``(k, m)`` float32 scratch space.
+        iota: centroid indices, int32, ``(1, k)`` (``row_major``) or ``(k, 1)``.
+        high: 0-dim int32 mask of the distance bits, ``~(2**ceil(log2 k) - 1)`` (a tensor, not a
+            Python int, which would be wrapped into a new tensor at every call).
+        out: ``(m,)`` int32, receives the keys.
+        row_major: the layout of ``buf``.
     """
-    k, m = cside.shape[0], rows.shape[0]
-    # Every chunk runs one GEMM of the same shape (the scratch rows are padded to full width): a row's
-    # distances must not depend on how many rows share its chunk (BLAS picks other kernels, with
-    # other rounding, for other shapes, e.g. a matrix-vector product for a single row), so that
-    # rows assigned alone, shard by shard, get exactly the labels they get together.
-    if rows.shape[0] < pad.shape[0]:
-        pad[:m] = rows
-        rows = pad
-    bits = max(1, (k - 1).bit_length())
-    if bits > _PACKED_MAX_BITS:
-        # Large K: the distances laid out (rows, k) instead, so that min() reduces along contiguous
-        # memory (4.4x faster than min(dim=0) on a (2048, 8192) matrix here); same scratch memory.
-        part_t = torch.mm(rows, cside.T, out=buf.view(-1)[: rows.shape[0] * k].view(rows.shape[0], k))[:m]
-        dmin, amin = part_t.min(dim=1)
-        return amin, dmin.clamp_min_(0.0)
-    part = torch.mm(cside, rows.T, out=buf)[:, :m]
-    low = (1 << bits) - 1
-    iota = torch.arange(k, dtype=torch.int32, device=rows.device)[:, None]
-    best = part.view(torch.int32).bitwise_and_(~low).bitwise_or_(iota).amin(dim=0)
-    return (best & low).long(), (best & ~low).view(torch.float32).clamp_min_(0.0)
+    if row_major:
+        keys = torch.mm(rows, cside.T, out=buf).view(torch.int32)
+        torch.amin(keys.bitwise_and_(high).bitwise_or_(iota), 1, out=out)
+    else:
+        keys = torch.mm(cside, rows.T, out=buf).view(torch.int32)
+        torch.amin(keys.bitwise_and_(high).bitwise_or_(iota), 0, out=out)
+
+
+def _decode_keys(keys: torch.Tensor, low: int, labels: torch.Tensor, dists: torch.Tensor) -> None:
+    """Split packed keys ``(m,)`` into ``labels (m,)`` int64 and (unclamped) ``dists (m,)`` float32."""
+    labels.copy_(keys & low)
+    torch.bitwise_and(keys, ~low, out=dists.view(torch.int32))
 
 
 def pairwise_sqdist(x: torch.Tensor, c: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
@@ -143,9 +157,14 @@ def _sweep(
     whose argmin they cannot change). ``prepared``: the row side of every row
     (:func:`prepare_rows`), for callers that sweep the same rows many times.
 
-    Sums are taken per chunk in float32 and added up in float64, so rounding error is bounded by
-    the chunk size, not by n. Chunk boundaries never change a row's label or distance: each comes
-    from the row's own dot products, computed by a GEMM of one fixed shape (see _nearest).
+    Rows go a block at a time (row side built, labels decoded and sums gathered once per block) and,
+    inside a block, a chunk at a time through one GEMM and one reduction. Sums are taken per block in
+    float32 and added up in float64, so rounding error is bounded by the block size, not by n.
+
+    Returns:
+        ``labels (n,)`` int64, ``dists (n,)`` float32 squared distances, and with ``accumulate``
+        ``num (k, d)`` float64 (weighted) sums of the members and ``den`` float64 member weights,
+        ``(k, 1)`` (``(k, d)`` with element weights); ``None, None`` without.
     """
     n, d = x.shape
     k = c.shape[0]
@@ -156,28 +175,69 @@ def _sweep(
     den = torch.zeros(k, d if w is not None else 1, dtype=torch.float64, device=dev) if accumulate else None
     cside = _centroid_side(c.to(device=dev, dtype=torch.float32).contiguous(), w is not None)
     step = _chunk_rows(k, d)
-    # Scratch buffers are reused by every chunk: no allocation per chunk but the outputs.
-    rows = torch.zeros(step, cside.shape[1], dtype=torch.float32, device=dev)
-    buf = torch.empty(k, step, dtype=torch.float32, device=dev)
-    for s in range(0, n, step):
-        xc = x[s : s + step].to(torch.float32)
-        wc = None if w is None else w[s : s + step].to(torch.float32)
-        rc = _row_side(xc, wc, rows) if prepared is None else prepared[s : s + step]
-        lab, dist = _nearest(rc, cside, buf, rows)
-        labels[s : s + step] = lab
-        dists[s : s + step] = dist
-        if accumulate:
-            mc = None if mass is None else mass[s : s + step].to(torch.float32)
-            if wc is None:
-                num += torch.zeros(k, d, device=dev).index_add_(0, lab, xc if mc is None else xc * mc[:, None]).double()
-                den += torch.bincount(lab, weights=mc, minlength=k).double()[:, None]
+    block = _block_rows(step)
+    bits = max(1, (k - 1).bit_length())
+    packed, low = bits <= _PACKED_MAX_BITS, (1 << bits) - 1
+    high = torch.tensor(~low, dtype=torch.int32, device=dev)
+    # Scratch buffers are reused by every block and chunk.
+    rows = torch.empty(block, cside.shape[1], dtype=torch.float32, device=dev) if prepared is None else None
+    # Distances (rows, k) for large K (reduced along contiguous centroids), else (k, rows).
+    row_major = k >= _ROW_MAJOR_MIN_K or not packed
+    buf = torch.empty((step, k) if row_major else (k, step), dtype=torch.float32, device=dev)
+    keys = torch.empty(block, dtype=torch.int32, device=dev) if packed else None
+    iota = torch.arange(k, dtype=torch.int32, device=dev)
+    iota = iota[None, :] if row_major else iota[:, None]
+    sums = torch.empty(k, d, dtype=torch.float32, device=dev) if accumulate else None
+    for s in range(0, n, block):
+        e = min(s + block, n)
+        xb = x[s:e].to(torch.float32)
+        wb = None if w is None else w[s:e].to(torch.float32)
+        rb = _row_side(xb, wb, rows) if prepared is None else prepared[s:e]
+        for t in range(0, e - s, step):
+            rc = rb[t : t + step]
+            if rc.shape[0] < step:
+                # Every chunk runs one GEMM of the same shape (the last one padded with zero rows): a
+                # row's distances must not depend on how many rows share its chunk (BLAS picks other
+                # kernels, with other rounding, for other shapes, e.g. a matrix-vector product for a
+                # single row), so that rows assigned alone, shard by shard, get exactly the labels
+                # they get together.
+                rc = torch.cat([rc, rc.new_zeros(step - rc.shape[0], rc.shape[1])])
+            if packed:
+                _chunk_keys(rc, cside, buf, iota, high, keys[t : t + step], row_major)
             else:
-                wm = wc if mc is None else wc * mc[:, None]
-                num += torch.zeros(k, d, device=dev).index_add_(0, lab, wm * xc).double()
-                den += torch.zeros(k, d, device=dev).index_add_(0, lab, wm).double()
+                hi = min(s + t + step, e)
+                _chunk_nearest_wide(rc, cside, buf, labels[s + t : hi], dists[s + t : hi])
+        if packed:
+            _decode_keys(keys[: e - s], low, labels[s:e], dists[s:e])
+        if accumulate:
+            lab = labels[s:e]
+            mb = None if mass is None else mass[s:e].to(torch.float32)
+            if wb is None:
+                num += sums.zero_().index_add_(0, lab, xb if mb is None else xb * mb[:, None])
+                den += torch.bincount(lab, weights=mb, minlength=k)[:, None]
+            else:
+                wm = wb if mb is None else wb * mb[:, None]
+                num += sums.zero_().index_add_(0, lab, wm * xb)
+                den += sums.zero_().index_add_(0, lab, wm)
         if progress is not None:
-            progress("assign", min(s + step, n), n)
-    return labels, dists, num, den
+            progress("assign", e, n)
+    return labels, dists.clamp_min_(0.0), num, den
+
+
+def _chunk_nearest_wide(
+    rows: torch.Tensor, cside: torch.Tensor, buf: torch.Tensor, labels: torch.Tensor, dists: torch.Tensor
+) -> None:
+    """Nearest centroid of one chunk for ``k > 256`` (too many index bits to pack into a key).
+
+    The distances are laid out ``(rows, k)`` so that ``min`` reduces along contiguous memory (4.4x
+    faster than ``min(dim=0)`` on a ``(2048, 8192)`` matrix here); same scratch memory. Writes the
+    first ``labels.numel()`` rows' labels and distances.
+    """
+    m, k = rows.shape[0], cside.shape[0]
+    part = torch.mm(rows, cside.T, out=buf.view(-1)[: m * k].view(m, k))
+    dmin, amin = part[: labels.numel()].min(dim=1)
+    labels.copy_(amin)
+    dists.copy_(dmin)
 
 
 def assign(

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from legonet.errors import ConfigError
-from legonet.ops.kmeans import assign, kmeans, pairwise_sqdist, sample_rows, stage_sizes
+from legonet.ops.kmeans import _lloyd, assign, kmeans, kmeans_plusplus, pairwise_sqdist, sample_rows, stage_sizes
 from tests.marks import needs_cuda
 
 
@@ -129,7 +129,7 @@ def test_gpu_matches_cpu_up_to_float_tolerance():
     assert gpu.inertia == pytest.approx(cpu.inertia, rel=0.02)
 
 
-@pytest.mark.parametrize("d,k", [(1, 3), (9, 2), (64, 2), (16, 1000), (25, 300)])
+@pytest.mark.parametrize("d,k", [(1, 3), (9, 2), (64, 2), (16, 63), (16, 64), (16, 256), (16, 1000), (25, 300)])
 def test_assignment_is_row_wise_for_any_chunk_width(d, k):
     # The chunk width depends on (k, d); rows must get the same bits whatever chunk they share.
     g = torch.Generator().manual_seed(d * k)
@@ -150,7 +150,9 @@ def test_working_set_fit_on_heavy_tails_beats_a_uniform_sample_of_the_same_size(
     core_no_polish = kmeans(x, 16, seed=0, max_fit_points=None, working_points=8_192, polish_iters=0)
     assert core.inertia < uniform.inertia and core_no_polish.inertia < uniform.inertia
     assert core.inertia <= core_no_polish.inertia
-    assert core.iterations > core_no_polish.iterations
+    # The polish iterations are counted (the working set stops at the same point whatever follows it).
+    polish2 = kmeans(x, 16, seed=0, max_fit_points=None, working_points=8_192, polish_iters=2)
+    assert polish2.iterations == core.iterations + 1
 
 
 def test_bad_working_set_arguments_raise_config_errors():
@@ -158,3 +160,48 @@ def test_bad_working_set_arguments_raise_config_errors():
         kmeans(torch.zeros(100, 4), 8, working_points=4)
     with pytest.raises(ConfigError):
         kmeans(torch.zeros(100, 4), 8, polish_iters=-1)
+
+
+@pytest.mark.parametrize("omega,momentum", [(1.0, 0.0), (1.8, 0.0), (1.8, 0.8)])
+def test_accelerated_lloyd_returns_the_means_of_its_last_assignment(omega, momentum):
+    # However far the accelerated steps overshoot, the centroids returned are plain means of the
+    # labels returned, and the caller's starting centroids are left as they were.
+    x = _heavy(20_000, seed=2)
+    mass = torch.rand(20_000, generator=torch.Generator().manual_seed(3)) + 0.5
+    start = kmeans_plusplus(x[:2_000], 24, torch.Generator().manual_seed(0))
+    before = start.clone()
+    c, it, labels = _lloyd(x, None, start, 12, 0.0, mass, omega, momentum)
+    assert torch.equal(start, before) and it == 12
+    for j in range(24):
+        members = labels == j
+        mean = (x[members].double() * mass[members, None].double()).sum(0) / mass[members].double().sum()
+        assert torch.allclose(c[j].double(), mean, rtol=1e-4, atol=1e-5)
+
+
+def test_accelerated_lloyd_is_deterministic_and_reseeds_empty_clusters_without_nan():
+    # Many duplicates and more centroids than distinct rows: empty clusters at every step.
+    base = _heavy(40, seed=4)
+    x = base[torch.randint(40, (20_000,), generator=torch.Generator().manual_seed(5))]
+    start = x[:60].clone()
+    a = _lloyd(x, None, start, 10, 0.0, None, 1.8, 0.8)
+    b = _lloyd(x, None, start, 10, 0.0, None, 1.8, 0.8)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
+    assert bool(torch.isfinite(a[0]).all()) and a[0].shape == (60, 16)
+
+
+def test_plain_lloyd_steps_are_exactly_the_means():
+    # omega = 1 without momentum is plain Lloyd: no rounding from a zero-length extrapolation.
+    x = _heavy(3_000, seed=6)
+    start = x[:8].clone()
+    one, _, labels = _lloyd(x, None, start, 1, 0.0)
+    two, _, _ = _lloyd(x, None, start, 2, 0.0)
+    again, _, _ = _lloyd(x, None, one, 1, 0.0)
+    assert torch.equal(two, again)
+
+
+def test_a_polished_working_set_stops_no_later_than_an_unpolished_one():
+    # Before a full-sample polish, the working set stops at a looser tolerance.
+    x = _heavy(200_000, seed=5)
+    polished = kmeans(x, 16, seed=0, max_fit_points=None, working_points=8_192)
+    alone = kmeans(x, 16, seed=0, max_fit_points=None, working_points=8_192, polish_iters=0)
+    assert polished.iterations - 1 <= alone.iterations
