@@ -8,8 +8,11 @@ with one on a busy two-core machine. Fewer threads than cores cost at most the i
 free cores can cost an order of magnitude. So the choice leans towards fewer threads:
 
 * the cores this process may run on (``os.sched_getaffinity``, else ``os.cpu_count()``),
-* less the cores other processes keep busy: the 1-minute load average minus this process's own
-  share of it,
+* less the cores other processes keep busy *now*: the machine's busy CPU time over a short sample
+  of ``/proc/stat`` (0.2 s) minus this process's own; where that is not available, the 1-minute
+  load average minus this process's own share of it. The load average lags by a minute: a second
+  command started right after a first would see the first's load and take half the cores of an
+  idle machine,
 * rounded to the nearest whole core, and at least 1.
 
 :func:`choose_threads` is the rule as a pure function; :func:`auto_threads` feeds it what the
@@ -39,8 +42,9 @@ def choose_threads(cores: int, load: float, own_threads: float) -> int:
 
     Args:
         cores: cores this process may run on (>= 1).
-        load: the machine's 1-minute load average (runnable threads, averaged).
-        own_threads: this process's own share of ``load`` (its threads that were running).
+        load: the cores the machine keeps busy (a short CPU-time sample, or the 1-minute load
+            average: runnable threads, averaged).
+        own_threads: this process's own share of ``load``.
     Returns:
         ``round(cores - max(0, load - own_threads))``, clipped to ``[1, cores]``.
     """
@@ -85,12 +89,40 @@ def own_load() -> float:
     return load_share(time.process_time(), uptime - int(fields[19]) / ticks)
 
 
+def _cpu_times() -> tuple[float, float]:
+    """``(busy, total)`` CPU seconds of the whole machine since boot, from ``/proc/stat``."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    ticks = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest is in user)
+    return (total - idle) / ticks, total / ticks
+
+
+def busy_now(sample_s: float = 0.2) -> tuple[float, float] | None:
+    """``(cores busy, of which this process)`` over the next ``sample_s`` seconds, or None where
+    ``/proc/stat`` cannot be read."""
+    try:
+        busy0, _ = _cpu_times()
+        own0, t0 = time.process_time(), time.perf_counter()
+        time.sleep(sample_s)
+        busy1, _ = _cpu_times()
+    except (OSError, ValueError, IndexError):
+        return None
+    elapsed = max(time.perf_counter() - t0, 1e-3)
+    return (busy1 - busy0) / elapsed, (time.process_time() - own0) / elapsed
+
+
 def auto_threads() -> int:
     """:func:`choose_threads` for this process, from what the operating system reports now.
 
-    Without a load average (platforms that have none), no other process is assumed to be busy.
+    Without ``/proc/stat`` the 1-minute load average stands in; without either (platforms that
+    have none), no other process is assumed to be busy.
     """
     cores = usable_cores()
+    now = busy_now()
+    if now is not None:
+        return choose_threads(cores, *now)
     try:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):

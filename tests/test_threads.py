@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -39,20 +41,45 @@ def test_choice_rejects_no_cores():
         choose_threads(0, 0.0, 0.0)
 
 
-def test_auto_threads_feeds_the_rule_what_the_os_reports(monkeypatch):
+def test_auto_threads_feeds_the_rule_what_the_os_reports_now(monkeypatch):
     monkeypatch.setattr(threads, "usable_cores", lambda: 4)
+    monkeypatch.setattr(threads, "busy_now", lambda: (3.0, 1.0))
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # not consulted
+    assert threads.auto_threads() == 2
+
+
+def test_auto_threads_falls_back_on_the_load_average(monkeypatch):
+    monkeypatch.setattr(threads, "usable_cores", lambda: 4)
+    monkeypatch.setattr(threads, "busy_now", lambda: None)
     monkeypatch.setattr(threads.os, "getloadavg", lambda: (3.0, 0.0, 0.0))
     monkeypatch.setattr(threads, "own_load", lambda: 1.0)
     assert threads.auto_threads() == 2
 
 
-def test_auto_threads_without_a_load_average_uses_every_core(monkeypatch):
+def test_auto_threads_without_any_report_uses_every_core(monkeypatch):
     def missing():
         raise OSError("no load average")
 
     monkeypatch.setattr(threads, "usable_cores", lambda: 3)
+    monkeypatch.setattr(threads, "busy_now", lambda: None)
     monkeypatch.setattr(threads.os, "getloadavg", missing)
     assert threads.auto_threads() == 3
+
+
+def test_busy_now_sees_a_busy_process_beside_it():
+    import subprocess
+    import sys
+
+    idle = threads.busy_now(0.2)
+    if idle is None:
+        pytest.skip("/proc/stat is not readable here")
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<3: pass"])
+    try:
+        time.sleep(0.3)
+        busy, own = threads.busy_now(0.3)
+    finally:
+        spinner.kill()
+    assert busy >= 0.7 and own < 0.2  # the spinner's core, not this process's
 
 
 def test_load_share_counts_a_young_process_for_little_and_an_old_one_for_its_threads():
