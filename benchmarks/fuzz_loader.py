@@ -107,14 +107,14 @@ def _split(data: bytes):
     body = data[8 + n :]
     blobs = {k: body[v["data_offsets"][0] : v["data_offsets"][1]] for k, v in header.items() if k != "__metadata__"}
     raw = blobs["legonet.meta"]
-    if header["__metadata__"]["version"] in ("3", "4"):  # compressed metadata
+    if int(header["__metadata__"]["version"]) >= 3:  # compressed metadata
         raw = zlib.decompress(raw)
     return header["__metadata__"], json.loads(raw), blobs
 
 
 def _join(md, meta, blobs) -> bytes:
     raw = json.dumps(meta, separators=(",", ":")).encode()
-    blobs = dict(blobs, **{"legonet.meta": zlib.compress(raw) if md.get("version") in ("3", "4") else raw})
+    blobs = dict(blobs, **{"legonet.meta": zlib.compress(raw) if int(md.get("version", "1")) >= 3 else raw})
     md = dict(md, meta_crc32=f"{zlib.crc32(blobs['legonet.meta']) & 0xFFFFFFFF:08x}")
     header, off = {"__metadata__": md}, 0
     for k in sorted(blobs):

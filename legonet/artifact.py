@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from legonet.aliases import with_aliases
 from legonet.config import LegoConfig
 from legonet.errors import ArchitectureError
 from legonet.ops.quant import dequantize
@@ -108,6 +109,10 @@ class CompressedModel:
         source_dtypes: ``{name: dtype}`` of the kept tensors stored in a narrower dtype than the
             input had (``config.kept_dtype="float16"``, as target mode does): the dense
             reconstruction is cast back to it, so a decompressed checkpoint has the input's dtypes.
+        aliases: ``{alias: source}``: further names of a tensor the input listed under several
+            (tied weights, e.g. an output head sharing the token embedding), which is in
+            ``tensors`` once, under ``source`` (:mod:`legonet.aliases`). The dense reconstruction
+            lists it under every name.
     """
 
     config: LegoConfig
@@ -115,6 +120,7 @@ class CompressedModel:
     tensors: dict[str, ClusteredTensor | torch.Tensor] = field(default_factory=dict)
     codebook_scales: dict[int, float] = field(default_factory=dict)
     source_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
     # what the run that made it did (not stored in the file): see legonet.runlog
     log: RunLog | None = field(default=None, repr=False, compare=False)
 
@@ -128,7 +134,9 @@ class CompressedModel:
         return {k: v for k, v in self.tensors.items() if isinstance(v, torch.Tensor)}
 
     def reconstruct(self, name: str) -> torch.Tensor:
-        """Dense tensor ``name``: centroids gathered by index and untiled (original shape and dtype)."""
+        """Dense tensor ``name`` (or an alias of it): centroids gathered by index and untiled
+        (original shape and dtype)."""
+        name = self.aliases.get(name, name)
         t = self.tensors[name]
         if isinstance(t, torch.Tensor):
             return t.to(self.source_dtypes.get(name, t.dtype))
@@ -151,11 +159,15 @@ class CompressedModel:
                 self.source_dtypes.pop(name, None)
 
     def to_state_dict(self) -> dict[str, torch.Tensor]:
-        """Dense reconstruction of every tensor, same names, shapes and dtypes as the input."""
-        return {name: self.reconstruct(name) for name in self.tensors}
+        """Dense reconstruction of every tensor, same names, shapes and dtypes as the input: a tensor
+        with aliases once, listed under its name and then (after every other tensor) each alias."""
+        return with_aliases({name: self.reconstruct(name) for name in self.tensors}, self.aliases)
 
     def load_into(self, module: nn.Module) -> nn.Module:
         """Copy the reconstructed weights into ``module`` (in place) and return it.
+
+        A tensor with aliases is copied under each of its names: into the one parameter they share
+        where ``module`` ties them, into each where it does not.
 
         Raises :class:`ArchitectureError` naming missing/unexpected keys or mismatched shapes.
         """

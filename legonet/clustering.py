@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from legonet.aliases import shared_tensor_aliases
 from legonet.artifact import ClusteredTensor, CompressedModel
 from legonet.compact import compact_by_sqnr
 from legonet.config import LegoConfig
@@ -35,7 +36,22 @@ _SLAB_ELEMENTS = 1 << 22
 
 
 def as_state_dict(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A plain ``{name: tensor}`` dict (detached, on the CPU) from a module or a mapping.
+    """A plain ``{name: tensor}`` dict (detached, on the CPU) from a module or a mapping, each
+    tensor once: a tensor listed under several names (tied weights) appears under its first name
+    only (:func:`state_dict_and_aliases` also returns the other names).
+
+    Raises :class:`CheckpointError` for empty models and values that are not tensors.
+    """
+    return state_dict_and_aliases(model_or_state_dict)[0]
+
+
+def state_dict_and_aliases(
+    model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(state dict, aliases)``: the tensors of :func:`as_state_dict`, and ``{alias: source}`` for
+    every further name of a tensor shared by several (same storage, offset, shape, stride and
+    dtype; :func:`legonet.aliases.shared_tensor_aliases`), so that it is compressed, stored and
+    counted once.
 
     Raises :class:`CheckpointError` for empty models and values that are not tensors.
     """
@@ -47,14 +63,15 @@ def as_state_dict(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) -
         raise CheckpointError(f"expected an nn.Module or a state dict, got {type(model_or_state_dict).__name__}")
     if not sd:
         raise CheckpointError("the model has no tensors")
-    out = {}
     for name, t in sd.items():
         if not isinstance(name, str):
             raise CheckpointError(f"state dict key {name!r} is not a string")
         if not isinstance(t, torch.Tensor):
             raise CheckpointError(f"state dict entry {name!r} is a {type(t).__name__}, not a tensor")
-        out[name] = t.detach().cpu()
-    return out
+    # found before the move to the CPU, which copies each tensor of another device apart
+    aliases = shared_tensor_aliases(sd)
+    out = {name: t.detach().cpu() for name, t in sd.items() if name not in aliases}
+    return out, aliases
 
 
 def nonfinite_tensors(sd: Mapping[str, torch.Tensor]) -> list[str]:
@@ -204,18 +221,20 @@ def cluster_model(
         progress: optional ``progress(task, done, total)`` callback: the k-means stages
             (``"fit"``, ``"assign"``) of one model-wide codebook, or ``"clustering"`` tensor by tensor.
     Returns:
-        A :class:`CompressedModel`; every input tensor is in it, clustered or kept as it was. With
+        A :class:`CompressedModel`; every input tensor is in it, clustered or kept as it was (a
+        tensor shared by several names once, the other names its ``aliases``). With
         ``config.compact_storage``, tensors clustered with an SQNR of at most 12 dB have their
         gains and codebook stored in 8 bits (:func:`legonet.compact.compact_by_sqnr`).
     """
     config = config or LegoConfig()
-    sd = as_state_dict(model_or_state_dict)
+    sd, aliases = state_dict_and_aliases(model_or_state_dict)
     check_finite(sd, config.allow_nonfinite)
     names = select_tensors(sd, config)
     if not names:
         raise ConfigError("no tensor to cluster: none is floating-point with 2 or more dimensions "
                           "and matched by the include/exclude patterns")
     cm = compress_groups(sd, config, plan_groups(names, config), progress=progress)
+    cm.aliases = aliases
     if config.compact_storage:
         compact_by_sqnr(cm)
     return cm

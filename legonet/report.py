@@ -3,7 +3,8 @@
 The headline ratio is ``original fp32 bytes / bytes of the .lego file`` (the whole file: container
 header, metadata, codebooks, packed indices and every tensor kept as it is). "Original fp32 bytes"
 counts every floating tensor at 4 bytes per element, whatever dtype it came in, and other tensors
-at their own size. The paper's narrower figure, fp32 bytes of the clustered tensors over their index
+at their own size; a tensor listed under several names (tied weights) counts once, as the file
+stores it once. The paper's narrower figure, fp32 bytes of the clustered tensors over their index
 bits plus the codebooks, is reported too and labelled as such.
 """
 
@@ -71,6 +72,8 @@ class Report:
     compact_tensors: int = 0
     # clustered tensors whose index stream is entropy-coded (format version 4)
     entropy_coded_tensors: int = 0
+    # ``{alias: source}``: further names of tied tensors, stored and counted once (format version 5)
+    aliases: dict[str, str] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
@@ -123,7 +126,12 @@ class Report:
             ("container header + metadata", _human(self.header_bytes)),
             ("clustered weights", f"{self.clustered_weights:,} of {self.num_weights:,}"),
             ("lowest tensor SQNR", "n/a" if self.min_sqnr_db is None else f"{self.min_sqnr_db:.2f} dB"),
-        ]
+        ] + ([("tied tensors (stored once)", self._aliases_line())] if self.aliases else [])
+
+    def _aliases_line(self) -> str:
+        alias, source = next(iter(self.aliases.items()))
+        pair = f"{alias} = {source}"
+        return pair if len(self.aliases) == 1 else f"{len(self.aliases)} names, e.g. {pair}"
 
     def _codebooks_line(self) -> str:
         size = _human(self.codebook_bytes)
@@ -176,7 +184,10 @@ def _human(n: int) -> str:
 
 
 def fp32_bytes(sd: dict) -> int:
-    """Original size as legonet counts it: floating tensors at 4 bytes per element, others as stored."""
+    """Original size as legonet counts it: floating tensors at 4 bytes per element, others as stored.
+
+    ``sd`` should list a tied tensor once (:func:`legonet.clustering.as_state_dict` does): every
+    entry is counted."""
     return sum(4 * t.numel() if t.is_floating_point() else t.numel() * t.element_size() for t in sd.values())
 
 
@@ -225,5 +236,5 @@ def build_report(cm: CompressedModel, file_bytes: int | None = None) -> Report:
         clusters=clusters, block=block, scope=cm.config.scope,
         clustered_fp32_bytes=clustered_fp32, tensors=rows, codebook_settings=settings,
         compact_tensors=sum(1 for t in cm.clustered.values() if t.gain_code is not None),
-        entropy_coded_tensors=coded_tensors,
+        entropy_coded_tensors=coded_tensors, aliases=dict(cm.aliases),
     )

@@ -33,10 +33,10 @@ from legonet.artifact import CompressedModel, fills
 from legonet.compact import store_compact
 from legonet.clustering import (
     Group,
-    as_state_dict,
     check_finite,
     compress_groups,
     select_tensors,
+    state_dict_and_aliases,
 )
 from legonet.config import SCALE_STATS, TargetConfig
 from legonet.errors import ConfigError
@@ -325,6 +325,7 @@ def compress_to_ratio(
     reserve: int = 0,
     sensitivity: Mapping[str, float] | None = None,
     tables_out: dict[str, list[Choice]] | None = None,
+    aliases: Mapping[str, str] | None = None,
 ) -> tuple[CompressedModel, dict[str, Choice]]:
     """Compress so that ``original fp32 bytes / file bytes >= target_ratio``.
 
@@ -348,6 +349,9 @@ def compress_to_ratio(
             allocation (a caller's per-layer sensitivity measure); default: every tensor counts
             equally (a Fisher-based measure was tried and dropped, see docs/design-notes.md).
         tables_out: optional dict, filled with every tensor's evaluated menu entries.
+        aliases: ``{alias: source}`` names the caller took out of ``model_or_state_dict`` (tied
+            weights, :func:`legonet.clustering.state_dict_and_aliases`), stored with the file;
+            those of a module or state dict given here are found and added.
     Returns:
         The compressed model and the chosen setting per clustered tensor.
     """
@@ -355,7 +359,8 @@ def compress_to_ratio(
         raise ConfigError(f"target ratio must be a number > 1, got {target_ratio!r}")
     log = log or RunLog()
     cfg = (config or TargetConfig()).clustering()
-    sd = as_state_dict(model_or_state_dict)
+    sd, found = state_dict_and_aliases(model_or_state_dict)
+    aliases = {**(aliases or {}), **found}
     check_finite(sd, cfg.allow_nonfinite)
     names = select_tensors(sd, cfg)
     if not names:
@@ -388,7 +393,7 @@ def compress_to_ratio(
     kept = {k: t.half() if t.is_floating_point() else t for k, t in sd.items() if k not in chosen_set}
     filled = fills(kept)
     fixed = sum(t.numel() * t.element_size() for k, t in kept.items() if k not in filled)
-    overhead = _overhead(len(sd))  # corrected below if too low
+    overhead = _overhead(len(sd) + len(aliases))  # corrected below if too low
     smallest = sum(min(c.nbytes for c in t) for t in tables.values())
     if smallest > target_bytes - fixed - overhead:
         raise ConfigError(f"target ratio {target_ratio:g} is out of reach for this model: its coarsest settings "
@@ -406,6 +411,7 @@ def compress_to_ratio(
         groups = [Group((n,), plan[n].block, plan[n].clusters, plan[n].scale_stat) for n in names]
         with log.step("clustering"):
             cm = compress_groups(sd, cfg, groups, element_weights=element_weights, progress=log.report)
+        cm.aliases = dict(aliases)
         store_compact(cm, [n for n in names if plan[n].compact])
         size = len(cm.to_bytes())
         if size <= target_bytes:

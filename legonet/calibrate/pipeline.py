@@ -29,7 +29,7 @@ from legonet.calibrate.layer_fit import LayerFitResult, fit_layer_outputs
 from legonet.calibrate.refine import RefineResult, refine_codebooks
 from legonet.calibrate.stats import input_statistics, model_device
 from legonet.calibrate.stream_budget import snapshot, spend_savings, undo_growth
-from legonet.clustering import as_state_dict, select_tensors
+from legonet.clustering import select_tensors, state_dict_and_aliases
 from legonet.compact import RECODE_RESERVE
 from legonet.config import TargetConfig
 from legonet.datafree.fold_norms import (
@@ -122,7 +122,8 @@ def calibrated_compress(
         if grouped:
             log.note(f"grouped alike channels of {len(grouped)} layers (a reordering; the function is unchanged)")
     eps = batchnorm_eps(model) if cfg.fold_norms else {}
-    original = as_state_dict(model)
+    # a tied tensor is planned, fitted, refined, stored and counted once (its other names: ``aliases``)
+    original, aliases = state_dict_and_aliases(model)
     sd = dict(original)
     # the budget is planned for the folded file (new tensors in ``sd``: the model keeps its own) ...
     folded = fold_batchnorm_statistics(sd, eps)
@@ -153,7 +154,7 @@ def calibrated_compress(
     tables: dict = {}
     cm, plan = compress_to_ratio(planned, target_ratio, config=cfg, element_weights=moments,
                                  covariances=ranked, menu=menu, kernel_menu=kernel_menu, log=log,
-                                 reserve=reserve, tables_out=tables)
+                                 reserve=reserve, tables_out=tables, aliases=aliases)
     restore_scales(cm, sd, pairs)  # ... which are needed until then
     fit_result = None
     if layer_fit is not None:

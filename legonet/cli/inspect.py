@@ -47,7 +47,8 @@ def decompress(file, output):
     check_writable(output)
     refuse_overwriting(output, [file])
     cm = load(file)
-    sd = {k: v.contiguous() for k, v in cm.to_state_dict().items()}
+    # safetensors refuses tensors that share memory: a tied tensor is written under each name
+    sd = {k: (v.clone() if k in cm.aliases else v.contiguous()) for k, v in cm.to_state_dict().items()}
     data = st_save(sd, metadata={"source": "legonet decompress"})
     with atomic_path(output) as tmp:
         tmp.write_bytes(data)

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from legonet.artifact import CompressedModel
-from legonet.clustering import as_state_dict, select_tensors
+from legonet.aliases import with_aliases
+from legonet.clustering import select_tensors, state_dict_and_aliases
 from legonet.compact import RECODE_RESERVE
 from legonet.config import TargetConfig
 from legonet.datafree.bias_correction import correct_compressed
@@ -58,7 +59,8 @@ def datafree_compress(
     """
     cfg = config or TargetConfig()
     log = log or RunLog()
-    original = as_state_dict(state_dict if state_dict is not None else model)
+    # a tied tensor is planned, stored and counted once (its other names are ``aliases``)
+    original, aliases = state_dict_and_aliases(state_dict if state_dict is not None else model)
     eps = batchnorm_eps(model) if cfg.fold_norms else {}
     sd = dict(original)
     fold_batchnorm_statistics(sd, eps)
@@ -68,11 +70,12 @@ def datafree_compress(
     # the BatchNorm fold gives 8-bit gains new codes: room for them in the metadata
     cm, plan = compress_to_ratio(unit_scales(sd, pairs), target_ratio, config=cfg, menu=menu,
                                  kernel_menu=kernel_menu, log=log,
-                                 reserve=RECODE_RESERVE * len(names) if pairs else 0)
+                                 reserve=RECODE_RESERVE * len(names) if pairs else 0, aliases=aliases)
     restore_scales(cm, sd, pairs)  # planned without them (they end in the row gains), needed until then
     if cfg.bias_correction:
         with log.step("bias correction"):
-            fixed = correct_compressed(cm, model, original)  # moments from the trained statistics
+            # moments from the trained statistics; the model's own names, aliases included
+            fixed = correct_compressed(cm, model, with_aliases(original, aliases))
         log.note(fixed.describe())
     fold_batchnorm_statistics(cm.tensors, eps)
     if pairs:

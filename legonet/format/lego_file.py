@@ -41,6 +41,11 @@ coding made some index stream smaller) lets a clustered tensor's ``crc32`` field
 :mod:`legonet.ops.rans` specifies, not bit-packed. Everything else is as in version 3 (a version-4
 file without compact storage still has its metadata zlib-compressed).
 
+Format version 5 (files of models with tied weights: one tensor listed under several names, e.g.
+an output head sharing the token embedding) adds ``"aliases": {alias: source, ...}``: the tensor is
+stored once, under ``source`` (a name in ``tensors``), and a reader lists it under each ``alias``
+(a name not in ``tensors``) too. Everything else is as in version 4.
+
 Any version may carry ``"source_dtypes": {dtype: [name, ...]}``: kept floating tensors stored in a
 narrower dtype than the checkpoint they came from had (target mode stores them in float16), listed
 under the dtype a reader restores them to; ``{dtype: "*"}`` (the only key then) stands for every kept
@@ -67,6 +72,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from legonet.aliases import alias_problem
 from legonet.artifact import (
     ClusteredTensor,
     CompressedModel,
@@ -78,10 +84,11 @@ from legonet.ops.rans import index_stream
 from legonet.ops.scalar_codes import codebook_levels, float32_hex, gain_levels
 
 FORMAT_NAME = "legonet"
-FORMAT_VERSION = 4  # the newest version this legonet reads; it writes the lowest that holds the file (see serialize)
+FORMAT_VERSION = 5  # the newest version this legonet reads; it writes the lowest that holds the file (see serialize)
 _FILL_VERSION = 2
 COMPACT_VERSION = 3
 ENTROPY_VERSION = 4
+ALIAS_VERSION = 5
 # the largest metadata JSON a version-3 file may inflate to (a few KB per thousand tensors)
 MAX_META_BYTES = 1 << 28
 _BLOBS = ("legonet.meta", "codebooks", "indices", "dense")
@@ -181,12 +188,18 @@ def serialize(cm: CompressedModel) -> bytes:
         if config.get(key) == default:
             config.pop(key, None)
     # the lowest version that holds what is present: files stay readable by older legonet versions
-    version = (ENTROPY_VERSION if coded_any else COMPACT_VERSION if compact
+    # (which, not knowing aliases, would silently lose the names of tied tensors: hence a version)
+    version = (ALIAS_VERSION if cm.aliases else ENTROPY_VERSION if coded_any else COMPACT_VERSION if compact
                else _FILL_VERSION if any(len(e) == 5 for e in entries) else 1)
     meta = {"format": FORMAT_NAME, "version": version, "config": config,
             "codebooks": cb_meta, "tensors": entries}
     if cm.source_dtypes:  # only where some kept tensor was narrowed: other files are written as before
         meta["source_dtypes"] = _source_dtypes_entry(cm)
+    if cm.aliases:
+        problem = alias_problem(cm.aliases, cm.tensors)
+        if problem is not None:
+            raise FormatError(f"cannot write the model: {problem}")
+        meta["aliases"] = dict(cm.aliases)
     meta_b = json.dumps(meta, separators=(",", ":"), allow_nan=False).encode()
     if version >= COMPACT_VERSION:
         meta_b = zlib.compress(meta_b, 9)

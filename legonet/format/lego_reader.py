@@ -10,7 +10,8 @@ non-finite codebook values and bool bytes other than 0/1 are rejected; CRC-32s a
 codebook scales and gain codes must be finite float32 values in range. A version-4 file's
 entropy-coded index streams must decode to exactly their tensor's number of blocks, consume their
 bytes exactly and end in the coder's initial state; decoding allocates only for the tensor's
-(already bounded) number of blocks. Every failure is a
+(already bounded) number of blocks. A version-5 file's aliases must each be a new name referring to
+a tensor of the file. Every failure is a
 :class:`legonet.errors.FormatError` naming the file.
 """
 
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from legonet.aliases import alias_problem
 from legonet.artifact import MAX_FILL, MAX_FILL_TOTAL, ClusteredTensor, CompressedModel
 from legonet.config import LegoConfig
 from legonet.errors import ConfigError, FormatError
@@ -35,6 +37,7 @@ from legonet.format.lego_file import (
     _BLOBS,
     _FILL_VERSION,
     _MAX_NDIM,
+    ALIAS_VERSION,
     CODEBOOK_DTYPES,
     COMPACT_VERSION,
     DTYPES,
@@ -236,7 +239,23 @@ def deserialize(data: bytes | bytearray | memoryview, *, source: str = "<bytes>"
     if dense_off != len(blobs["dense"]) or idx_off != len(blobs["indices"]):
         raise _fail(source, "blob sizes do not match the metadata (extra bytes)")
     return CompressedModel(config=config, codebooks=codebooks, tensors=tensors, codebook_scales=codebook_scales,
-                           source_dtypes=_read_source_dtypes(meta.get("source_dtypes"), tensors, source))
+                           source_dtypes=_read_source_dtypes(meta.get("source_dtypes"), tensors, source),
+                           aliases=_read_aliases(meta.get("aliases"), tensors, source, version))
+
+
+def _read_aliases(entry: Any, tensors: dict, source: str, version: int) -> dict[str, str]:
+    """``{alias: source}`` from the optional ``aliases`` map (version 5): each alias a new name,
+    each source a tensor of the file."""
+    if entry is None:
+        return {}
+    if version < ALIAS_VERSION:  # an older reader would drop these names without a word
+        raise _fail(source, f"aliases need format version {ALIAS_VERSION}, the file says {version}")
+    if not isinstance(entry, dict):
+        raise _fail(source, "aliases is malformed (expected an object of names)")
+    problem = alias_problem(entry, tensors)
+    if problem is not None:
+        raise _fail(source, problem)
+    return dict(entry)
 
 
 def _read_source_dtypes(entry: Any, tensors: dict, source: str) -> dict[str, torch.dtype]:

@@ -54,17 +54,17 @@ def split(data: bytes) -> tuple[dict, dict, dict[str, bytes]]:
     body = data[8 + n :]
     blobs = {k: body[v["data_offsets"][0] : v["data_offsets"][1]] for k, v in header.items() if k != "__metadata__"}
     raw = blobs["legonet.meta"]
-    if header["__metadata__"]["version"] in ("3", "4"):
+    if header["__metadata__"]["version"] in ("3", "4", "5"):
         raw = zlib.decompress(raw)
     return header["__metadata__"], json.loads(raw), blobs
 
 
 def join(md: dict, meta: dict, blobs: dict[str, bytes], *, fix_crc: bool = True) -> bytes:
     """Rebuild a file; with ``fix_crc`` the metadata checksum is recomputed (tensor CRCs are the caller's).
-    The metadata is zlib-compressed when ``md`` says version 3 or 4."""
+    The metadata is zlib-compressed when ``md`` says version 3, 4 or 5."""
     blobs = dict(blobs)
     blobs["legonet.meta"] = json.dumps(meta, separators=(",", ":")).encode()
-    if md.get("version") in ("3", "4"):
+    if md.get("version") in ("3", "4", "5"):
         blobs["legonet.meta"] = zlib.compress(blobs["legonet.meta"])
     md = dict(md)
     if fix_crc:

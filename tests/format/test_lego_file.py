@@ -19,7 +19,7 @@ from lego_craft import container, crc, join, split, tiny_model_bytes
 
 import legonet
 from legonet.errors import FormatError
-from legonet.format import deserialize, load, serialize
+from legonet.format import FORMAT_VERSION, deserialize, load, serialize
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -133,8 +133,9 @@ def test_wrong_magic(tmp_path):
 
 def test_newer_version_is_named():
     md, meta, blobs = split(tiny_model_bytes())
-    with pytest.raises(FormatError, match="newer legonet \\(format version 5\\).*upgrade"):
-        deserialize(join({**md, "version": "5"}, meta, blobs))
+    newer = FORMAT_VERSION + 1
+    with pytest.raises(FormatError, match=f"newer legonet \\(format version {newer}\\).*upgrade"):
+        deserialize(join({**md, "version": str(newer)}, meta, blobs))
     for v in ("0", "one", "", "1" * 40):
         with pytest.raises(FormatError, match="format version"):
             deserialize(join({**md, "version": v}, meta, blobs))

@@ -88,10 +88,15 @@ def lower_network(cm: CompressedModel, arch_or_module: str | nn.Module, input_sh
 
     ``mean``/``std`` (per input channel) default to the zoo entry's, or to the module's
     ``legonet_mean``/``legonet_std`` attributes, else 0 and 1. Raises ArchitectureError naming the
-    first node the C runtime cannot run, or the tensors that do not fit.
+    first node the C runtime cannot run, the tensors that do not fit, or tied tensors
+    (``cm.aliases``: the C code holds each weight under one name only).
     """
     from legonet.nn.convert import check_fits
 
+    if cm.aliases:
+        alias, source = next(iter(cm.aliases.items()))
+        raise ArchitectureError(f"C export does not support tied tensors: {alias!r} shares {source!r} "
+                                f"({len(cm.aliases)} alias(es) in the compressed model)")
     model, shape, mean, std, label = _module_and_inputs(arch_or_module, input_shape, mean, std)
     if len(shape) != 3 or any(int(s) < 1 for s in shape):
         raise ArchitectureError(f"C export: input shape must be (C, H, W), got {shape}")

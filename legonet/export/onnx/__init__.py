@@ -72,9 +72,14 @@ def build_onnx(cm: CompressedModel, arch: str | nn.Module, input_size: tuple[int
         input_size: the input's shape without the batch, e.g. ``(3, 32, 32)``; default the zoo
             spec's (required for a module).
     Raises:
-        ConfigError: onnx missing, or a tensor that cannot be rebuilt in the graph (named).
+        ConfigError: onnx missing, a tensor that cannot be rebuilt in the graph (named), or tied
+            tensors (``cm.aliases``: the exporter rebuilds each weight under one name only).
         ArchitectureError: ``cm`` does not fit ``arch``, or ``arch`` cannot be traced.
     """
+    if cm.aliases:
+        alias, source = next(iter(cm.aliases.items()))
+        raise ConfigError(f"ONNX export does not support tied tensors: {alias!r} shares {source!r} "
+                          f"({len(cm.aliases)} alias(es) in the compressed model)")
     onnx = require_onnx()
     module, size, label = _architecture(arch, input_size)
     if len(size) < 1 or any(not isinstance(s, int) or s < 1 for s in size):
