@@ -12,16 +12,17 @@ The command line calls this same function.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from legonet.artifact import CompressedModel
-from legonet.calibrate.data import Batch
+from legonet.calibrate.data import Batch, Calibration
 from legonet.config import LegoConfig, TargetConfig
 from legonet.errors import ConfigError
 from legonet.graph import own_forward_layers
+from legonet.menu_cache import MenuCache
 from legonet.runlog import Progress, RunLog
 from legonet.threads import using_threads
 
@@ -30,7 +31,7 @@ def compress(
     model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
     config: LegoConfig | TargetConfig | None = None,
     *,
-    target_ratio: float | None = None,
+    target_ratio: float | Sequence[float] | None = None,
     calib: torch.Tensor | Iterable[Batch] | None = None,
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
@@ -47,6 +48,8 @@ def compress(
             (default ``TargetConfig()``) for target mode's settings.
         target_ratio: the whole-file compression ratio to meet (fp32 bytes over the bytes of the
             .lego file, everything counted). Every tensor then gets its own block shape and K.
+            A list of ratios returns a list of compressed models, one per ratio, at the cost of
+            one analysis of the weights (:mod:`legonet.menu_cache`).
         calib: calibration inputs, no labels (target mode with a module only): a tensor ``(N, ...)``
             of model inputs, or an iterable of batches, each a tensor, a tuple of positional
             arguments or a dict of keyword arguments (read once and kept for the passes).
@@ -59,18 +62,26 @@ def compress(
             free cores slow PyTorch's many small operations down tenfold). The caller's setting
             is restored afterwards.
     Returns:
-        The :class:`CompressedModel` (``.save(path)``, ``.report()``, ``.load_into(module)``); its
+        The :class:`CompressedModel` (a list of them for a list of ratios) (``.save(path)``, ``.report()``, ``.load_into(module)``); its
         ``log`` holds the time of every step and what each step did or left undone. The model
         given is not changed.
     Raises:
         ConfigError: a setting that does not fit the mode, or a target out of reach (said at once).
     """
     with using_threads(threads):
-        cm = _compress(model_or_state_dict, config, target_ratio, calib, device, RunLog(progress))
-    return cm
+        if isinstance(target_ratio, (list, tuple)):
+            if not target_ratio:
+                raise ConfigError("target_ratio: the list of ratios is empty")
+            if calib is not None and not isinstance(calib, (torch.Tensor, Calibration)):
+                calib = Calibration.of(calib)  # read once (a generator can be given), used for every ratio
+            cache = MenuCache()
+            return [_compress(model_or_state_dict, config, r, calib, device, RunLog(progress), cache)
+                    for r in target_ratio]
+        return _compress(model_or_state_dict, config, target_ratio, calib, device, RunLog(progress), None)
 
 
-def _compress(model_or_state_dict, config, target_ratio, calib, device, log: RunLog) -> CompressedModel:
+def _compress(model_or_state_dict, config, target_ratio, calib, device, log: RunLog,
+              menu_cache: MenuCache | None) -> CompressedModel:
     """:func:`compress` once the threads are set (see there)."""
     if target_ratio is None:
         if calib is not None:
@@ -112,10 +123,10 @@ def _compress(model_or_state_dict, config, target_ratio, calib, device, log: Run
     elif module is not None and (cfg.fold_norms or cfg.bias_correction):
         from legonet.datafree.pipeline import datafree_compress
 
-        cm, _plan = datafree_compress(module, target_ratio, config=cfg, log=log)
+        cm, _plan = datafree_compress(module, target_ratio, config=cfg, log=log, menu_cache=menu_cache)
     else:
         from legonet.target import compress_to_ratio
 
-        cm, _plan = compress_to_ratio(model_or_state_dict, target_ratio, config=cfg, log=log)
+        cm, _plan = compress_to_ratio(model_or_state_dict, target_ratio, config=cfg, log=log, menu_cache=menu_cache)
     cm.log = log
     return cm

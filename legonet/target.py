@@ -40,6 +40,7 @@ from legonet.clustering import (
 )
 from legonet.config import SCALE_STATS, TargetConfig
 from legonet.errors import ConfigError
+from legonet.menu_cache import MenuCache
 from legonet.ops import rans
 from legonet.ops.bitpack import bits_for, packed_nbytes
 from legonet.ops.lloyd import nearest, quick_kmeans
@@ -325,6 +326,7 @@ def compress_to_ratio(
     reserve: int = 0,
     sensitivity: Mapping[str, float] | None = None,
     tables_out: dict[str, list[Choice]] | None = None,
+    menu_cache: MenuCache | None = None,
     aliases: Mapping[str, str] | None = None,
 ) -> tuple[CompressedModel, dict[str, Choice]]:
     """Compress so that ``original fp32 bytes / file bytes >= target_ratio``.
@@ -349,6 +351,8 @@ def compress_to_ratio(
             allocation (a caller's per-layer sensitivity measure); default: every tensor counts
             equally (a Fisher-based measure was tried and dropped, see docs/design-notes.md).
         tables_out: optional dict, filled with every tensor's evaluated menu entries.
+        menu_cache: optional :class:`~legonet.menu_cache.MenuCache` shared by several runs on the same
+            weights (several target ratios): each tensor's data-free estimates are made once.
         aliases: ``{alias: source}`` names the caller took out of ``model_or_state_dict`` (tied
             weights, :func:`legonet.clustering.state_dict_and_aliases`), stored with the file;
             those of a module or state dict given here are found and added.
@@ -373,8 +377,17 @@ def compress_to_ratio(
     with log.step("estimating settings"):
         for i, n in enumerate(names):
             entries = menu_for(sd[n].shape, menu, kernel_menu)
-            tables[n] = evaluate_menu(sd[n], entries, element_weights=element_weights.get(n),
-                                      covariance=(covariances or {}).get(n), seed=cfg.seed + i, entropy_coding=True)
+            weights, cov = element_weights.get(n), (covariances or {}).get(n)
+
+            def evaluate(n=n, entries=entries, weights=weights, cov=cov, seed=cfg.seed + i):
+                return evaluate_menu(sd[n], entries, element_weights=weights, covariance=cov, seed=seed,
+                                     entropy_coding=True)
+
+            if menu_cache is not None and weights is None and cov is None:
+                tables[n] = menu_cache.get_or_evaluate(
+                    MenuCache.key(n, sd[n], entries, cfg.seed + i, entropy_coding=True), evaluate)
+            else:
+                tables[n] = evaluate()
             if not tables[n]:
                 raise ConfigError(f"tensor {n!r} {tuple(sd[n].shape)} is too small for any menu setting; exclude it")
             log.advance(i + 1, len(names))

@@ -184,10 +184,11 @@ def _compress_to_ratios(src, outputs, ratios, arch, calib, settings, device, per
             with status(quiet, f"reading calibration images from {calib}"):
                 batches = calibration_batches(calib, arch, settings.calib, settings.target.seed,
                                               settings.target.batch_size)
-    for ratio, out in zip(ratios, outputs):
-        with progress_bars(not quiet) as bars:
-            cm = legonet.compress(model if model is not None else sd, settings.target, target_ratio=ratio,
-                                  calib=batches, device=device, progress=bars, threads=threads)
+    # one call for every ratio: the weights are analysed once (legonet.menu_cache)
+    with progress_bars(not quiet) as bars:
+        cms = legonet.compress(model if model is not None else sd, settings.target, target_ratio=list(ratios),
+                               calib=batches, device=device, progress=bars, threads=threads)
+    for cm, out in zip(cms, outputs):
         # a module's state may hold what the checkpoint lacks (BatchNorm's num_batches_tracked) and
         # computes in float32: the file keeps the checkpoint's own names and dtypes (it only shrinks)
         cm.tensors = {k: v for k, v in cm.tensors.items() if k in sd}

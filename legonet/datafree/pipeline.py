@@ -25,6 +25,7 @@ from legonet.datafree.fold_norms import (
 )
 from legonet.errors import ConfigError
 from legonet.graph import PassNote
+from legonet.menu_cache import MenuCache
 from legonet.report import fp32_bytes
 from legonet.runlog import RunLog
 from legonet.target import DEFAULT_MENU, KERNEL_MENU, Choice, compress_to_ratio
@@ -39,6 +40,7 @@ def datafree_compress(
     menu=DEFAULT_MENU,
     kernel_menu=KERNEL_MENU,
     log: RunLog | None = None,
+    menu_cache: MenuCache | None = None,
 ) -> tuple[CompressedModel, dict[str, Choice]]:
     """Target mode + data-free repairs that need the architecture (no images).
 
@@ -54,6 +56,7 @@ def datafree_compress(
         model: the architecture; its weights are used unless ``state_dict`` is given.
         state_dict: the trained weights (names of ``model``'s state dict).
         log: progress and timing of the steps, and a note for what each repair did or left undone.
+        menu_cache: shared by runs at several ratios, so that the weights are analysed once.
     Returns:
         The compressed model and the setting chosen per clustered tensor.
     """
@@ -70,7 +73,8 @@ def datafree_compress(
     # the BatchNorm fold gives 8-bit gains new codes: room for them in the metadata
     cm, plan = compress_to_ratio(unit_scales(sd, pairs), target_ratio, config=cfg, menu=menu,
                                  kernel_menu=kernel_menu, log=log,
-                                 reserve=RECODE_RESERVE * len(names) if pairs else 0, aliases=aliases)
+                                 reserve=RECODE_RESERVE * len(names) if pairs else 0, aliases=aliases,
+                                 menu_cache=menu_cache)
     restore_scales(cm, sd, pairs)  # planned without them (they end in the row gains), needed until then
     if cfg.bias_correction:
         with log.step("bias correction"):
