@@ -106,3 +106,16 @@ def test_index_stream_takes_the_smaller_form():
     assert rans.index_stream(s, k, False) == (pack_bits(s, 4).tobytes(), False)
     many = np.arange(5000)  # more distinct centroids than the coder takes
     assert rans.index_stream(many, 8192, True)[1] is False
+
+
+def test_scalar_and_array_encoders_write_the_same_bytes(monkeypatch):
+    rng = np.random.default_rng(3)
+    for n, k in [(1, 2), (300, 5), (9000, 64), (70000, 256)]:
+        s = rng.choice(k, size=n, p=rng.dirichlet(np.ones(k) * 0.3))
+        codes = rans.frequency_codes(np.bincount(s, minlength=k))
+        monkeypatch.setattr(rans, "_VECTOR_LANES", 1)
+        by_arrays = rans.encode(s, codes)
+        monkeypatch.setattr(rans, "_VECTOR_LANES", 10**9)
+        by_scalars = rans.encode(s, codes)
+        assert by_arrays == by_scalars
+        assert (rans.decode(by_scalars, k, n) == s).all()
