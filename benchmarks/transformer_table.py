@@ -19,6 +19,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,7 +130,13 @@ def run_task(task: Task, peers: Sequence[Peer], log: Callable[[str], None]) -> d
             log(reason)
             continue
         start = time.perf_counter()
-        out, nbytes = peer.run(task.model, task.calib if peer.calibrated else None)
+        try:
+            out, nbytes = peer.run(task.model, task.calib if peer.calibrated else None)
+        except Exception as e:  # noqa: BLE001 -- one failing method is a row of the table, not the end of it
+            message = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+            rows.append({"method": peer.name, "failed": message, "seconds": round(time.perf_counter() - start, 1)})
+            log(f"{task.name:17s} {peer.name:20s} FAILED {message}\n{traceback.format_exc()}")
+            continue
         add(peer.name, nbytes, task.measure(out), time.perf_counter() - start)
     params = sum(t.numel() for t in task.model.state_dict().values() if t.is_floating_point())
     return {"original_bytes": orig, "parameters": params, "info": task.info, "rows": rows, "skipped": skipped}
