@@ -1,8 +1,9 @@
-"""Speed benchmark of the k-means engine, of its thread use on a busy machine, and of streaming.
+"""Speed benchmark of the k-means engine, of its thread use on a busy machine, of streaming and of target mode.
 
 One command::
 
     python benchmarks/speed.py [--threads N] [--params 1e9] [--resnet50 INDEX.json] [--skip PART ...]
+                               [--target-nets resnet20,resnet56,...]
 
 (a) The k-means table, measured in one run on ResNet-50's 4x4 blocks. Each row (or group of rows
     measured together) is a function in ``ROWS``: add a function there to add a row.
@@ -23,6 +24,14 @@ One command::
     TinyLlama-1.1B-like decoder, heavy-tailed weights), generated under /tmp and deleted afterwards,
     compressed at 4x4/K=256 by the streaming path in a subprocess: wall time and peak RSS.
 (e) The same on a GPU when ``torch.cuda.is_available()``; otherwise recorded as not available.
+(f) Target mode end to end (rows in ``TARGET_ROWS``, ``--target-nets`` picks some): data-free 8x of
+    ResNet-20, ResNet-56, ResNet-50 (CIFAR-10) and EfficientNet-Lite1 through ``legonet.compress`` and
+    ``cm.save``, and ResNet-56 at 8, 12 and 16x as one ``legonet compress --target-ratio 8,12,16`` call
+    against one call per ratio. Each run is a fresh process timed from after its imports and model
+    load (CLI rows: from the call, which reads the checkpoint) to the last file written; each row
+    idle, then beside two busy processes (as the threads rows), with legonet choosing its threads.
+    Per-step times, file ratio and threads are recorded; rows whose weights are missing
+    (``$LEGONET_SHARED`` or ``../shared``) are recorded as skipped.
 
 Writes ``benchmarks/results/speed.json`` and ``benchmarks/results/speed.md``. The machine may be
 shared: the load average before the run and before/after each part is recorded with the figures,
@@ -53,6 +62,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import bundled, shared_dir  # noqa: E402
 from legonet.clustering import select_tensors  # noqa: E402
 from legonet.config import LegoConfig  # noqa: E402
 from legonet.io.checkpoints import read_state_dict  # noqa: E402
@@ -419,6 +429,186 @@ def bench_streaming(params: float, threads: int, shard_bytes: int, device: str) 
         shutil.rmtree(folder, ignore_errors=True)
 
 
+# -- (f) target mode end to end ---------------------------------------------------------------------
+# The slow-down target mode may show beside two busy processes (the time limits, idle, are per row).
+TARGET_BUSY_OVER_IDLE = 2.0
+# legonet.threads samples /proc/stat when a run starts: the busy processes only need to be running
+# (the 60 s warm-up of the threads rows is for the 1-minute load average).
+TARGET_BUSY_WARMUP_S = 5.0
+
+
+@dataclass(frozen=True)
+class TargetRow:
+    """One target-mode measurement. ``name`` selects it with ``--target-nets`` (rows may share it);
+    ``how``: ``"api"`` (``legonet.compress`` + ``cm.save`` per ratio, one process), ``"cli"`` (one
+    ``legonet compress --target-ratio R1,R2,...`` call) or ``"cli-separately"`` (one CLI call per
+    ratio, each in a fresh process)."""
+
+    name: str
+    label: str
+    arch: str
+    weights: Callable[[], Path]
+    ratios: tuple[float, ...] = (8.0,)
+    how: str = "api"
+    limit_s: float | None = None
+
+
+def _shared_model(file: str) -> Callable[[], Path]:
+    return lambda: shared_dir() / "models" / file
+
+
+TARGET_ROWS: list[TargetRow] = [
+    TargetRow("resnet20", "ResNet-20, 8x", "resnet20", lambda: bundled("resnet20_cifar10.safetensors"), limit_s=10),
+    TargetRow("resnet56", "ResNet-56, 8x", "resnet56", _shared_model("resnet56_cifar10.safetensors"), limit_s=10),
+    TargetRow("resnet50", "ResNet-50 (CIFAR-10), 8x", "resnet50_cifar",
+              _shared_model("resnet50_cifar10.safetensors.index.json"), limit_s=30),
+    TargetRow("lite1", "EfficientNet-Lite1, 8x", "efficientnet_lite1",
+              _shared_model("efficientnet_lite1_imagenet.safetensors"), limit_s=60),
+    TargetRow("resnet56-ratios", "ResNet-56, CLI --target-ratio 8,12,16", "resnet56",
+              _shared_model("resnet56_cifar10.safetensors"), (8.0, 12.0, 16.0), "cli"),
+    TargetRow("resnet56-ratios", "ResNet-56, CLI 8 / 12 / 16 as three runs", "resnet56",
+              _shared_model("resnet56_cifar10.safetensors"), (8.0, 12.0, 16.0), "cli-separately"),
+]
+
+# Runs in a fresh interpreter; its clock starts after the imports and the model load. Every call
+# of legonet.compress (the CLI's too) is wrapped to record its time, its steps and the threads
+# legonet chose: read inside the call, where legonet's own thread scope is in effect.
+_TARGET_CHILD = textwrap.dedent("""
+    import json, os, sys, time
+    from pathlib import Path
+    import torch
+    import legonet
+    from legonet.report import build_report
+    spec = json.loads(sys.argv[1])
+    ratios, out = spec["ratios"], Path(spec["out"])
+    calls, compress = [], legonet.compress
+    def recorded(model, config=None, **kw):
+        threads, outer = set(), kw.get("progress")
+        def progress(task, done, total):
+            threads.add(torch.get_num_threads())
+            if outer is not None:
+                outer(task, done, total)
+        t = time.perf_counter()
+        cm = compress(model, config, **(kw | {"progress": progress}))
+        calls.append({"ratio": kw.get("target_ratio"), "compress_seconds": time.perf_counter() - t,
+                      "threads": sorted(threads), "steps": cm.log.timing_lines(), "cm": cm})
+        return cm
+    legonet.compress = recorded
+    if spec["how"] == "api":
+        from legonet.artifact import load_weights
+        from legonet.io.checkpoints import read_state_dict
+        from legonet.zoo import build
+        sd = read_state_dict(spec["weights"])
+        model = build(spec["arch"])
+        load_weights(model, {k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+        model.eval()
+        files = [out.with_name(f"{out.stem}-{r:g}x{out.suffix}") for r in ratios]
+        t = time.perf_counter()
+        for ratio, path in zip(ratios, files):
+            cm = legonet.compress(model, target_ratio=ratio)
+            w = time.perf_counter()
+            # what the CLI writes: the checkpoint's own tensors, in its dtypes
+            cm.tensors = {k: v for k, v in cm.tensors.items() if k in sd}
+            cm.adopt_dtypes(sd)
+            cm.save(path)
+            calls[-1]["write_seconds"] = time.perf_counter() - w
+        wall = time.perf_counter() - t
+    else:
+        from legonet.cli import main
+        from legonet.cli.compress import output_paths
+        files = output_paths(out, tuple(ratios))
+        args = ["compress", spec["weights"], "--target-ratio", ",".join(f"{r:g}" for r in ratios),
+                "--arch", spec["arch"], "-o", str(out), "-q"]
+        t = time.perf_counter()
+        main(args, standalone_mode=False)
+        wall = time.perf_counter() - t
+    for call, path in zip(calls, files):
+        cm = call.pop("cm")
+        call.update(file_bytes=os.path.getsize(path), file_ratio=build_report(cm, os.path.getsize(path)).ratio)
+    print(json.dumps({"seconds": wall, "calls": calls}))
+""")
+
+
+def _target_child(row: TargetRow, ratios: tuple[float, ...], tmp: Path) -> dict:
+    """One fresh process compressing ``row`` at ``ratios``; its own figures (see ``_TARGET_CHILD``)."""
+    spec = {"how": "api" if row.how == "api" else "cli", "arch": row.arch, "weights": str(row.weights()),
+            "ratios": list(ratios), "out": str(tmp / f"{row.arch}.lego")}
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", _TARGET_CHILD, json.dumps(spec)], capture_output=True, text=True,
+                         env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"target mode, {row.label}: {out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _target_run(row: TargetRow, tmp: Path) -> dict:
+    """``row`` measured once: one process, or one per ratio (``cli-separately``, times summed)."""
+    batches = [(r,) for r in row.ratios] if row.how == "cli-separately" else [row.ratios]
+    runs = []
+    for i, ratios in enumerate(batches):
+        folder = tmp / f"run{i}"
+        folder.mkdir()
+        runs.append(_target_child(row, ratios, folder))
+        shutil.rmtree(folder)
+    return {"seconds": sum(r["seconds"] for r in runs), "run_seconds": [r["seconds"] for r in runs],
+            "calls": [c for r in runs for c in r["calls"]]}
+
+
+def measure_target_row(row: TargetRow, busy_warmup_s: float, tmp: Path) -> dict:
+    """``row`` idle, then beside two processes that keep both cores busy; skipped if its weights are missing."""
+    out: dict = {"row": row.name, "label": row.label, "arch": row.arch, "ratios": list(row.ratios), "how": row.how,
+                 "limit_s": row.limit_s}
+    if not row.weights().exists():
+        return out | {"skipped": f"weights not found: {row.weights()}"}
+    before = load()
+    out["idle"] = _target_run(row, tmp) | {"load_before": before, "load_after": load()}
+    with busy_cores(2, busy_warmup_s) as seen:
+        out[BUSY] = _target_run(row, tmp) | {"load_before": seen, "load_after": load()}
+    return out
+
+
+def target_summary(rows: list[dict], busy_limit: float = TARGET_BUSY_OVER_IDLE) -> dict:
+    """Per measured row: busy/idle, and each target met or not (idle time within ``limit_s``,
+    busy time within ``busy_limit`` x idle); and one CLI call over several ratios against one call
+    per ratio (``at_once_over_separately``, both idle and busy), where both rows were measured."""
+    out: dict = {}
+    for r in rows:
+        if "idle" not in r:
+            continue
+        idle, busy = r["idle"]["seconds"], r[BUSY]["seconds"]
+        entry = {"idle_seconds": idle, "busy_seconds": busy, "busy_over_idle": busy / idle,
+                 "busy_met": busy <= busy_limit * idle}
+        if r.get("limit_s") is not None:
+            entry["idle_met"] = idle <= r["limit_s"]
+        out[r["label"]] = entry
+    for once in (r for r in rows if r.get("how") == "cli" and "idle" in r):
+        apart = next((r for r in rows if r.get("how") == "cli-separately" and r["arch"] == once["arch"]
+                      and r["ratios"] == once["ratios"] and "idle" in r), None)
+        if apart is not None:
+            out[once["label"]]["at_once_over_separately"] = {
+                c: once[c]["seconds"] / apart[c]["seconds"] for c in ("idle", BUSY)}
+    return out
+
+
+def merge_target_rows(previous: list[dict], measured: list[dict]) -> list[dict]:
+    """This run's rows, plus the previous file's rows of the others (by label), in the order of
+    ``TARGET_ROWS`` (labels no longer defined there last)."""
+    merged = {r["label"]: r for r in previous} | {r["label"]: r for r in measured}
+    order = [r.label for r in TARGET_ROWS]
+    return sorted(merged.values(), key=lambda r: order.index(r["label"]) if r["label"] in order else len(order))
+
+
+def bench_target(nets: list[str] | None, busy_warmup_s: float, log: Callable[[dict], None]) -> list[dict]:
+    """The rows of ``TARGET_ROWS`` whose name is in ``nets`` (all when None)."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="legonet-speed-", dir="/tmp") as tmp:
+        for row in TARGET_ROWS:
+            if nets is None or row.name in nets:
+                rows.append(measure_target_row(row, busy_warmup_s, Path(tmp)))
+                log(rows[-1])
+    return rows
+
+
 def cpu_name() -> str:
     try:
         for line in open("/proc/cpuinfo"):
@@ -436,12 +626,18 @@ def main() -> None:
     ap.add_argument("--shard-bytes", type=int, default=500_000_000, help="shard size of the synthetic checkpoint")
     ap.add_argument("--resnet50", type=Path, default=DEFAULT_R50, help="sharded ResNet-50 index for (a)-(c)")
     ap.add_argument("--skip", nargs="*", default=[],
-                    choices=["engines", "threads", "seeds", "end2end", "stream", "gpu"])
+                    choices=["engines", "threads", "seeds", "end2end", "stream", "gpu", "target"])
+    ap.add_argument("--target-nets", type=lambda v: [n for n in v.split(",") if n],
+                    help="comma list of the target-mode rows to run (default: all): "
+                         + ", ".join(dict.fromkeys(r.name for r in TARGET_ROWS)))
     ap.add_argument("--seeds", type=int, default=5, help="seeds of legonet's default engine in the seed study")
     ap.add_argument("--busy-warmup", type=float, default=60.0,
                     help="seconds the busy processes run before the threads rows, so that the 1-minute load sees them")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
+    unknown = sorted(set(args.target_nets or []) - {r.name for r in TARGET_ROWS})
+    if unknown:
+        ap.error(f"--target-nets: unknown row(s) {', '.join(unknown)}")
     start_load = load()
     torch.set_num_threads(args.threads)
     # Parts skipped in this run keep their figures from the previous results file (each part
@@ -515,6 +711,11 @@ def main() -> None:
         res["gpu"]["synthetic_streaming"] = bench_streaming(args.params, args.threads, args.shard_bytes, "cuda")
     elif "gpu" not in args.skip:
         res["gpu"] = "not available: no CUDA device on this machine (torch.cuda.is_available() is False)"
+    if "target" not in args.skip:
+        rows = bench_target(args.target_nets, TARGET_BUSY_WARMUP_S, lambda r: print(json.dumps(r), flush=True))
+        merged = merge_target_rows(res.get("target_mode", {}).get("rows", []), rows)
+        res["target_mode"] = {"rows": merged, "summary": target_summary(merged), "busy_warmup_s": TARGET_BUSY_WARMUP_S}
+        save()
     res["load_at_end"] = load()
     save()
     print(markdown(res))
@@ -605,7 +806,55 @@ def markdown(res: dict) -> str:
                   f"{st['load_before']} / {st['load_after']}", ""]
     gpu = res.get("gpu", "not measured")
     lines += ["## GPU", "", json.dumps(gpu, indent=1) if isinstance(gpu, dict) else str(gpu), ""]
+    if res.get("target_mode"):
+        lines += target_markdown(res["target_mode"])
     return "\n".join(lines)
+
+
+def _met(ok: bool | None) -> str:
+    return "-" if ok is None else ("met" if ok else "**missed**")
+
+
+def target_markdown(tm: dict) -> list[str]:
+    """The target-mode table, the per-step times and the several-ratios comparison."""
+    summ = tm["summary"]
+    lines = ["## Target mode end to end, data-free: idle and beside 2 busy processes", "",
+             "Time: `legonet.compress(model, target_ratio=R)` and writing the file with `cm.save` (CLI rows: the "
+             "whole `legonet compress ... --arch NAME -q` call, which also reads the checkpoint), in a fresh process "
+             "per run, interpreter start and model load excluded; threads chosen by legonet itself. Targets: "
+             "idle time within the limit; busy at most "
+             f"{TARGET_BUSY_OVER_IDLE:g}x idle (busy processes started {tm['busy_warmup_s']:g} s before).", "",
+             "| row | ratio(s) | idle s | busy s | busy/idle | file ratio | threads idle / busy | limit s "
+             f"| idle within limit | busy <= {TARGET_BUSY_OVER_IDLE:g}x idle "
+             "| 1-min load idle / busy (before -> after) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for r in tm["rows"]:
+        ratios = ",".join(f"{v:g}" for v in r["ratios"])
+        if "idle" not in r:
+            lines.append(f"| {r['label']} | {ratios} | skipped: {r.get('skipped', '?')} |" + " |" * 8)
+            continue
+        idle, busy, s = r["idle"], r[BUSY], summ.get(r["label"], {})
+        file_ratio = " / ".join(f"{c['file_ratio']:.2f}" for c in idle["calls"])
+        threads = (",".join(str(t) for c in idle["calls"] for t in c["threads"]) + " / "
+                   + ",".join(str(t) for c in busy["calls"] for t in c["threads"]))
+        limit = "-" if r.get("limit_s") is None else f"{r['limit_s']:g}"
+        lines.append(f"| {r['label']} | {ratios} | {idle['seconds']:.1f} | {busy['seconds']:.1f} "
+                     f"| {s.get('busy_over_idle', float('nan')):.2f} | {file_ratio} | {threads} | {limit} "
+                     f"| {_met(s.get('idle_met'))} | {_met(s.get('busy_met'))} "
+                     f"| {idle['load_before'][0]} -> {idle['load_after'][0]} "
+                     f"/ {busy['load_before'][0]} -> {busy['load_after'][0]} |")
+        for cond, run in (("idle", idle), ("busy", busy)):
+            per_call = "; ".join(f"{c['ratio']:g}x: {c['compress_seconds']:.1f} s in legonet.compress ("
+                                 + ", ".join(c["steps"]) + ")"
+                                 + (f", {c['write_seconds']:.1f} s writing" if "write_seconds" in c else "")
+                                 for c in run["calls"])
+            notes.append(f"- {r['label']}, {cond}: {per_call}")
+        if "at_once_over_separately" in s:
+            a = s["at_once_over_separately"]
+            notes.append(f"- {r['label']}: one call over the ratios / one call per ratio: idle {a['idle']:.2f}, "
+                         f"busy {a[BUSY]:.2f}")
+    return lines + ["", "Steps (per call of `legonet.compress`):", ""] + notes + [""]
 
 
 if __name__ == "__main__":
