@@ -490,8 +490,15 @@ _TARGET_CHILD = textwrap.dedent("""
                 outer(task, done, total)
         t = time.perf_counter()
         cm = compress(model, config, **(kw | {"progress": progress}))
-        calls.append({"ratio": kw.get("target_ratio"), "compress_seconds": time.perf_counter() - t,
-                      "threads": sorted(threads), "steps": cm.log.timing_lines(), "cm": cm})
+        seconds = time.perf_counter() - t
+        ratios_given = kw.get("target_ratio")
+        # a list of ratios returns a list of models, made in one call (one analysis of the weights)
+        many = cm if isinstance(cm, list) else [cm]
+        each = ratios_given if isinstance(ratios_given, list) else [ratios_given]
+        for i, (one, r) in enumerate(zip(many, each)):
+            calls.append({"ratio": r, "compress_seconds": seconds if i == 0 else 0.0,
+                          "call_covers": len(many), "threads": sorted(threads),
+                          "steps": one.log.timing_lines(), "cm": one})
         return cm
     legonet.compress = recorded
     if spec["how"] == "api":
