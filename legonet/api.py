@@ -62,9 +62,9 @@ def compress(
             free cores slow PyTorch's many small operations down tenfold). The caller's setting
             is restored afterwards.
     Returns:
-        The :class:`CompressedModel` (a list of them for a list of ratios) (``.save(path)``, ``.report()``, ``.load_into(module)``); its
-        ``log`` holds the time of every step and what each step did or left undone. The model
-        given is not changed.
+        The :class:`CompressedModel` (``.save(path)``, ``.report()``, ``.load_into(module)``), or a
+        list of them, one per ratio, for a list of ratios; its ``log`` holds the time of every
+        step and what each step did or left undone. The model given is not changed.
     Raises:
         ConfigError: a setting that does not fit the mode, or a target out of reach (said at once).
     """
