@@ -65,3 +65,12 @@ def with_aliases(sd: Mapping[str, torch.Tensor], aliases: Mapping[str, str]) -> 
     for alias, source in aliases.items():
         out[alias] = sd[source]
     return out
+
+
+def unsupported(aliases: Mapping[str, str], what: str) -> str | None:
+    """The one-line refusal of a consumer that holds each weight under one name only (``what``,
+    e.g. ``"C export"``) for a model with tied tensors, or None when there are none."""
+    if not aliases:
+        return None
+    alias, source = next(iter(aliases.items()))
+    return f"{what} does not support tied tensors: {alias!r} shares {source!r} ({len(aliases)} alias(es) in the compressed model)"

@@ -130,7 +130,7 @@ def test_calibrated_target_mode_on_a_tied_model():
 
 
 # -- what cannot take aliases refuses them in one line ---------------------------------------------
-def test_exporters_refuse_tied_tensors():
+def test_exporters_and_lean_modules_refuse_tied_tensors():
     from legonet.export.c.network import lower_network
     from legonet.export.onnx import build_onnx
 
@@ -139,3 +139,7 @@ def test_exporters_refuse_tied_tensors():
         build_onnx(cm, TinyDecoder(), (8,))
     with pytest.raises(ArchitectureError, match="C export does not support tied tensors"):
         lower_network(cm, TinyDecoder(), (1, 1, 8))
+    from legonet.nn.convert import convert
+
+    with pytest.raises(ArchitectureError, match=r"The lean runtime \(legonet.nn\) does not support tied tensors: 'head.weight' shares"):
+        convert(TinyDecoder(), cm)

@@ -13,6 +13,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from legonet.aliases import unsupported
 from legonet.artifact import ClusteredTensor, CompressedModel, fit_error
 from legonet.errors import ArchitectureError
 from legonet.nn.modules import LegoConv2d, LegoLinear, LegoModule
@@ -21,10 +22,9 @@ from legonet.nn.modules import LegoConv2d, LegoLinear, LegoModule
 def check_fits(model: nn.Module, cm: CompressedModel) -> dict[str, torch.Tensor]:
     """The model's state dict (possibly meta tensors), after checking that ``cm`` fits it."""
     own = model.state_dict(keep_vars=True)
-    if cm.aliases:
-        alias, source = next(iter(cm.aliases.items()))
-        raise ArchitectureError(f"lean modules do not support tied tensors yet: {alias!r} shares {source!r}; "
-                                "use CompressedModel.load_into for a dense model")
+    refusal = unsupported(cm.aliases, "The lean runtime (legonet.nn)")
+    if refusal:
+        raise ArchitectureError(refusal + "; CompressedModel.load_into gives a dense model")
     err = fit_error({k: tuple(v.shape) for k, v in own.items()},
                     {k: tuple(t.shape) for k, t in cm.tensors.items()}, "compressed model does not fit")
     if err is not None:

@@ -91,12 +91,12 @@ def lower_network(cm: CompressedModel, arch_or_module: str | nn.Module, input_sh
     first node the C runtime cannot run, the tensors that do not fit, or tied tensors
     (``cm.aliases``: the C code holds each weight under one name only).
     """
+    from legonet.aliases import unsupported
     from legonet.nn.convert import check_fits
 
-    if cm.aliases:
-        alias, source = next(iter(cm.aliases.items()))
-        raise ArchitectureError(f"C export does not support tied tensors: {alias!r} shares {source!r} "
-                                f"({len(cm.aliases)} alias(es) in the compressed model)")
+    refusal = unsupported(cm.aliases, "C export")
+    if refusal:
+        raise ArchitectureError(refusal)
     model, shape, mean, std, label = _module_and_inputs(arch_or_module, input_shape, mean, std)
     if len(shape) != 3 or any(int(s) < 1 for s in shape):
         raise ArchitectureError(f"C export: input shape must be (C, H, W), got {shape}")

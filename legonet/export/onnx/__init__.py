@@ -18,6 +18,7 @@ from pathlib import Path
 from torch import nn
 
 from legonet import __version__
+from legonet.aliases import unsupported
 from legonet.artifact import ClusteredTensor, CompressedModel, fit_error
 from legonet.errors import ArchitectureError, ConfigError
 from legonet.export.onnx.builder import require_onnx
@@ -76,10 +77,9 @@ def build_onnx(cm: CompressedModel, arch: str | nn.Module, input_size: tuple[int
             tensors (``cm.aliases``: the exporter rebuilds each weight under one name only).
         ArchitectureError: ``cm`` does not fit ``arch``, or ``arch`` cannot be traced.
     """
-    if cm.aliases:
-        alias, source = next(iter(cm.aliases.items()))
-        raise ConfigError(f"ONNX export does not support tied tensors: {alias!r} shares {source!r} "
-                          f"({len(cm.aliases)} alias(es) in the compressed model)")
+    refusal = unsupported(cm.aliases, "ONNX export")
+    if refusal:
+        raise ConfigError(refusal)
     onnx = require_onnx()
     module, size, label = _architecture(arch, input_size)
     if len(size) < 1 or any(not isinstance(s, int) or s < 1 for s in size):
