@@ -30,8 +30,8 @@ class MenuCache:
     @staticmethod
     def key(name: str, weight: torch.Tensor, menu, seed: int, entropy_coding: bool) -> tuple:
         data = weight.detach().cpu().contiguous()
-        digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"",
-                                 digest_size=16).hexdigest()
+        # hashed in place through the buffer protocol: no copy of the weights
+        digest = hashlib.blake2b(data.reshape(-1).view(torch.uint8).numpy(), digest_size=16).hexdigest()
         return (name, tuple(data.shape), str(data.dtype), digest, tuple(menu), int(seed), bool(entropy_coding))
 
     def get_or_evaluate(self, key: tuple, evaluate: Callable[[], list]) -> list:
