@@ -89,24 +89,23 @@ def own_load() -> float:
     return load_share(time.process_time(), uptime - int(fields[19]) / ticks)
 
 
-def _cpu_times() -> tuple[float, float]:
-    """``(busy, total)`` CPU seconds of the whole machine since boot, from ``/proc/stat``."""
+def _busy_cpu_seconds() -> float:
+    """Busy CPU seconds of the whole machine since boot, from ``/proc/stat``."""
     with open("/proc/stat") as f:
         fields = [int(v) for v in f.readline().split()[1:]]
-    ticks = os.sysconf("SC_CLK_TCK")
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
     total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest is in user)
-    return (total - idle) / ticks, total / ticks
+    return (total - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def busy_now(sample_s: float = 0.2) -> tuple[float, float] | None:
     """``(cores busy, of which this process)`` over the next ``sample_s`` seconds, or None where
     ``/proc/stat`` cannot be read."""
     try:
-        busy0, _ = _cpu_times()
+        busy0 = _busy_cpu_seconds()
         own0, t0 = time.process_time(), time.perf_counter()
         time.sleep(sample_s)
-        busy1, _ = _cpu_times()
+        busy1 = _busy_cpu_seconds()
     except (OSError, ValueError, IndexError):
         return None
     elapsed = max(time.perf_counter() - t0, 1e-3)
