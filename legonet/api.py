@@ -74,6 +74,8 @@ def compress(
                 raise ConfigError("target_ratio: the list of ratios is empty")
             if calib is not None and not isinstance(calib, (torch.Tensor, Calibration)):
                 calib = Calibration.of(calib)  # read once (a generator can be given), used for every ratio
+            for r in target_ratio:  # every ratio checked before any is compressed
+                _check_ratio(r)
             cache = MenuCache()
             return [_compress(model_or_state_dict, config, r, calib, device, RunLog(progress), cache)
                     for r in target_ratio]
@@ -96,8 +98,7 @@ def _compress(model_or_state_dict, config, target_ratio, calib, device, log: Run
             cm = cluster_model(model_or_state_dict, config, progress=log.report)
         cm.log = log
         return cm
-    if isinstance(target_ratio, bool) or not isinstance(target_ratio, (int, float)) or not target_ratio > 1:
-        raise ConfigError(f"target_ratio must be a number > 1, got {target_ratio!r}")
+    _check_ratio(target_ratio)
     if isinstance(config, LegoConfig):
         raise ConfigError("target mode takes a TargetConfig (include, exclude, seed, ...), not a LegoConfig: "
                           "its block shape and K are chosen per tensor")
@@ -130,3 +131,8 @@ def _compress(model_or_state_dict, config, target_ratio, calib, device, log: Run
         cm, _plan = compress_to_ratio(model_or_state_dict, target_ratio, config=cfg, log=log, menu_cache=menu_cache)
     cm.log = log
     return cm
+
+
+def _check_ratio(target_ratio) -> None:
+    if isinstance(target_ratio, bool) or not isinstance(target_ratio, (int, float)) or not target_ratio > 1:
+        raise ConfigError(f"target_ratio must be a number > 1, got {target_ratio!r}")

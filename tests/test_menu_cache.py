@@ -57,3 +57,13 @@ def test_empty_ratio_list_is_refused():
 
     with pytest.raises(legonet.errors.ConfigError, match="empty"):
         legonet.compress(_model(), target_ratio=[])
+
+
+def test_a_bad_ratio_in_a_list_is_refused_before_any_work(monkeypatch):
+    import pytest
+
+    import legonet.target as target
+
+    monkeypatch.setattr(target, "evaluate_menu", lambda *a, **k: pytest.fail("compressed before checking"))
+    with pytest.raises(legonet.errors.ConfigError, match="must be a number > 1, got 0.5"):
+        legonet.compress(_model(), target_ratio=[8, 0.5])
