@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from legonet.artifact import ClusteredTensor, CompressedModel, fills
-from legonet.ops.rans import index_stream
 
 
 # Below this weight SQNR (noise at a tenth of the signal's energy) networks compressed without data
@@ -201,7 +200,7 @@ def build_report(cm: CompressedModel, file_bytes: int | None = None) -> Report:
     for name, t in cm.tensors.items():
         if isinstance(t, ClusteredTensor):
             k = cm.codebooks[t.codebook].shape[0]
-            stream, coded = index_stream(t.indices.cpu().numpy(), k, cm.config.entropy_coding)
+            stream, coded = cm.index_stream(name)
             nb = len(stream)
             idx_bytes += nb
             coded_tensors += coded

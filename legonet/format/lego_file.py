@@ -80,7 +80,6 @@ from legonet.artifact import (
 )
 from legonet.errors import FormatError
 from legonet.io.atomic import atomic_path
-from legonet.ops.rans import index_stream
 from legonet.ops.scalar_codes import codebook_levels, float32_hex, gain_levels
 
 FORMAT_NAME = "legonet"
@@ -158,8 +157,7 @@ def serialize(cm: CompressedModel) -> bytes:
     coded_any = False
     for name, t in cm.tensors.items():
         if isinstance(t, ClusteredTensor):
-            k = cm.codebooks[t.codebook].shape[0]
-            b, coded = index_stream(t.indices.cpu().numpy(), k, cm.config.entropy_coding)
+            b, coded = cm.index_stream(name)
             idx_bytes.append(b)
             coded_any |= coded
             entry = [name, _dtype_name(t.dtype), list(t.shape), ["rans", _crc(b), len(b)] if coded else _crc(b),

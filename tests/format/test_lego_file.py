@@ -640,3 +640,25 @@ def test_the_writer_bit_packs_streams_denser_than_the_reader_accepts(monkeypatch
     monkeypatch.setattr(rans, "MAX_SYMBOLS_PER_BYTE", 300_000 // len(stream) - 1)
     stream, coded = rans.index_stream(idx.numpy(), 4, True)
     assert not coded and len(stream) == 300_000 * 2 // 8
+
+
+def test_index_streams_are_coded_again_when_their_indices_change():
+    """The writer reuses a tensor's coded stream only while its indices, K and coding are the same."""
+    import copy
+
+    from legonet.ops.rans import index_stream
+    from legonet.target import compress_to_ratio
+
+    g = torch.Generator().manual_seed(0)
+    cm, _ = compress_to_ratio({"w": torch.randn(64, 64, generator=g), "v": torch.randn(32, 64, generator=g)}, 8.0)
+    first = cm.to_bytes()
+    assert cm.to_bytes() == first
+    ct = cm.tensors["w"]
+    ct.indices[: ct.indices.numel() // 2] = 0  # in place: the same tensor object, other contents
+    changed = cm.to_bytes()
+    fresh = copy.deepcopy(cm)
+    fresh._streams.clear()
+    assert changed != first and changed == serialize(fresh)
+    k = cm.codebooks[ct.codebook].shape[0]
+    assert cm.index_stream("w") == index_stream(ct.indices.numpy(), k, cm.config.entropy_coding)
+    assert deserialize(changed).tensors["w"].indices.tolist() == ct.indices.tolist()
