@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from legonet.allocation import Choice, allocate, entry_nbytes, estimated_stream_nbytes, side_nbytes  # noqa: F401 (re-exported)
 from legonet.artifact import CompressedModel, fills
 from legonet.compact import store_compact
 from legonet.clustering import (
@@ -50,6 +51,7 @@ from legonet.ops.scalar_codes import COMPACT_MIN_DISTORTION
 from legonet.ops.tiling import make_tiling, tile
 from legonet.report import fp32_bytes
 from legonet.runlog import RunLog
+from legonet.stream_budget import spend_slack
 
 # (block, K) settings offered to every tensor: from 1/32 to 8 bits per weight. The scalar 1x1
 # entries cover 2 to 8 bits per weight with a tiny codebook: vector entries at the same rate (2x2
@@ -90,53 +92,11 @@ def menu_for(shape: tuple[int, ...] | torch.Size, menu=DEFAULT_MENU, kernel_menu
     return list(dict.fromkeys((tuple(b), int(k)) for b, k in entries))
 
 
-@dataclass(frozen=True)
-class Choice:
-    """One menu entry evaluated for one tensor."""
-
-    block: tuple[int, int]
-    clusters: int
-    nbytes: int  # index stream (estimated entropy-coded size where smaller than packed) + codebook + row gains
-    distortion: float  # relative (weighted) squared error of the normalised weights, or of the outputs
-    scale_stat: str = "rms"  # the row gain statistic (see LegoConfig.scale_stat)
-    compact: bool = False  # codebook and row gains stored in 8 bits (legonet.compact), not float16
-
-
-def _entry_bytes(shape: tuple[int, ...], block: tuple[int, int], k: int, compact: bool = False,
-                 labels: torch.Tensor | None = None) -> int:
-    """Bytes of a tensor's entry: its index stream, codebook and row gains. ``labels``: the
-    assignment of a sample of its blocks, whose histogram estimates the entropy-coded stream (which
-    the writer uses where smaller than the bit-packed one)."""
-    count = make_tiling(shape, block).num_blocks
-    stream = packed_nbytes(count, bits_for(k))
-    if labels is not None and labels.numel():
-        coded = estimated_stream_nbytes(labels, k, count)
-        if count <= rans.MAX_SYMBOLS_PER_BYTE * coded:  # the writer's rule: denser streams are bit-packed
-            stream = min(stream, coded)
-    return stream + side_nbytes(shape, block, k, compact)
-
-
-def side_nbytes(shape: tuple[int, ...], block: tuple[int, int], k: int, compact: bool) -> int:
-    """Bytes of a tensor's codebook and row gains beside its index stream (8-bit where ``compact``)."""
-    return (1 if compact else 2) * (k * block[0] * block[1] + shape[0])
-
-
-def estimated_stream_nbytes(labels: torch.Tensor, k: int, count: int) -> int:
-    """Entropy-coded bytes of ``count`` indices estimated from a sample's ``labels``: the sample's
-    entropy with the Miller-Madow correction ``(m - 1) / (2 n ln 2)`` bits for ``m`` centroids seen
-    in ``n`` labels (the plain estimate is biased low, by about 0.045 bit at K=256 and n=4096)."""
-    counts = torch.bincount(labels.reshape(-1).cpu(), minlength=k).double()
-    n, m = float(counts.sum()), int((counts > 0).sum())
-    p = counts[counts > 0] / n
-    bits = (-float((p * p.log2()).sum()) + (m - 1) / (2 * n * math.log(2))) * count
-    return k + 4 * rans.lanes(count) + math.ceil(bits / 8)
-
-
 def _choice(shape: tuple[int, ...], block: tuple[int, int], k: int, distortion: float, stat: str,
             labels: torch.Tensor | None = None) -> Choice:
     # 8-bit gains and codebook where their added error is negligible beside the clustering error
     compact = distortion >= COMPACT_MIN_DISTORTION
-    return Choice(block, k, _entry_bytes(shape, block, k, compact, labels), distortion, stat, compact)
+    return Choice(block, k, entry_nbytes(shape, block, k, compact, labels), distortion, stat, compact)
 
 
 def evaluate_menu(
@@ -286,33 +246,6 @@ def check_reachable(sd: Mapping[str, torch.Tensor], names: list[str], target_rat
     return r
 
 
-def allocate(tables: Mapping[str, list[Choice]], budget: int) -> dict[str, Choice]:
-    """Per tensor, the entry minimising ``distortion + lambda*bytes`` for the smallest lambda that fits.
-
-    Raises :class:`ConfigError` when even the smallest entries exceed ``budget``.
-    """
-    smallest = sum(min(c.nbytes for c in t) for t in tables.values())
-    if smallest > budget:
-        raise ConfigError(f"the target is out of reach: even the smallest settings need {smallest:,} bytes "
-                          f"for the clustered tensors, the budget leaves {budget:,}")
-
-    def pick(lam: float) -> dict[str, Choice]:
-        return {n: min(t, key=lambda c: (c.distortion + lam * c.nbytes, c.nbytes)) for n, t in tables.items()}
-
-    lo, hi = 0.0, 1.0
-    while sum(c.nbytes for c in pick(hi).values()) > budget:
-        hi *= 4.0
-    if sum(c.nbytes for c in pick(lo).values()) <= budget:
-        return pick(lo)
-    for _ in range(80):
-        mid = math.sqrt(lo * hi) if lo > 0 else hi / 1e6
-        if sum(c.nbytes for c in pick(mid).values()) <= budget:
-            hi = mid
-        else:
-            lo = mid
-    return pick(hi)
-
-
 def compress_to_ratio(
     model_or_state_dict,
     target_ratio: float,
@@ -414,7 +347,7 @@ def compress_to_ratio(
                           f"{fp32 / (smallest + fixed + overhead + reserve):.1f}x; lower target_ratio")
     # index streams are planned at their estimated entropy-coded sizes, and a sample's estimate may
     # be off; the last attempt plans them bit-packed, which the writer never exceeds
-    packed = {n: [replace(c, nbytes=_entry_bytes(tuple(sd[n].shape), c.block, c.clusters, c.compact)) for c in t]
+    packed = {n: [replace(c, nbytes=entry_nbytes(tuple(sd[n].shape), c.block, c.clusters, c.compact)) for c in t]
               for n, t in search.items()}
     attempts = 6
     for attempt in range(attempts):
@@ -428,6 +361,11 @@ def compress_to_ratio(
         store_compact(cm, [n for n in names if plan[n].compact])
         size = len(cm.to_bytes())
         if size <= target_bytes:
-            return cm, plan
+            # the allocation moves in whole settings and the streams' sizes were estimated: what
+            # the file leaves below its target buys finer settings
+            with log.step("spending what is left"):
+                spent, _size = spend_slack(cm, sd, space, {n: space[n][tables[n].index(plan[n])] for n in names},
+                                           target_bytes, element_weights=element_weights)
+            return cm, {n: tables[n][space[n].index(spent[n])] for n in names}
         overhead += size - target_bytes + 64
     raise ConfigError(f"could not meet ratio {target_ratio} (last file {size:,} bytes, target {target_bytes:,})")

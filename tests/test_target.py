@@ -53,6 +53,22 @@ def test_allocate_spends_bytes_where_they_cut_distortion_most():
         allocate(tables, 15)
 
 
+def test_allocate_spends_what_the_lagrangian_search_leaves():
+    # the hull steps from "a"'s 1x to its 100x entry; below that the search leaves 80 bytes unused,
+    # which "b"'s middle entry (off its hull: not reachable by any lambda) fits in
+    tables = {
+        "a": [Choice((4, 4), 2, 10, 1.0), Choice((4, 4), 16, 200, 0.0)],
+        "b": [Choice((4, 4), 2, 10, 1.0), Choice((4, 4), 4, 60, 0.8), Choice((4, 4), 16, 70, 0.3)],
+    }
+    plan = allocate(tables, 100)
+    assert sum(c.nbytes for c in plan.values()) <= 100
+    assert plan["a"].clusters == 2 and plan["b"].clusters == 16
+    # nothing left that fits would lower the distortion
+    free = 100 - sum(c.nbytes for c in plan.values())
+    assert not any(c.distortion < plan[n].distortion and c.nbytes - plan[n].nbytes <= free
+                   for n, t in tables.items() for c in t)
+
+
 def test_bad_targets():
     with pytest.raises(ConfigError):
         compress_to_ratio(model_sd(), 0.5)

@@ -28,7 +28,7 @@ from legonet.calibrate.distill import feature_layer
 from legonet.calibrate.layer_fit import LayerFitResult, fit_layer_outputs
 from legonet.calibrate.refine import RefineResult, refine_codebooks
 from legonet.calibrate.stats import input_statistics, model_device
-from legonet.calibrate.stream_budget import snapshot, spend_savings, undo_growth
+from legonet.stream_budget import snapshot, spend_savings, undo_growth
 from legonet.clustering import select_tensors, state_dict_and_aliases
 from legonet.compact import RECODE_RESERVE
 from legonet.config import TargetConfig

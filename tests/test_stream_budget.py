@@ -1,7 +1,7 @@
 import torch
 
 from legonet.format import deserialize
-from legonet.calibrate.stream_budget import entry_bytes, snapshot, spend_savings, undo_growth
+from legonet.stream_budget import entry_bytes, restore, snapshot, spend_savings, spend_slack, undo_growth
 from legonet.target import compress_to_ratio
 
 
@@ -56,4 +56,34 @@ def test_spend_savings_does_nothing_without_savings():
     budget = sum(entry_bytes(cm).values())
     before = cm.to_bytes()
     assert spend_savings(cm, sd, tables, plan, budget, refit=lambda names: None) == {}
+    assert cm.to_bytes() == before
+
+
+def _weight_error(cm, sd) -> float:
+    return sum(float((cm.reconstruct(n).float() - sd[n]).pow(2).sum() / sd[n].pow(2).sum()) for n in cm.clustered)
+
+
+def test_spend_slack_spends_what_the_file_leaves_below_its_target():
+    sd = sparse_state_dict(seed=3)
+    tables = {}
+    cm, plan = compress_to_ratio(sd, 12.0, tables_out=tables)
+    size, error = len(cm.to_bytes()), _weight_error(cm, sd)
+    new, grown = spend_slack(cm, sd, tables, plan, int(size * 1.3))
+    assert new != plan and all(new[n] in tables[n] for n in new)
+    assert size < grown == len(cm.to_bytes()) <= int(size * 1.3)
+    assert _weight_error(cm, sd) < error
+    back = deserialize(cm.to_bytes())
+    assert all(torch.equal(back.reconstruct(n), cm.reconstruct(n)) for n in cm.clustered)
+    # a file at its target is left as it is
+    before = cm.to_bytes()
+    assert spend_slack(cm, sd, tables, new, len(before)) == (new, len(before)) and cm.to_bytes() == before
+
+
+def test_restore_gives_back_a_snapshot():
+    sd = sparse_state_dict(seed=4)
+    cm, _ = compress_to_ratio(sd, 8.0)
+    before, state = cm.to_bytes(), snapshot(cm)
+    cm.tensors["l0.weight"].indices = torch.zeros_like(cm.tensors["l0.weight"].indices)
+    cm.codebooks[0] = cm.codebooks[0] * 2
+    restore(cm, state)
     assert cm.to_bytes() == before
