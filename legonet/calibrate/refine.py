@@ -80,6 +80,20 @@ def lr_factor(step: int, steps: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * step / steps))
 
 
+def uses_bfloat16(precision: str, device: torch.device) -> bool:
+    """Whether refinement's passes run in bfloat16: ``precision`` ``"bfloat16"``, or ``"auto"`` on
+    hardware with native bfloat16 arithmetic (a CUDA device that supports it; a CPU with AVX512-BF16
+    or AMX), where it is faster; elsewhere emulated bfloat16 would be slower than float32."""
+    if precision != "auto":
+        return precision == "bfloat16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":  # private probes of torch.cpu; absent from a build, they count as no
+        return any(getattr(torch.cpu, probe, lambda: False)()
+                   for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return False
+
+
 def refine_codebooks(
     model: nn.Module,
     cm: CompressedModel,
@@ -101,11 +115,13 @@ def refine_codebooks(
             boundary views for images); other inputs (tuples, dicts: a language model's ids and
             mask) are refined on batch by batch, in a seeded random order.
         progress: optional ``progress(step, steps, loss)`` callback.
-        say: optional callback for one-line messages (the boundary views made, or why none were).
+        say: optional callback for one-line messages (batches run in chunks, the boundary views made
+            or why none were).
     Returns:
         A :class:`RefineResult`.
     """
     cfg = config or RefineConfig()
+    say = say or (lambda _message: None)
     calib = Calibration.of(calib, cfg.batch_size)
     clustered = cm.clustered
     if not clustered:
@@ -157,13 +173,20 @@ def refine_codebooks(
     torch.use_deterministic_algorithms(True, warn_only=True)
     taps = FeatureTaps(teacher, student, tapped)  # removed in ``finally``: the teacher is the caller's model
     try:
+        half = uses_bfloat16(cfg.precision, device)
+        chunk = None
+        if samples is not None and samples.shape[0] >= 2:
+            chunk = _chunk_size(student, weights, fast_layout(samples[:2]), cfg)
+            if chunk < cfg.batch_size:
+                say(f"batches of {cfg.batch_size} run in chunks of {chunk} (their activations would pass "
+                    f"activation_mib={cfg.activation_mib:,} otherwise)")
         # what the steps draw from: the samples and their boundary views, or the batches as given
         pool, skipped = samples, None
         if samples is None and cfg.boundary_share > 0:
             skipped = "the calibration inputs are not samples of one floating-point tensor"
-            (say or (lambda _m: None))(f"no boundary views: {skipped}")
+            say(f"no boundary views: {skipped}")
         elif samples is not None and cfg.boundary_share > 0:
-            pool, skipped = _with_boundary_views(teacher, samples, cfg, say or (lambda _m: None))
+            pool, skipped = _with_boundary_views(teacher, samples, cfg, say, chunk or cfg.batch_size)
         n_pool = pool.shape[0] if pool is not None else len(calib.batches)
         # Teacher outputs computed once (for each image and its mirror) when the run sees every image
         # more than once and the outputs are small (classifier logits); otherwise per step.
@@ -200,19 +223,30 @@ def refine_codebooks(
                 with torch.no_grad():
                     target = run_model(teacher, batch)
                 target_features = taps.teacher
-            args, kwargs = (batch, {}) if isinstance(batch, tuple) else ((), batch) if isinstance(batch, Mapping) \
-                else ((batch,), {})
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bfloat16"):
-                out = output_tensor(functional_call(student, weights(), args, kwargs, strict=False))
-            loss = distill_loss(out.float(), target, cfg.loss)
-            if target_features is not None:
-                term, fell_back = feature_term(taps.student.float(), target_features, cfg.feature_weight, cfg.feature_gate,
-                                               cfg.feature_fallback)
-                loss, fallbacks = loss + term, fallbacks + fell_back
-            if not torch.isfinite(loss):
-                raise ConfigError(f"refinement diverged at step {step + 1} (loss {float(loss)}); lower the lr")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss, fell_back = 0.0, False
+            # a batch whose activations would not fit cfg.activation_mib runs in chunks, the
+            # gradients accumulated (each chunk's loss weighted by its share of the batch)
+            parts = [slice(None)] if chunk is None or pool is None or batch.shape[0] <= chunk else \
+                [slice(s, s + chunk) for s in range(0, batch.shape[0], chunk)]
+            for part in parts:
+                piece = batch[part] if len(parts) > 1 else batch
+                args, kwargs = (piece, {}) if isinstance(piece, tuple) else ((), piece) if isinstance(piece, Mapping) \
+                    else ((piece,), {})
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=half):
+                    out = output_tensor(functional_call(student, weights(), args, kwargs, strict=False))
+                part_loss = distill_loss(out.float(), target[part], cfg.loss)
+                if target_features is not None:
+                    term, fell = feature_term(taps.student.float(), target_features[part], cfg.feature_weight,
+                                              cfg.feature_gate, cfg.feature_fallback)
+                    part_loss, fell_back = part_loss + term, fell_back or fell
+                if not torch.isfinite(part_loss):
+                    raise ConfigError(f"refinement diverged at step {step + 1} (loss {float(part_loss)}); lower the lr")
+                if len(parts) > 1:
+                    part_loss = part_loss * (out.shape[0] / batch.shape[0])
+                part_loss.backward()
+                loss = loss + part_loss.detach()
+            fallbacks += fell_back
             f = lr_factor(step, steps, cfg.schedule)
             for g, lr in zip(opt.param_groups, base_lrs):
                 g["lr"] = lr * f
@@ -224,7 +258,7 @@ def refine_codebooks(
                 with torch.no_grad():
                     for a, p in zip(averaged, tuned):
                         a.mul_(cfg.average).add_(p.detach(), alpha=1.0 - cfg.average)
-            last = float(loss.detach())
+            last = float(loss)
             if step == 0:
                 first = last
             if progress:
@@ -245,7 +279,7 @@ def refine_codebooks(
 
 
 def _with_boundary_views(teacher: nn.Module, calib: torch.Tensor, cfg: RefineConfig,
-                         say: Callable[[str], None]) -> tuple[torch.Tensor, str | None]:
+                         say: Callable[[str], None], batch_size: int) -> tuple[torch.Tensor, str | None]:
     """``(images followed by their boundary views, None)``, or ``(images, why none were made)``."""
     with torch.no_grad():
         probe = teacher(calib[:1])
@@ -253,11 +287,35 @@ def _with_boundary_views(teacher: nn.Module, calib: torch.Tensor, cfg: RefineCon
     if why is not None:
         say(f"no boundary views: {why}")
         return calib, why
-    made = boundary_views(teacher, calib, cfg.boundary_share, cfg.batch_size)
+    made = boundary_views(teacher, calib, cfg.boundary_share, batch_size)
     say(f"boundary views of {calib.shape[0]} images (share {cfg.boundary_share:g}): the original's median "
         f"top-1 margin {made.margin_before:.2f} -> {made.margin_after:.2f}, median shift "
         f"{100 * made.relative_shift:.1f} % of the image")
     return torch.cat([calib, made.views]), None
+
+
+def _chunk_size(student: nn.Module, weights: Callable[[], dict[str, torch.Tensor]], pair: torch.Tensor,
+                cfg: RefineConfig) -> int:
+    """How many samples one forward and backward pass may take so that the tensors saved for the
+    backward pass stay within ``cfg.activation_mib`` (at least 1): the bytes saved for one sample,
+    measured as the difference between passes of two samples and of one (``pair``: ``(2, ...)``)."""
+    def saved(x: torch.Tensor) -> int:
+        total = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=uses_bfloat16(cfg.precision, x.device)):
+            functional_call(student, weights(), (x,), strict=False)
+        return total
+
+    per_sample = max(1, saved(pair) - saved(pair[:1]))
+    fits = max(1, (cfg.activation_mib << 20) // per_sample)
+    parts = -(-cfg.batch_size // fits)
+    return -(-cfg.batch_size // parts)  # chunks of equal size: 64 images as 22 + 22 + 20, not 26 + 26 + 12
 
 
 def _rms(t: torch.Tensor) -> float:

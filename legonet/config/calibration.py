@@ -18,7 +18,7 @@ FEATURE_GATES = ("explained", "none")
 # what refinement's feature term does where its gate closes (RefineConfig.feature_fallback)
 FEATURE_FALLBACKS = ("cosine", "none")
 # precision of refinement's passes (RefineConfig.precision)
-PRECISIONS = ("float32", "bfloat16")
+PRECISIONS = ("auto", "float32", "bfloat16")
 # refinement's learning-rate schedule (RefineConfig.schedule)
 SCHEDULES = ("cosine", "constant")
 
@@ -111,14 +111,14 @@ class RefineConfig:
             rate leaves in the parameters; with it, more steps help where without it they fit the
             calibration images (ResNet-50 64x, all 10,000 test images: 80 steps without 88.46 %,
             120 steps averaged with 0.97 88.85 %).
-        precision: ``"float32"`` or ``"bfloat16"``: the student's forward and backward passes under
-            ``torch.autocast`` in bfloat16 (its matrix products and convolutions); the tuned
-            parameters, their Adam state, the losses and the teacher's outputs stay float32. Where
-            the hardware has native bfloat16 it roughly halves refinement's time (ResNet-50 64x on
-            a 2-core AVX512-BF16 CPU: 120 steps in 216 s instead of 413 s, 88.74 % against 88.85 %
-            on all 10,000 test images, within run-to-run spread); elsewhere it may be slower.
-            float32 by default: the speed depends on the machine, and the committed measurements
-            were made in float32.
+        precision: ``"auto"``, ``"float32"`` or ``"bfloat16"``: the student's forward and backward
+            passes under ``torch.autocast`` in bfloat16 (its matrix products and convolutions); the
+            tuned parameters, their Adam state, the losses and the teacher's outputs stay float32.
+            ``"auto"`` (the default) is bfloat16 where the hardware has native bfloat16 arithmetic
+            (:func:`legonet.calibrate.refine.uses_bfloat16`), float32 elsewhere. On a 2-core
+            AVX512-BF16 CPU it roughly halves refinement's time at the same accuracy: ResNet-50
+            64x, 120 steps in 216 s instead of 413 s, 88.74 % against 88.85 % on all 10,000 test
+            images; see docs/results.md for EfficientNet-Lite1 and ResNet-20.
         flip: also show horizontally flipped images (inputs ``(N, C, H, W)`` only).
         boundary_share: with ``share > 0``, every calibration image also gets a *boundary view*
             (:func:`legonet.calibrate.views.boundary_views`): one gradient step on the original
@@ -131,6 +131,13 @@ class RefineConfig:
             0.0849 without views, 0.0789 with share 0.5, 0.0884 with views moved as far in random
             directions). Views need floating-point inputs and ``(N, classes)`` outputs; for other
             models none are made and :class:`RefineResult` says why.
+        activation_mib: memory (MiB) the tensors one forward pass saves for its backward pass may
+            take; a batch that would need more runs in chunks, gradients accumulated (the loss of
+            each chunk, feature term and gate included, weighted by its share of the batch), and
+            boundary views are made chunk by chunk. The saved bytes per sample are measured on two
+            calibration samples before refinement. Saved per image: ResNet-20 2.2 MiB, ResNet-50 on
+            32x32 inputs 37 MiB (64 images: 2.3 GiB, one chunk), EfficientNet-Lite1 at 240x240
+            118 MiB (64 images: 7.4 GiB; three chunks of 22).
         tune_norms: also tune the affine parameters of normalisation layers (except those stored as
             one constant, e.g. BatchNorm scales already moved into the row gains: tuned, they
             would be stored element by element).
@@ -146,10 +153,11 @@ class RefineConfig:
     feature_gate: str = "explained"
     feature_fallback: str = "cosine"
     average: float = 0.97
-    precision: str = "float32"
+    precision: str = "auto"
     flip: bool = True
     tune_norms: bool = True
     boundary_share: float = 0.5
+    activation_mib: int = 3072
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -157,6 +165,8 @@ class RefineConfig:
             raise ConfigError(f"refine epochs must be in (0, 1000], got {self.epochs!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"refine batch_size must be a positive integer, got {self.batch_size!r}")
+        if not isinstance(self.activation_mib, int) or isinstance(self.activation_mib, bool) or self.activation_mib < 1:
+            raise ConfigError(f"refine activation_mib must be a positive integer, got {self.activation_mib!r}")
         if not isinstance(self.lr, (int, float)) or not 0 < self.lr < 1:
             raise ConfigError(f"refine lr must be in (0, 1), got {self.lr!r}")
         if not isinstance(self.feature_weight, (int, float)) or not 0 <= self.feature_weight < 1e6:
