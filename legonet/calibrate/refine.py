@@ -174,9 +174,12 @@ def refine_codebooks(
     taps = FeatureTaps(teacher, student, tapped)  # removed in ``finally``: the teacher is the caller's model
     try:
         half = uses_bfloat16(cfg.precision, device)
-        chunk = None
+        chunk = view_chunk = None
         if samples is not None and samples.shape[0] >= 2:
-            chunk = _chunk_size(student, weights, fast_layout(samples[:2]), cfg)
+            pair = fast_layout(samples[:2])
+            chunk = _chunk_size(student, weights, pair, cfg, half)
+            # boundary views take the teacher's gradients in float32: twice a bfloat16 pass's bytes
+            view_chunk = _chunk_size(student, weights, pair, cfg, False) if half else chunk
             if chunk < cfg.batch_size:
                 say(f"batches of {cfg.batch_size} run in chunks of {chunk} (their activations would pass "
                     f"activation_mib={cfg.activation_mib:,} otherwise)")
@@ -186,7 +189,7 @@ def refine_codebooks(
             skipped = "the calibration inputs are not samples of one floating-point tensor"
             say(f"no boundary views: {skipped}")
         elif samples is not None and cfg.boundary_share > 0:
-            pool, skipped = _with_boundary_views(teacher, samples, cfg, say, chunk or cfg.batch_size)
+            pool, skipped = _with_boundary_views(teacher, samples, cfg, say, view_chunk or cfg.batch_size)
         n_pool = pool.shape[0] if pool is not None else len(calib.batches)
         # Teacher outputs computed once (for each image and its mirror) when the run sees every image
         # more than once and the outputs are small (classifier logits); otherwise per step.
@@ -295,10 +298,11 @@ def _with_boundary_views(teacher: nn.Module, calib: torch.Tensor, cfg: RefineCon
 
 
 def _chunk_size(student: nn.Module, weights: Callable[[], dict[str, torch.Tensor]], pair: torch.Tensor,
-                cfg: RefineConfig) -> int:
+                cfg: RefineConfig, half: bool) -> int:
     """How many samples one forward and backward pass may take so that the tensors saved for the
     backward pass stay within ``cfg.activation_mib`` (at least 1): the bytes saved for one sample,
-    measured as the difference between passes of two samples and of one (``pair``: ``(2, ...)``)."""
+    measured as the difference between passes of two samples and of one (``pair``: ``(2, ...)``),
+    in bfloat16 where ``half``."""
     def saved(x: torch.Tensor) -> int:
         total = 0
 
@@ -308,7 +312,7 @@ def _chunk_size(student: nn.Module, weights: Callable[[], dict[str, torch.Tensor
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-                torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=uses_bfloat16(cfg.precision, x.device)):
+                torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=half):
             functional_call(student, weights(), (x,), strict=False)
         return total
 

@@ -379,7 +379,9 @@ def test_chunk_size_keeps_the_saved_activations_within_the_budget():
     net = Wide()
     x = torch.randn(2, 64, 64, 64)
     weights = lambda: {}  # noqa: E731 (the parameters themselves require gradients)
-    assert _chunk_size(net, weights, x, RefineConfig(batch_size=64, activation_mib=4096)) == 64
-    small = _chunk_size(net, weights, x, RefineConfig(batch_size=64, activation_mib=16))
+    assert _chunk_size(net, weights, x, RefineConfig(batch_size=64, activation_mib=4096), False) == 64
+    small = _chunk_size(net, weights, x, RefineConfig(batch_size=64, activation_mib=16), False)
     assert 1 <= small < 16 and -(-64 // small) * small - 64 < -(-64 // small)  # equal chunks
-    assert _chunk_size(net, weights, x, RefineConfig(batch_size=64, activation_mib=1)) == 1
+    assert _chunk_size(net, weights, x, RefineConfig(batch_size=64, activation_mib=1), False) == 1
+    # bfloat16 passes save half the bytes: larger chunks
+    assert _chunk_size(net, weights, x, RefineConfig(batch_size=64, activation_mib=16), True) > small
