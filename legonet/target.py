@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from legonet.allocation import Choice, allocate, entry_nbytes, estimated_stream_nbytes, side_nbytes  # noqa: F401 (re-exported)
+from legonet.allocation import Choice, allocate, entry_nbytes, side_nbytes
 from legonet.artifact import CompressedModel, fills
 from legonet.compact import store_compact
 from legonet.clustering import (
@@ -121,7 +121,7 @@ def evaluate_menu(
         scale_stats: row gain statistics to try with every entry (each gives its own choice).
         entropy_coding: count each entry's index stream at its estimated entropy-coded size where
             that is smaller than bit-packing (the sample's centroid histogram; see
-            :func:`estimated_stream_nbytes`).
+            :func:`legonet.allocation.estimated_stream_nbytes`).
     """
     rows, cols = weight.shape[0], weight[0].numel()
     wfull = None if element_weights is None else torch.broadcast_to(element_weights.float(), (rows, cols)).reshape(weight.shape)
