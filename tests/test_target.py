@@ -232,12 +232,16 @@ def test_a_choice_counts_indices_codebook_and_gains():
             c.clusters * c.block[0] * c.block[1] + w.shape[0])
 
 
-def test_entropy_estimates_that_miss_fall_back_to_bit_packed_planning(monkeypatch):
+def test_entropy_estimates_that_miss_are_planned_again_until_the_file_fits(monkeypatch):
+    import legonet.allocation as allocation
     import legonet.target as target
 
     g = torch.Generator().manual_seed(3)
     sd = {"a": torch.randn(64, 64, generator=g), "b": torch.randn(64, 64, generator=g)}
-    # estimates far too low: every plan made with them overshoots the file, until the last attempt
-    monkeypatch.setattr(target, "estimated_stream_nbytes", lambda labels, k, count: 1)
+    # estimates far too low: the first plan overshoots the file, the next ones plan with more overhead
+    monkeypatch.setattr(allocation, "estimated_stream_nbytes", lambda labels, k, count: 1)
+    plans = []
+    monkeypatch.setattr(target, "allocate", lambda tables, budget: plans.append(allocate(tables, budget)) or plans[-1])
     cm, plan = compress_to_ratio(sd, 6.0)
     assert cm.report().ratio >= 6.0
+    assert len(plans) >= 2
