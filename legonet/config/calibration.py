@@ -137,7 +137,8 @@ class RefineConfig:
             boundary views are made chunk by chunk. The saved bytes per sample are measured on two
             calibration samples before refinement. Saved per image: ResNet-20 2.2 MiB, ResNet-50 on
             32x32 inputs 37 MiB (64 images: 2.3 GiB, one chunk), EfficientNet-Lite1 at 240x240
-            118 MiB (64 images: 7.4 GiB; three chunks of 22).
+            118 MiB in float32 (64 images: 7.4 GiB; three chunks of 22), half that in bfloat16 passes
+            (two chunks of 32).
         tune_norms: also tune the affine parameters of normalisation layers (except those stored as
             one constant, e.g. BatchNorm scales already moved into the row gains: tuned, they
             would be stored element by element).
