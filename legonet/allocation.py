@@ -62,7 +62,6 @@ def estimated_stream_nbytes(labels: torch.Tensor, k: int, count: int) -> int:
     return k + 4 * rans.lanes(count) + math.ceil(bits / 8)
 
 
-
 def allocate(tables: Mapping[str, list[Choice]], budget: int) -> dict[str, Choice]:
     """Per tensor, the entry minimising ``distortion + lambda*bytes`` for the smallest lambda that
     fits, then the bytes that lambda leaves unused spent greedily (:func:`_fill`).

@@ -169,6 +169,7 @@ def spend_slack(
     *,
     element_weights: Mapping[str, torch.Tensor] | None = None,
     rounds: int = 2,
+    file_bytes: int | None = None,
 ) -> tuple[dict[str, Choice], int]:
     """Spend the bytes a file of ``cm`` leaves below ``target_bytes`` on finer settings.
 
@@ -180,10 +181,11 @@ def spend_slack(
     Args:
         cm: a target-mode file (changed in place), each tensor with a codebook of its own.
         weights, tables, plan, element_weights: as target mode clustered and planned them.
+        file_bytes: the size of ``cm``'s file where the caller has just measured it.
     Returns:
         ``(plan, file bytes)``: the entry per tensor now stored, and the file's size.
     """
-    size = len(cm.to_bytes())
+    size = len(cm.to_bytes()) if file_bytes is None else file_bytes
     now = entry_bytes(cm)
     budget = target_bytes - (size - sum(now.values()))
     state = snapshot(cm, now)

@@ -364,8 +364,8 @@ def compress_to_ratio(
             # the allocation moves in whole settings and the streams' sizes were estimated: what
             # the file leaves below its target buys finer settings
             with log.step("spending what is left"):
-                spent, _size = spend_slack(cm, sd, space, {n: space[n][tables[n].index(plan[n])] for n in names},
-                                           target_bytes, element_weights=element_weights)
+                spent, _size = spend_slack(cm, sd, space, picked, target_bytes, element_weights=element_weights,
+                                           file_bytes=size)
             return cm, {n: tables[n][space[n].index(spent[n])] for n in names}
         overhead += size - target_bytes + 64
     raise ConfigError(f"could not meet ratio {target_ratio} (last file {size:,} bytes, target {target_bytes:,})")

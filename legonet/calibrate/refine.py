@@ -230,7 +230,7 @@ def refine_codebooks(
             loss, fell_back = 0.0, False
             # a batch whose activations would not fit cfg.activation_mib runs in chunks, the
             # gradients accumulated (each chunk's loss weighted by its share of the batch)
-            parts = [slice(None)] if chunk is None or pool is None or batch.shape[0] <= chunk else \
+            parts = [slice(None)] if chunk is None or batch.shape[0] <= chunk else \
                 [slice(s, s + chunk) for s in range(0, batch.shape[0], chunk)]
             for part in parts:
                 piece = batch[part] if len(parts) > 1 else batch
