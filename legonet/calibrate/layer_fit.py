@@ -53,6 +53,35 @@ def damped(cov: torch.Tensor, damp: float) -> torch.Tensor:
     return cov + (damp * mean if mean > 0 else damp) * torch.eye(cov.shape[0], dtype=cov.dtype)
 
 
+def propagated_targets(original: Mapping[str, torch.Tensor], covariances: Mapping[str, torch.Tensor],
+                       cross: Mapping[str, torch.Tensor], damp: float) -> dict[str, torch.Tensor]:
+    """Weights that, fed the compressed network's inputs, best give the original layer's outputs.
+
+    With ``x`` a layer's input in the original network and ``x~`` in the compressed one,
+    ``E|W x - V x~|^2 + lam |V - W|^2`` is least at ``V = W (C^T + lam I)(H~ + lam I)^-1``
+    (``H~ = E[x~ x~^T]``, ``C = E[x~ x^T]``, ``lam = damp * mean(diag H~)``), and equals
+    ``(V - V*) (H~ + lam I) (V - V*)^T`` plus a constant: fitting the codebooks to ``V*`` under
+    ``H~`` (:func:`fit_layer_outputs`, which damps alike) repairs what the layers before got wrong
+    instead of copying the original weights.
+
+    Args:
+        original: ``{name: weight}`` of any shape whose 2-D view is ``(rows, cols)``.
+        covariances, cross: ``{name: (cols, cols)}`` ``H~`` and ``C``
+            (:func:`legonet.calibrate.stats.paired_input_statistics`).
+    Returns:
+        ``{name: V*}`` float32, shaped as the original, for the names in ``covariances``.
+    """
+    out = {}
+    for name, h in covariances.items():
+        w = original[name].float()
+        h = h.double()
+        lam = damp * float(torch.diagonal(h).mean()) or damp
+        eye = torch.eye(h.shape[0], dtype=h.dtype)
+        rhs = (cross[name].double() + lam * eye) @ w.reshape(w.shape[0], -1).double().T
+        out[name] = torch.linalg.solve(h + lam * eye, rhs).T.float().reshape(w.shape)
+    return out
+
+
 def _reassigned(name: str, member: Member, codebook: torch.Tensor, rho: torch.Tensor) -> Member:
     """``member`` with the indices error feedback chooses for ``codebook`` and its gains (rows
     weighted by ``rho``, :func:`legonet.ops.output_lsq.row_weights`)."""

@@ -1,13 +1,17 @@
 """The calibrated pipeline: activation-aware target-mode clustering, a least-squares fit of the
-codebooks to layer outputs, BatchNorm re-estimation, then codebook refinement by distillation.
+codebooks to layer outputs, BatchNorm re-estimation, the same fit again to the outputs each layer
+must give on the compressed network's own inputs, then codebook refinement by distillation.
 
 Calibration inputs (unlabeled; images, or whatever the model takes) are used for (1) input second moments that weight the clustering
 error of every Conv2d/Linear weight, (2) full input second-moment matrices under which each layer's
 block indices are chosen again with error feedback and its codebook and row gains are fitted to
 the layer's outputs (:mod:`legonet.calibrate.layer_fit`),
 (3) re-estimating the running statistics of every BatchNorm layer of the compressed model (by
-default relative to the original model's: only the change compression makes is applied) and
-(4) tuning the codebooks, row gains and normalisation affine parameters so that the compressed
+default relative to the original model's: only the change compression makes is applied),
+(4) pairing each layer's inputs in the compressed network with the original's, so that the
+layer fit can be made again to repair what the layers before got wrong
+(:func:`legonet.calibrate.layer_fit.propagated_targets`; statistics re-estimated after it) and
+(5) tuning the codebooks, row gains and normalisation affine parameters so that the compressed
 model's outputs, and the features its last Linear layer receives, match the original's (indices fixed; see :mod:`legonet.calibrate.refine`). No other
 weight is trained and no label is used.
 """
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -25,11 +29,11 @@ from legonet.artifact import CompressedModel, constant_fill
 from legonet.calibrate.bn import reestimate_batchnorm
 from legonet.calibrate.data import Batch, Calibration
 from legonet.calibrate.distill import feature_layer
-from legonet.calibrate.layer_fit import LayerFitResult, fit_layer_outputs
+from legonet.calibrate.layer_fit import LayerFitResult, fit_layer_outputs, propagated_targets
 from legonet.calibrate.refine import RefineResult, refine_codebooks
-from legonet.calibrate.stats import input_statistics, model_device
+from legonet.calibrate.stats import input_statistics, model_device, paired_input_statistics
 from legonet.stream_budget import snapshot, spend_savings, undo_growth
-from legonet.clustering import select_tensors, state_dict_and_aliases
+from legonet.clustering import select_tensors, sqnr_db, state_dict_and_aliases
 from legonet.compact import RECODE_RESERVE
 from legonet.config import TargetConfig
 from legonet.datafree.fold_norms import (
@@ -167,14 +171,11 @@ def calibrated_compress(
             cm.tensors[key] = original[key].to(cm.tensors[key].dtype).clone()
     student = copy.deepcopy(model)  # ``model`` keeps the original weights: the teacher of refinement
     cm.load_into(student)
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        with log.step("BatchNorm re-estimation"):
-            reference = model if cfg.norm_statistics == "relative" else None
-            if reestimate_batchnorm(student, lambda: _counted(calib, device, log), reference=reference):
-                new = student.state_dict()
-                for name, t in list(cm.tensors.items()):
-                    if isinstance(t, torch.Tensor) and (name.endswith("running_mean") or name.endswith("running_var")):
-                        cm.tensors[name] = new[name].to("cpu", t.dtype).clone()
+    _reestimate_norms(model, student, cm, calib, cfg.norm_statistics, log)
+    if layer_fit is not None and layer_fit.propagate:
+        with log.step("propagated layer fit"):
+            _fit_propagated(model, student, cm, original, calib, names, layer_fit, cfg.seed, log)
+        _reestimate_norms(model, student, cm, calib, cfg.norm_statistics, log)  # the fit moved the outputs
     fold_batchnorm_statistics(cm.tensors, eps)
     refined = None
     if cfg.refine is not None:
@@ -201,6 +202,42 @@ def _counted(calib: Calibration, device: torch.device, log: RunLog):
     for i, batch in enumerate(calib.iter(device)):
         yield batch
         log.advance(i + 1, total)
+
+
+def _reestimate_norms(model, student, cm, calib, norm_statistics, log):
+    """BatchNorm statistics of ``student`` (``cm`` loaded) measured again, and written into ``cm``."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return
+    device = model_device(model)
+    with log.step("BatchNorm re-estimation"):
+        reference = model if norm_statistics == "relative" else None
+        if reestimate_batchnorm(student, lambda: _counted(calib, device, log), reference=reference):
+            new = student.state_dict()
+            for name, t in list(cm.tensors.items()):
+                if isinstance(t, torch.Tensor) and (name.endswith("running_mean") or name.endswith("running_var")):
+                    cm.tensors[name] = new[name].to("cpu", t.dtype).clone()
+
+
+def _fit_propagated(model, student, cm, original, calib, names, layer_fit, seed, log):
+    """The layer fit again, now to what each layer must output given the compressed network's own
+    inputs (:func:`legonet.calibrate.layer_fit.propagated_targets`); ``student`` is ``cm`` loaded
+    into the model and is left holding the result."""
+    device = model_device(model)
+    covs, cross = paired_input_statistics(model, student, _counted(calib, device, log), names,
+                                          rows_per_batch=layer_fit.rows_per_batch, seed=seed)
+    covs = {n: t.cpu() for n, t in covs.items()}
+    fit = replace(layer_fit, damp=layer_fit.propagate_damp)
+    targets = propagated_targets(original, covs, {n: t.cpu() for n, t in cross.items()}, fit.damp)
+    del cross
+    before = snapshot(cm)
+    fit_layer_outputs(cm, {**original, **targets}, covs, fit)
+    undone = undo_growth(cm, sum(before["bytes"].values()), before)
+    if undone:
+        log.note(f"propagated layer fit undone for {len(undone)} tensors whose new indices coded larger than the plan allows")
+    for n in targets:
+        if n in cm.clustered:
+            cm.clustered[n].sqnr_db = sqnr_db(original[n], cm.reconstruct(n))
+    cm.load_into(student)
 
 
 def _fit_and_spend(cm, original, covs, planned, tables, plan, moments, layer_fit, log):

@@ -205,3 +205,55 @@ def input_covariances(model: nn.Module, batches: Iterable[Batch], names: list[st
         return {}
     _run(model, batches, hooks)
     return cov.result()
+
+
+@torch.no_grad()
+def paired_input_statistics(original: nn.Module, compressed: nn.Module, batches: Iterable[Batch],
+                            names: list[str], *, rows_per_batch: int = 512, seed: int = 0,
+                            ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """What each Linear/ungrouped Conv2d weight ``names`` receives in ``compressed`` against what
+    it receives in ``original`` at the same input positions (both models run on every batch).
+
+    With ``x`` a layer's input vector in the original network and ``x~`` in the compressed one
+    (same image, same receptive field; at most ``rows_per_batch`` positions a batch, a seeded
+    random subset drawn once for both), returns ``(H~, C)``: ``H~ = E[x~ x~^T]`` and the cross
+    moment ``C = E[x~ x^T]``, each ``{name: (cols, cols)}`` float32.
+    """
+    names = covariance_layers(original, names)
+    gen = torch.Generator().manual_seed(seed)
+    # name -> [(generator state, original's rows)], one per call (a layer may run twice a forward)
+    drawn: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    sums: dict[str, list] = {}
+
+    def on_original(m, inputs, _out, name):
+        state = gen.get_state()
+        drawn.setdefault(name, []).append((state, _input_rows(m, inputs[0], gen, rows_per_batch)))
+
+    def on_compressed(m, inputs, _out, name):
+        state, rows = drawn[name].pop(0)
+        mine = _input_rows(m, inputs[0], torch.Generator().set_state(state), rows_per_batch)  # same draw
+        acc = sums.setdefault(name, [0, 0, 0])
+        acc[0] = acc[0] + (mine.T @ mine).double()
+        acc[1] = acc[1] + (mine.T @ rows).double()
+        acc[2] += rows.shape[0]
+
+    hooks_o = [_module_of(original, n).register_forward_hook(
+        lambda m, i, o, n=n: on_original(m, i, o, n)) for n in names]
+    hooks_c = [_module_of(compressed, n).register_forward_hook(
+        lambda m, i, o, n=n: on_compressed(m, i, o, n)) for n in names]
+    modes = original.training, compressed.training
+    original.eval()
+    compressed.eval()
+    try:
+        for x in batches:
+            run_model(original, x)
+            run_model(compressed, x)
+    finally:
+        for h in hooks_o + hooks_c:
+            h.remove()
+        original.train(modes[0])
+        compressed.train(modes[1])
+    if not sums:
+        raise ConfigError("no calibration batch was given")
+    return ({n: (s / k).float() for n, (s, _, k) in sums.items()},
+            {n: (c / k).float() for n, (_, c, k) in sums.items()})

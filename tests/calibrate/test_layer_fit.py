@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from legonet.calibrate.layer_fit import fit_layer_outputs
+from legonet.calibrate.layer_fit import fit_layer_outputs, propagated_targets
 from legonet.config import LayerFitConfig, TargetConfig
 from legonet.calibrate.pipeline import calibrated_compress
 from legonet.calibrate.stats import (
@@ -14,8 +14,10 @@ from legonet.calibrate.stats import (
     input_covariances,
     input_second_moments,
     input_statistics,
+    paired_input_statistics,
 )
 from legonet.compact import RECODE_RESERVE
+from legonet.runlog import RunLog
 from legonet.errors import ConfigError
 from legonet.format import deserialize
 from legonet.ops.scalar_codes import codebook_levels, gain_levels
@@ -180,7 +182,7 @@ def test_a_covariance_of_the_wrong_size_is_named():
 
 
 @pytest.mark.parametrize("bad", [dict(rounds=0), dict(cg_iters=1.5), dict(damp=-0.1), dict(rows_per_batch=True),
-                                 dict(reassign="yes")])
+                                 dict(reassign="yes"), dict(propagate=1), dict(propagate_damp=2.0)])
 def test_layer_fit_config_rejects_bad_values(bad):
     with pytest.raises(ConfigError):
         LayerFitConfig(**bad)
@@ -203,3 +205,67 @@ def test_pipeline_fits_layers_by_default_and_brings_the_logits_closer():
     plain, none = logit_error({"layer_fit": None})
     assert res.layer_fit is not None and res.layer_fit.fitted > 0 and none.layer_fit is None
     assert fitted < plain
+
+
+def test_paired_statistics_of_one_model_are_its_covariances():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(),
+                      nn.Linear(4 * 5 * 5, 3))
+    x = [torch.randn(4, 3, 7, 7), torch.randn(4, 3, 7, 7)]
+    names = ["0.weight", "2.weight", "4.weight"]
+    h, c = paired_input_statistics(m, copy.deepcopy(m), x, names, rows_per_batch=50, seed=3)
+    alone = input_covariances(m, x, names, rows_per_batch=50, seed=3)
+    assert h.keys() == c.keys() == alone.keys() == {"0.weight", "4.weight"}
+    for n in alone:
+        torch.testing.assert_close(h[n], alone[n])
+        torch.testing.assert_close(c[n], alone[n])
+
+
+def test_paired_statistics_pair_the_same_inputs_of_both_models():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(5, 6), nn.Linear(6, 2))
+    other = copy.deepcopy(m)
+    with torch.no_grad():
+        other[0].weight.add_(0.1 * torch.randn(6, 5))
+    x = torch.randn(40, 5)
+    h, c = paired_input_statistics(m, other, [x[:20], x[20:]], ["1.weight"], rows_per_batch=10**6)
+    with torch.no_grad():
+        xo, xc = m[0](x), other[0](x)
+    torch.testing.assert_close(h["1.weight"], xc.T @ xc / 40)
+    torch.testing.assert_close(c["1.weight"], xc.T @ xo / 40)
+
+
+def test_propagated_targets_undo_what_the_layers_before_changed():
+    torch.manual_seed(0)
+    w = torch.randn(3, 4)
+    x = torch.randn(500, 4)
+    mix = torch.eye(4) + 0.3 * torch.randn(4, 4)  # the compressed network's input: x~ = x mix^T
+    xc = x @ mix.T
+    h, c = xc.T @ xc / 500, xc.T @ x / 500
+    v = propagated_targets({"w": w}, {"w": h}, {"w": c}, damp=0.0)["w"]
+    torch.testing.assert_close(xc @ v.T, x @ w.T, rtol=1e-4, atol=1e-4)
+    # the ridge pulls the target toward the original weight, all the way as it grows
+    near = propagated_targets({"w": w}, {"w": h}, {"w": c}, damp=1e6)["w"]
+    torch.testing.assert_close(near, w, rtol=1e-3, atol=1e-3)
+    same = propagated_targets({"w": w}, {"w": x.T @ x / 500}, {"w": x.T @ x / 500}, damp=0.3)["w"]
+    torch.testing.assert_close(same, w, rtol=1e-4, atol=1e-4)
+
+
+def test_the_propagated_fit_brings_held_out_logits_closer_and_keeps_the_file_size():
+    torch.manual_seed(0)
+    model = conv_bn_net(32)
+    calib, held_out = torch.randn(128, 3, 8, 8), torch.randn(64, 3, 8, 8)
+
+    def run(propagate):
+        m, log = copy.deepcopy(model), RunLog()
+        cfg = TargetConfig(refine=None, layer_fit=LayerFitConfig(propagate=propagate))
+        cm, _, _ = calibrated_compress(m, 10.0, calib, menu=MENU, config=cfg, log=log)
+        with torch.no_grad():
+            return float(F.mse_loss(m.eval()(held_out), model.eval()(held_out))), cm, [s for s, _ in log.steps]
+
+    (again, cm, steps), (once, _, plain) = run(True), run(False)
+    assert "propagated layer fit" in steps and "propagated layer fit" not in plain
+    assert steps.count("BatchNorm re-estimation") == 2
+    assert again < once
+    assert len(cm.to_bytes()) <= int(sum(t.numel() * 4 for t in model.state_dict().values()
+                                         if t.is_floating_point()) / 10.0)
