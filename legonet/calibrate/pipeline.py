@@ -32,7 +32,7 @@ from legonet.calibrate.distill import feature_layer
 from legonet.calibrate.layer_fit import LayerFitResult, fit_layer_outputs, propagated_targets
 from legonet.calibrate.refine import RefineResult, refine_codebooks
 from legonet.calibrate.stats import input_statistics, model_device, paired_input_statistics
-from legonet.stream_budget import snapshot, spend_savings, undo_growth
+from legonet.stream_budget import entry_bytes, snapshot, spend_savings, undo_growth
 from legonet.clustering import select_tensors, sqnr_db, state_dict_and_aliases
 from legonet.compact import RECODE_RESERVE
 from legonet.config import TargetConfig
@@ -163,7 +163,9 @@ def calibrated_compress(
     fit_result = None
     if layer_fit is not None:
         with log.step("layer fit"):
-            fit_result, plan = _fit_and_spend(cm, original, covs, planned, tables, plan, moments, layer_fit, log)
+            budget = sum(entry_bytes(cm).values())  # the clustered tensors' bytes target mode verified
+            fit_result, plan = _fit_and_spend(cm, original, covs, planned, tables, plan, moments, layer_fit, log,
+                                              budget=budget)
         del covs
     # ... but re-estimation needs the trained affine parameters: folding absorbed the old statistics
     for prefix in folded:
@@ -174,7 +176,8 @@ def calibrated_compress(
     _reestimate_norms(model, student, cm, calib, cfg.norm_statistics, log)
     if layer_fit is not None and layer_fit.propagate:
         with log.step("propagated layer fit"):
-            _fit_propagated(model, student, cm, original, calib, names, layer_fit, cfg.seed, log)
+            plan = _fit_propagated(model, student, cm, original, calib, names, layer_fit, cfg.seed, log,
+                                   spend=(planned, tables, plan, moments, budget))
         _reestimate_norms(model, student, cm, calib, cfg.norm_statistics, log)  # the fit moved the outputs
     fold_batchnorm_statistics(cm.tensors, eps)
     refined = None
@@ -218,10 +221,11 @@ def _reestimate_norms(model, student, cm, calib, norm_statistics, log):
                     cm.tensors[name] = new[name].to("cpu", t.dtype).clone()
 
 
-def _fit_propagated(model, student, cm, original, calib, names, layer_fit, seed, log):
+def _fit_propagated(model, student, cm, original, calib, names, layer_fit, seed, log, spend):
     """The layer fit again, now to what each layer must output given the compressed network's own
-    inputs (:func:`legonet.calibrate.layer_fit.propagated_targets`); ``student`` is ``cm`` loaded
-    into the model and is left holding the result."""
+    inputs (:func:`legonet.calibrate.layer_fit.propagated_targets`), its savings spent as the first
+    fit's are (``spend``: what :func:`_fit_and_spend` takes besides); ``student`` is ``cm`` loaded
+    into the model and is left holding the result. Returns the entry per tensor now stored."""
     device = model_device(model)
     covs, cross = paired_input_statistics(model, student, _counted(calib, device, log), names,
                                           rows_per_batch=layer_fit.rows_per_batch, seed=seed)
@@ -229,25 +233,25 @@ def _fit_propagated(model, student, cm, original, calib, names, layer_fit, seed,
     fit = replace(layer_fit, damp=layer_fit.propagate_damp)
     targets = propagated_targets(original, covs, {n: t.cpu() for n, t in cross.items()}, fit.damp)
     del cross
-    before = snapshot(cm)
-    fit_layer_outputs(cm, {**original, **targets}, covs, fit)
-    undone = undo_growth(cm, sum(before["bytes"].values()), before)
-    if undone:
-        log.note(f"propagated layer fit undone for {len(undone)} tensors whose new indices coded larger than the plan allows")
-    for n in targets:
-        if n in cm.clustered:
-            cm.clustered[n].sqnr_db = sqnr_db(original[n], cm.reconstruct(n))
+    planned, tables, plan, moments, budget = spend
+    _, plan = _fit_and_spend(cm, {**original, **targets}, covs, planned, tables, plan, moments, fit, log,
+                             budget=budget, label="propagated layer fit")
+    for n in cm.clustered:
+        cm.clustered[n].sqnr_db = sqnr_db(original[n], cm.reconstruct(n))
     cm.load_into(student)
+    return plan
 
 
-def _fit_and_spend(cm, original, covs, planned, tables, plan, moments, layer_fit, log):
-    """The layer fit, then the bytes its indices saved spent on finer settings; ``(result, plan)``."""
+def _fit_and_spend(cm, original, covs, planned, tables, plan, moments, layer_fit, log, *, budget,
+                   label="layer fit"):
+    """The layer fit toward ``original`` (``{name: target weight}``), then the bytes its indices
+    saved below ``budget`` (the clustered tensors' bytes target mode verified) spent on finer
+    settings; ``(result, plan)``."""
     before_fit = snapshot(cm)
-    budget = sum(before_fit["bytes"].values())  # the clustered tensors' bytes target mode verified
     fit_result = fit_layer_outputs(cm, original, covs, layer_fit, progress=log.advance)
     undone = undo_growth(cm, budget, before_fit)
     if undone:
-        log.note(f"layer fit undone for {len(undone)} tensors whose new indices coded larger than the plan allows")
+        log.note(f"{label} undone for {len(undone)} tensors whose new indices coded larger than the plan allows")
     # the fit's indices entropy-code smaller than planned: those bytes buy finer settings (twice:
     # the refit of the upgraded tensors saves again)
     upgraded: set[str] = set()
@@ -260,5 +264,5 @@ def _fit_and_spend(cm, original, covs, planned, tables, plan, moments, layer_fit
         if not kept:
             break
     if upgraded:
-        log.note(f"bytes the layer fit saved went to {len(upgraded)} tensors, clustered again at finer settings")
+        log.note(f"bytes the {label} saved went to {len(upgraded)} tensors, clustered again at finer settings")
     return fit_result, plan
