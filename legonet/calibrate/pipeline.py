@@ -1,6 +1,6 @@
 """The calibrated pipeline: activation-aware target-mode clustering, a least-squares fit of the
-codebooks to layer outputs, BatchNorm re-estimation, the same fit again to the outputs each layer
-must give on the compressed network's own inputs, then codebook refinement by distillation.
+codebooks to layer outputs, BatchNorm re-estimation, optionally the same fit again to the outputs
+each layer must give on the compressed network's own inputs, then codebook refinement by distillation.
 
 Calibration inputs (unlabeled; images, or whatever the model takes) are used for (1) input second moments that weight the clustering
 error of every Conv2d/Linear weight, (2) full input second-moment matrices under which each layer's
@@ -8,8 +8,9 @@ block indices are chosen again with error feedback and its codebook and row gain
 the layer's outputs (:mod:`legonet.calibrate.layer_fit`),
 (3) re-estimating the running statistics of every BatchNorm layer of the compressed model (by
 default relative to the original model's: only the change compression makes is applied),
-(4) pairing each layer's inputs in the compressed network with the original's, so that the
-layer fit can be made again to repair what the layers before got wrong
+(4) with ``layer_fit.propagate`` (off by default), pairing each layer's inputs in the compressed
+network with the original's, so that the layer fit can be made again to repair what the layers
+before got wrong
 (:func:`legonet.calibrate.layer_fit.propagated_targets`; statistics re-estimated after it) and
 (5) tuning the codebooks, row gains and normalisation affine parameters so that the compressed
 model's outputs, and the features its last Linear layer receives, match the original's (indices fixed; see :mod:`legonet.calibrate.refine`). No other

@@ -44,14 +44,18 @@ class LayerFitConfig:
             (:func:`legonet.target.evaluate_menu`) instead of the moment-weighted weight error.
         propagate: once BatchNorm statistics are re-estimated, fit every layer again to what it
             must output given the inputs the *compressed* network feeds it (one more pass of both
-            networks over the calibration images; :func:`legonet.calibrate.layer_fit.propagated_targets`),
-            so that each layer repairs part of what the layers before it got wrong.
+            networks over the calibration images, and one more re-estimation;
+            :func:`legonet.calibrate.layer_fit.propagated_targets`), so that each layer repairs part
+            of what the layers before it got wrong. Off by default: on EfficientNet-Lite it gained
+            about a point at 12x, at the size of the change one tensor's fit makes, ResNet-20/56
+            were level and ResNet-50 at 64x lost 0.17 point, for 30-60 % more time
+            (docs/method.md 9.6).
         propagate_damp: the ridge (as ``damp``) of that second fit. All layers are fitted in one
             pass, each to inputs measured before the layers feeding it were fitted too, so a
             correction is partly made twice; a stronger pull toward the original weights than
             ``damp`` keeps that in check (EfficientNet-Lite1 at 12x, no refinement, agreement with
             the original on 450 photos: 82.22 % without the second fit, 78.44 % with ridge 0.3,
-            83.11 % with 1.0; docs/design-notes.md).
+            83.11 % with 1.0).
     """
 
     rounds: int = 2
@@ -60,7 +64,7 @@ class LayerFitConfig:
     damp: float = 0.3
     rows_per_batch: int = 512
     output_allocation: bool = True
-    propagate: bool = True
+    propagate: bool = False
     propagate_damp: float = 1.0
 
     def __post_init__(self) -> None:
