@@ -31,21 +31,26 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _run(model: nn.Module, batches: Iterable[Batch], hooks: list) -> None:
-    """Run ``model`` in eval mode over ``batches`` and remove ``hooks`` afterwards, whatever happens."""
-    was_training = model.training
-    model.eval()
+def _run(models: nn.Module | tuple[nn.Module, ...], batches: Iterable[Batch], hooks: list) -> None:
+    """Run ``models`` (one, or several in turn on every batch) in eval mode over ``batches`` and
+    remove ``hooks`` afterwards, whatever happens."""
+    models = models if isinstance(models, tuple) else (models,)
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
     try:
         seen = 0
         for x in batches:
-            run_model(model, x)
+            for m in models:
+                run_model(m, x)
             seen += 1
         if not seen:
             raise ConfigError("no calibration batch was given")
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
+        for m, training in zip(models, was_training):
+            m.train(training)
 
 
 @torch.no_grad()
@@ -237,23 +242,10 @@ def paired_input_statistics(original: nn.Module, compressed: nn.Module, batches:
         acc[1] = acc[1] + (mine.T @ rows).double()
         acc[2] += rows.shape[0]
 
-    hooks_o = [_module_of(original, n).register_forward_hook(
-        lambda m, i, o, n=n: on_original(m, i, o, n)) for n in names]
-    hooks_c = [_module_of(compressed, n).register_forward_hook(
-        lambda m, i, o, n=n: on_compressed(m, i, o, n)) for n in names]
-    modes = original.training, compressed.training
-    original.eval()
-    compressed.eval()
-    try:
-        for x in batches:
-            run_model(original, x)
-            run_model(compressed, x)
-    finally:
-        for h in hooks_o + hooks_c:
-            h.remove()
-        original.train(modes[0])
-        compressed.train(modes[1])
-    if not sums:
-        raise ConfigError("no calibration batch was given")
+    hooks = [_module_of(original, n).register_forward_hook(lambda m, i, o, n=n: on_original(m, i, o, n))
+             for n in names]
+    hooks += [_module_of(compressed, n).register_forward_hook(lambda m, i, o, n=n: on_compressed(m, i, o, n))
+              for n in names]
+    _run((original, compressed), batches, hooks)  # the original first on every batch: it draws the rows
     return ({n: (s / k).float() for n, (s, _, k) in sums.items()},
             {n: (c / k).float() for n, (_, c, k) in sums.items()})

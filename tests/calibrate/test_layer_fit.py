@@ -77,12 +77,18 @@ def test_linear_covariance_flattens_tokens_and_subsamples_deterministically():
     assert torch.equal(a, b) and not torch.allclose(a, full)
 
 
-def test_one_pass_gives_the_same_moments_and_covariances_as_two():
+def _conv_grouped_linear():
+    """A Conv2d, a grouped Conv2d and a Linear, two batches for it, and its weights' names."""
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(),
                       nn.Linear(4 * 5 * 5, 3))
     x = [torch.randn(4, 3, 7, 7), torch.randn(4, 3, 7, 7)]
     names = ["0.weight", "2.weight", "4.weight"]
+    return m, x, names
+
+
+def test_one_pass_gives_the_same_moments_and_covariances_as_two():
+    m, x, names = _conv_grouped_linear()
     moments, covs = input_statistics(m, x, names, covariance_rows=50, seed=3)
     assert moments.keys() == input_second_moments(m, x, names).keys()
     assert all(torch.equal(moments[n], input_second_moments(m, x, names)[n]) for n in moments)
@@ -208,11 +214,7 @@ def test_pipeline_fits_layers_by_default_and_brings_the_logits_closer():
 
 
 def test_paired_statistics_of_one_model_are_its_covariances():
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(),
-                      nn.Linear(4 * 5 * 5, 3))
-    x = [torch.randn(4, 3, 7, 7), torch.randn(4, 3, 7, 7)]
-    names = ["0.weight", "2.weight", "4.weight"]
+    m, x, names = _conv_grouped_linear()
     h, c = paired_input_statistics(m, copy.deepcopy(m), x, names, rows_per_batch=50, seed=3)
     alone = input_covariances(m, x, names, rows_per_batch=50, seed=3)
     assert h.keys() == c.keys() == alone.keys() == {"0.weight", "4.weight"}
